@@ -1,0 +1,661 @@
+"""Inverse-HVP solvers: one protocol, interchangeable, honest about failure.
+
+``hvp.solve(operator, vector, solver)`` returns ``(x, info)`` with ``x ≈ A⁻¹ b``. Every solver is a
+small frozen dataclass whose fields are its hyperparameters, validated when it is constructed.
+All of them run under ``jit`` and ``vmap`` (loops are ``lax`` loops), and every one reports its
+true residual ``||b − A x||`` (one extra product, counted in ``hvp_count``): a solve that did not
+converge, met negative curvature, diverged or produced a non-finite value says so in ``info``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from hvp import _checks
+from hvp.operators import LinearOperator
+from hvp.spectral import power_iteration
+
+PyTree = Any
+Flat = jax.Array
+
+
+class Status(enum.IntEnum):
+    """Why a solve stopped; ``info.status`` holds one of these as an int32."""
+
+    CONVERGED = 0  #: the relative residual is within ``tol`` (or no ``tol`` was asked for)
+    MAX_ITERATIONS = 1  #: the budget ran out before ``tol`` was reached
+    NEGATIVE_CURVATURE = 2  #: CG met ``pᵀAp <= 0``: the operator is not positive definite
+    DIVERGED = 3  #: the residual grew past ``divergence`` times ``||b||`` (Neumann, LiSSA)
+    NONFINITE = 4  #: the result or its residual is NaN or infinite
+
+
+class SolveInfo(NamedTuple):
+    """Diagnostics of a solve, all arrays, so they survive ``jit`` and ``vmap``.
+
+    Attributes:
+      residual_norm: ``||b − A x||₂``, computed from the returned ``x``.
+      iterations: iterations the solver ran.
+      converged: ``status == Status.CONVERGED``.
+      hvp_count: operator products spent, the final residual included.
+      status: a :class:`Status` code.
+    """
+
+    residual_norm: jax.Array
+    iterations: jax.Array
+    converged: jax.Array
+    hvp_count: jax.Array
+    status: jax.Array
+
+
+def status_message(info: SolveInfo) -> str:
+    """A one-line human description of a (concrete, unbatched) ``info``."""
+    status = Status(int(info.status))
+    return (f"{status.name.lower().replace('_', ' ')} after {int(info.iterations)} iterations "
+            f"({int(info.hvp_count)} HVPs), residual norm {float(info.residual_norm):.3e}")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers for the dataclass fields.
+
+
+def _positive_int(solver: Any, name: str) -> None:
+    value = getattr(solver, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{type(solver).__name__}: {name} must be an integer >= 1, got {value!r}")
+
+
+def _tolerance(solver: Any, name: str = "tol", allow_none: bool = False) -> None:
+    value = getattr(solver, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int | float) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{type(solver).__name__}: {name} must be a finite number >= 0, "
+                         f"got {value!r}")
+
+
+def _positive_or_none(solver: Any, name: str) -> None:
+    value = getattr(solver, name)
+    if value is not None and (not isinstance(value, int | float) or not 0.0 < value < math.inf):
+        raise ValueError(f"{type(solver).__name__}: {name} must be None or a finite number > 0, "
+                         f"got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The shared ending: true residual, status, info.
+
+
+def _finish(matvec: Callable[[Flat], Flat], b: Flat, x: Flat, iterations: Any, hvps: Any,
+            tol: float | None, *, hint: Any = Status.CONVERGED, divergence: float | None = None,
+            residual: jax.Array | None = None) -> tuple[Flat, SolveInfo]:
+    """Check the returned ``x`` against the operator and build its :class:`SolveInfo`.
+
+    ``residual`` may be passed when the solver already computed ``||b − Ax||`` exactly;
+    otherwise it costs one more product, counted here.
+    """
+    if residual is None:
+        residual, hvps = jnp.linalg.norm(b - matvec(x)), hvps + 1
+    b_norm = jnp.linalg.norm(b)
+    finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(residual)
+    within = jnp.array(True) if tol is None else residual <= tol * b_norm
+    diverged = jnp.array(False) if divergence is None else ~(residual <= divergence * b_norm)
+    unmet = jnp.where(hint == Status.CONVERGED, Status.MAX_ITERATIONS, hint)
+    status = jnp.where(~finite, Status.NONFINITE,
+                       jnp.where(diverged, Status.DIVERGED,
+                                 jnp.where(within, Status.CONVERGED, unmet))).astype(jnp.int32)
+    info = SolveInfo(residual_norm=residual, iterations=jnp.asarray(iterations, jnp.int32),
+                     converged=status == Status.CONVERGED,
+                     hvp_count=jnp.asarray(hvps, jnp.int32), status=status)
+    return x, info
+
+
+class _Problem(NamedTuple):
+    """What a solver receives: flat products, right-hand side, preconditioner, start, key."""
+
+    matvec: Callable[[Flat], Flat]
+    b: Flat
+    precondition: Callable[[Flat], Flat]
+    x0: Flat | None
+    key: jax.Array
+    operator: LinearOperator
+
+
+def _start(problem: _Problem) -> tuple[Flat, Flat, int]:
+    """Initial iterate, residual and the products spent computing it."""
+    if problem.x0 is None:
+        return jnp.zeros_like(problem.b), problem.b, 0
+    return problem.x0, problem.b - problem.matvec(problem.x0), 1
+
+
+class AbstractSolver:
+    """Protocol: ``_solve(problem) -> (x_flat, info)``; fields are hyperparameters."""
+
+    accepts_preconditioner: ClassVar[bool] = False
+    accepts_init: ClassVar[bool] = False
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _check(self, operator: LinearOperator) -> None:
+        """Trace-time checks that need the operator (sizes, capabilities)."""
+
+
+def _solver(cls):
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+# --------------------------------------------------------------------------------------------
+# Krylov solvers.
+
+
+@_solver
+class CG(AbstractSolver):
+    """Preconditioned conjugate gradients, for symmetric positive-definite operators.
+
+    Stops when ``||r|| <= tol ||b||``, after ``maxiter`` iterations, or on meeting non-positive
+    curvature ``pᵀAp <= 0`` (reported as ``Status.NEGATIVE_CURVATURE``; the iterate before it is
+    returned). Reference: Hestenes & Stiefel 1952.
+    """
+
+    maxiter: int = 100
+    tol: float = 1e-6
+    accepts_preconditioner: ClassVar[bool] = True
+    accepts_init: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _positive_int(self, "maxiter")
+        _tolerance(self)
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        mv, b, precondition = problem.matvec, problem.b, problem.precondition
+        x, r, spent = _start(problem)
+        z = precondition(r)
+        threshold = self.tol * jnp.linalg.norm(b)
+
+        def cond(state):
+            k, _, r, _, _, negative = state
+            return (k < self.maxiter) & (jnp.linalg.norm(r) > threshold) & ~negative
+
+        def body(state):
+            k, x, r, p, rz, _ = state
+            ap = mv(p)
+            curvature = jnp.vdot(p, ap)
+            negative = ~(curvature > 0)
+            alpha = jnp.where(negative, 0.0, rz / jnp.where(negative, 1.0, curvature))
+            x = x + alpha * p
+            r = r - alpha * ap
+            z = precondition(r)
+            rz_next = jnp.vdot(r, z)
+            beta = rz_next / jnp.where(rz == 0, 1.0, rz)
+            return k + 1, x, r, z + beta * p, rz_next, negative
+
+        state = (jnp.array(0), x, r, z, jnp.vdot(r, z), jnp.array(False))
+        k, x, _, _, _, negative = jax.lax.while_loop(cond, body, state)
+        hint = jnp.where(negative, Status.NEGATIVE_CURVATURE, Status.CONVERGED)
+        return _finish(mv, b, x, k, k + spent, self.tol, hint=hint)
+
+
+@_solver
+class MINRES(AbstractSolver):
+    """Minimum-residual method for symmetric, possibly indefinite, operators.
+
+    Hessians away from a minimum are indefinite; MINRES minimises ``||b − A x||`` over the Krylov
+    space and needs no definiteness (a preconditioner, if given, must be positive definite).
+    Reference: Paige & Saunders 1975; the recurrences follow SciPy's ``minres``.
+    """
+
+    maxiter: int = 100
+    tol: float = 1e-6
+    accepts_preconditioner: ClassVar[bool] = True
+    accepts_init: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _positive_int(self, "maxiter")
+        _tolerance(self)
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        mv, b, precondition = problem.matvec, problem.b, problem.precondition
+        x, r1, spent = _start(problem)
+        dtype = b.dtype
+        eps = jnp.finfo(dtype).eps
+        y = precondition(r1)
+        beta1 = jnp.sqrt(jnp.maximum(jnp.vdot(r1, y), 0.0))
+        zero = jnp.zeros((), dtype)
+        zeros = jnp.zeros_like(b)
+
+        def cond(s):
+            return (s["k"] < self.maxiter) & (s["phibar"] > self.tol * beta1) & (s["beta"] > 0)
+
+        def body(s):
+            beta = s["beta"]
+            v = s["y"] / beta
+            y = mv(v)
+            y = jnp.where(s["k"] >= 1, y - (beta / jnp.where(s["oldb"] > 0, s["oldb"], 1.0))
+                          * s["r1"], y)
+            alpha = jnp.vdot(v, y)
+            y = y - (alpha / beta) * s["r2"]
+            r1, r2 = s["r2"], y
+            y = precondition(r2)
+            oldb = beta
+            beta = jnp.sqrt(jnp.maximum(jnp.vdot(r2, y), 0.0))
+            beta = jnp.where(beta > 10 * eps * beta1, beta, 0.0)
+            oldeps = s["epsln"]
+            delta = s["cs"] * s["dbar"] + s["sn"] * alpha
+            gbar = s["sn"] * s["dbar"] - s["cs"] * alpha
+            epsln = s["sn"] * beta
+            dbar = -s["cs"] * beta
+            gamma = jnp.maximum(jnp.hypot(gbar, beta), eps)
+            cs, sn = gbar / gamma, beta / gamma
+            phi = cs * s["phibar"]
+            w = (v - oldeps * s["w1"] - delta * s["w2"]) / gamma
+            return dict(k=s["k"] + 1, x=s["x"] + phi * w, y=y, r1=r1, r2=r2, w1=s["w2"], w2=w,
+                        beta=beta, oldb=oldb, dbar=dbar, epsln=epsln, cs=cs, sn=sn,
+                        phibar=sn * s["phibar"])
+
+        state = dict(k=jnp.array(0), x=x, y=y, r1=r1, r2=r1, w1=zeros, w2=zeros, beta=beta1,
+                     oldb=zero, dbar=zero, epsln=zero, cs=-jnp.ones((), dtype), sn=zero,
+                     phibar=beta1)
+        s = jax.lax.while_loop(cond, body, state)
+        return _finish(mv, b, s["x"], s["k"], s["k"] + spent, self.tol)
+
+
+@_solver
+class GMRES(AbstractSolver):
+    """Restarted GMRES(m) with right preconditioning, for general (also non-symmetric) operators.
+
+    Each cycle builds an m-dimensional Krylov basis (``restart`` products), solves the small
+    least-squares problem and recomputes the true residual; ``maxiter`` counts Krylov products and
+    is rounded up to whole cycles. Reference: Saad & Schultz 1986.
+    """
+
+    maxiter: int = 100
+    tol: float = 1e-6
+    restart: int = 20
+    accepts_preconditioner: ClassVar[bool] = True
+    accepts_init: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _positive_int(self, "maxiter")
+        _positive_int(self, "restart")
+        _tolerance(self)
+
+    def _cycle(self, mv, precondition, x, r):
+        m = self.restart
+        beta = jnp.linalg.norm(r)
+        basis = jnp.zeros((m + 1, r.shape[0]), r.dtype).at[0].set(r / jnp.where(beta > 0, beta, 1))
+        hessenberg = jnp.zeros((m + 1, m), r.dtype)
+
+        def arnoldi(j, carry):
+            basis, hessenberg = carry
+            w = mv(precondition(basis[j]))
+            h = basis @ w
+            w = w - basis.T @ h
+            correction = basis @ w  # second Gram-Schmidt pass: orthogonality in finite precision
+            w, h = w - basis.T @ correction, h + correction
+            norm = jnp.linalg.norm(w)
+            h = h.at[j + 1].set(norm)
+            nxt = w / jnp.where(norm > 0, norm, 1.0)
+            return basis.at[j + 1].set(nxt), hessenberg.at[:, j].set(h)
+
+        basis, hessenberg = jax.lax.fori_loop(0, m, arnoldi, (basis, hessenberg))
+        rhs = jnp.zeros((m + 1,), r.dtype).at[0].set(beta)
+        coefficients = jnp.linalg.lstsq(hessenberg, rhs)[0]
+        return x + precondition(basis[:m].T @ coefficients)
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        mv, b, precondition = problem.matvec, problem.b, problem.precondition
+        x, r, spent = _start(problem)
+        threshold = self.tol * jnp.linalg.norm(b)
+
+        def cond(state):
+            k, _, r = state
+            return (k < self.maxiter) & (jnp.linalg.norm(r) > threshold)
+
+        def body(state):
+            # The residual recomputed after each cycle is exact: it is both the stopping test and
+            # the next cycle's start, and the one reported.
+            k, x, r = state
+            x = self._cycle(mv, precondition, x, r)
+            return k + self.restart, x, b - mv(x)
+
+        k, x, r = jax.lax.while_loop(cond, body, (jnp.array(0), x, r))
+        cycles = k // self.restart
+        return _finish(mv, b, x, k, k + cycles + spent, self.tol, residual=jnp.linalg.norm(r))
+
+
+# --------------------------------------------------------------------------------------------
+# Series and approximations.
+
+
+def _step_size(alpha: float | None, problem: _Problem, power_iters: int
+               ) -> tuple[jax.Array, int]:
+    """A Neumann step ``α`` and the products spent choosing it.
+
+    With ``alpha=None``, ``α = 1 / |λ̂|`` from power iteration on the preconditioned operator: a
+    power-iteration estimate approaches ``λ_max`` from below, so ``α`` stays under ``2/λ_max``
+    as long as the estimate exceeds ``λ_max / 2``.
+    """
+    if alpha is not None:
+        return jnp.asarray(alpha, problem.b.dtype), 0
+    preconditioned = _FlatOperator(lambda v: problem.matvec(problem.precondition(v)),
+                                   problem.b.shape[0], problem.b.dtype)
+    estimate, _ = power_iteration(preconditioned, power_iters, jax.random.fold_in(problem.key, 1))
+    estimate = jnp.abs(estimate)
+    return jnp.where(estimate > 0, 1.0 / estimate, jnp.nan), power_iters
+
+
+class _FlatOperator(LinearOperator):
+    def __init__(self, matvec, n, dtype):
+        self._matvec, self.structure = matvec, jax.ShapeDtypeStruct((n,), dtype)
+
+    def mv(self, vector):
+        return self._matvec(vector)
+
+
+@_solver
+class Neumann(AbstractSolver):
+    """Truncated Neumann series ``H⁻¹b ≈ α Σ_{j<K} (I − αH)^j b`` (Lorraine et al. 2020).
+
+    Run as Richardson iteration ``x ← x + αP(b − Ax)``, which is the same series; ``maxiter`` K is
+    the number of terms (products). Converges for ``0 < α < 2/λ_max`` on SPD operators, slowly
+    when the condition number is large; on indefinite operators it diverges, which is reported.
+
+    Fields:
+      maxiter: series terms K.
+      alpha: step α; ``None`` picks ``1/|λ̂|`` from ``power_iters`` steps of power iteration.
+      tol: relative residual counted as converged (the loop also stops there).
+      power_iters: products spent estimating ``λ_max`` when ``alpha`` is None.
+      divergence: stop, reporting ``DIVERGED``, once ``||r|| > divergence · ||b||``.
+    """
+
+    maxiter: int = 50
+    alpha: float | None = None
+    tol: float = 1e-6
+    power_iters: int = 20
+    divergence: float = 1e4
+    accepts_preconditioner: ClassVar[bool] = True
+    accepts_init: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _positive_int(self, "maxiter")
+        _positive_or_none(self, "alpha")
+        _tolerance(self)
+        _positive_int(self, "power_iters")
+        _positive_or_none(self, "divergence")
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        mv, b, precondition = problem.matvec, problem.b, problem.precondition
+        alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
+        x, r, spent = _start(problem)
+        b_norm = jnp.linalg.norm(b)
+
+        def cond(state):
+            k, _, r = state
+            r_norm = jnp.linalg.norm(r)
+            going = (r_norm > self.tol * b_norm) & (r_norm <= self.divergence * b_norm)
+            return (k < self.maxiter) & going & jnp.isfinite(r_norm)
+
+        def body(state):
+            k, x, r = state
+            step = alpha * precondition(r)
+            return k + 1, x + step, r - mv(step)
+
+        k, x, _ = jax.lax.while_loop(cond, body, (jnp.array(0), x, r))
+        return _finish(mv, b, x, k, k + spent + spent_alpha, self.tol,
+                       divergence=self.divergence)
+
+
+@_solver
+class LiSSA(AbstractSolver):
+    """LiSSA: the Neumann series with a fresh minibatch Hessian per term (Agarwal et al. 2017).
+
+    ``v_0 = b``, ``v_j = b + (I − α H_j) v_{j−1}``, ``x = α v_K``, where ``H_j`` is the operator on
+    a random minibatch of ``batch_size`` examples; ``num_samples`` independent chains are averaged.
+    The operator must be built with ``batch_argnums`` (``hvp.hessian(..., batch_argnums=...)``).
+
+    Fields:
+      maxiter: depth K (minibatch products per chain).
+      batch_size: examples per minibatch Hessian.
+      num_samples: independent chains, averaged (run with ``vmap``).
+      alpha: step (``1/scale`` in the paper); ``None`` means ``1/|λ̂|`` of the full operator.
+      tol: relative residual counted as converged; ``None`` (default) reports only finiteness.
+      power_iters: products for the ``λ_max`` estimate when ``alpha`` is None.
+      divergence: the series is reported ``DIVERGED`` once ``||r|| > divergence · ||b||``.
+      seed: seed of the default key; pass ``key=`` to :func:`solve` to override.
+    """
+
+    maxiter: int = 100
+    batch_size: int = 32
+    num_samples: int = 1
+    alpha: float | None = None
+    tol: float | None = None
+    power_iters: int = 20
+    divergence: float = 1e4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("maxiter", "batch_size", "num_samples", "power_iters"):
+            _positive_int(self, name)
+        _positive_or_none(self, "alpha")
+        _tolerance(self, allow_none=True)
+        _positive_or_none(self, "divergence")
+
+    def _check(self, operator: LinearOperator) -> None:
+        if getattr(operator, "batch_argnums", None) is None:
+            raise ValueError("hvp.LiSSA: the operator must be built with batch_argnums, e.g. "
+                             "hvp.hessian(loss, params, x, y, batch_argnums=(0, 1)), so that LiSSA "
+                             "can draw a minibatch Hessian per term")
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        operator, b = problem.operator, problem.b
+        alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
+
+        def chain(key):
+            def step(v, key_j):
+                minibatch = operator.subsample(key_j, self.batch_size)
+                return b + v - alpha * minibatch.flat_mv(v).astype(b.dtype), None
+
+            v, _ = jax.lax.scan(step, b, jax.random.split(key, self.maxiter))
+            return alpha * v
+
+        keys = jax.random.split(problem.key, self.num_samples)
+        x = jnp.mean(jax.vmap(chain)(keys), axis=0)
+        return _finish(problem.matvec, b, x, self.maxiter,
+                       self.maxiter * self.num_samples + spent_alpha, self.tol,
+                       divergence=self.divergence)
+
+
+@_solver
+class Nystrom(AbstractSolver):
+    """Nyström low-rank inverse: ``(C W⁺ Cᵀ + ρI)⁻¹ b`` by the Woodbury identity.
+
+    ``C = AΩ`` from one batch of ``rank`` products and ``W = ΩᵀAΩ``. With ``sketch="columns"`` Ω
+    selects ``rank`` random coordinates (Hataya & Yamada 2023); with ``sketch="gaussian"`` Ω is a
+    Gaussian test matrix (randomised Nyström, Gittens & Mahoney 2016). No iterations; ``rho``
+    regularises directions the sketch does not see.
+
+    Fields:
+      rank: sketch size k (at most the operator size).
+      rho: damping ρ > 0 added to the low-rank approximation.
+      sketch: ``"columns"`` or ``"gaussian"``.
+      tol: relative residual counted as converged; ``None`` (default) reports only finiteness.
+      seed: seed of the default key; pass ``key=`` to :func:`solve` to override.
+    """
+
+    rank: int = 10
+    rho: float = 1e-2
+    sketch: str = "columns"
+    tol: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive_int(self, "rank")
+        _positive_or_none(self, "rho")
+        if self.rho is None:
+            raise ValueError("Nystrom: rho must be a finite number > 0, got None")
+        if self.sketch not in ("columns", "gaussian"):
+            raise ValueError(f"Nystrom: sketch must be 'columns' or 'gaussian', "
+                             f"got {self.sketch!r}")
+        _tolerance(self, allow_none=True)
+
+    def _check(self, operator: LinearOperator) -> None:
+        if self.rank > operator.size:
+            raise ValueError(f"hvp.Nystrom: rank={self.rank} exceeds the problem size "
+                             f"{operator.size}")
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        b = problem.b
+        n, k = b.shape[0], self.rank
+        if self.sketch == "columns":
+            index = jax.random.choice(problem.key, n, (k,), replace=False)
+            omega = jnp.zeros((k, n), b.dtype).at[jnp.arange(k), index].set(1.0)
+        else:
+            omega = jax.random.normal(problem.key, (k, n), b.dtype)
+        columns = jax.vmap(problem.matvec)(omega)  # rows are (AΩ)ᵀ: C = columns.T
+        core = omega @ columns.T  # W = ΩᵀAΩ, (k, k)
+        gram = self.rho * (core + core.T) / 2 + columns @ columns.T
+        coefficients = jnp.linalg.pinv(gram, hermitian=True) @ (columns @ b)
+        x = (b - columns.T @ coefficients) / self.rho
+        return _finish(problem.matvec, b, x, 1, k, self.tol)
+
+
+@_solver
+class Identity(AbstractSolver):
+    """``H⁻¹ ≈ scale · I`` (times the preconditioner, if given): the one-step look-ahead.
+
+    The T1-T2 / DARTS first-order approximation (Luketina et al. 2016; Liu et al. 2019). Costs no
+    products but the residual check. ``tol=None`` (default) reports only finiteness.
+    """
+
+    scale: float = 1.0
+    tol: float | None = None
+    accepts_preconditioner: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _positive_or_none(self, "scale")
+        if self.scale is None:
+            raise ValueError("Identity: scale must be a finite number > 0, got None")
+        _tolerance(self, allow_none=True)
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        x = self.scale * problem.precondition(problem.b)
+        return _finish(problem.matvec, problem.b, x, 0, 0, self.tol)
+
+
+@_solver
+class Dense(AbstractSolver):
+    """Exact solve on the materialised operator (``size`` products, then LU): the reference.
+
+    Refuses operators with more than ``max_size`` rows. Singular operators give a non-finite
+    result, which is reported.
+    """
+
+    max_size: int = 5000
+    tol: float | None = None
+
+    def __post_init__(self):
+        _positive_int(self, "max_size")
+        _tolerance(self, allow_none=True)
+
+    def _check(self, operator: LinearOperator) -> None:
+        if operator.size > self.max_size:
+            raise ValueError(f"hvp.Dense: the operator has {operator.size} rows, more than "
+                             f"max_size={self.max_size}; use an iterative solver or raise "
+                             f"max_size")
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        matrix = problem.operator.dense(self.max_size).astype(problem.b.dtype)
+        x = jnp.linalg.solve(matrix, problem.b)
+        residual = jnp.linalg.norm(problem.b - matrix @ x)
+        return _finish(problem.matvec, problem.b, x, 1, problem.b.shape[0], self.tol,
+                       residual=residual)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point.
+
+
+def _raise_if_failed(info: SolveInfo, where: str) -> None:
+    def check(status, iterations, hvps, residual):
+        if int(status) != Status.CONVERGED:
+            message = status_message(SolveInfo(residual, iterations, status == 0, hvps, status))
+            raise RuntimeError(f"{where}: the solve failed: {message}")
+
+    try:
+        concrete = [bool(jnp.all(info.converged))]
+    except jax.errors.ConcretizationTypeError:
+        concrete = None
+    if concrete is None:
+        jax.debug.callback(lambda *a: jax.tree_util.tree_map(lambda *x: check(*x), *a),
+                           info.status, info.iterations, info.hvp_count, info.residual_norm)
+    elif not concrete[0]:
+        flat = [jnp.ravel(f) for f in (info.status, info.iterations, info.hvp_count,
+                                       info.residual_norm)]
+        for status, iterations, hvps, residual in zip(*flat, strict=True):
+            check(status, iterations, hvps, residual)
+
+
+def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
+          preconditioner: LinearOperator | None = None, init: PyTree | None = None,
+          key: jax.Array | None = None, on_failure: str = "ignore") -> tuple[PyTree, SolveInfo]:
+    """Solve ``A x = b`` for a symmetric operator with any solver: ``x ≈ A⁻¹ b``.
+
+    Args:
+      operator: a :class:`hvp.LinearOperator` (from :func:`hvp.hessian`, :func:`hvp.ggn`, ...).
+      vector: b, a pytree shaped like ``operator.structure``.
+      solver: a solver instance (``hvp.CG()``, ``hvp.Neumann(maxiter=10)``, ...).
+      preconditioner: ``M⁻¹`` as an operator (e.g. :func:`hvp.jacobi_preconditioner`), for the
+        solvers that accept one.
+      init: a starting guess (warm start), for the iterative solvers that accept one.
+      key: PRNG key for randomised solvers (Nyström, LiSSA, Neumann's power iteration); ``None``
+        means ``jax.random.key(solver.seed)`` (or 0), so results are reproducible.
+      on_failure: ``"ignore"`` (default: failures are reported in ``info``) or ``"raise"``
+        (raise ``RuntimeError`` with the status, iterations and residual; under ``jit`` the
+        error surfaces when the computation runs).
+
+    Returns:
+      ``(x, info)``: x shaped like ``vector``, and a :class:`SolveInfo`.
+    """
+    where = "hvp.solve"
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(f"{where}: operator must be an hvp.LinearOperator (from hvp.hessian, "
+                        f"hvp.ggn, ...), got {type(operator).__name__}")
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"{where}: solver must be an hvp solver such as hvp.CG(), got "
+                        f"{type(solver).__name__}")
+    if on_failure not in ("ignore", "raise"):
+        raise ValueError(f"{where}: on_failure must be 'ignore' or 'raise', got {on_failure!r}")
+    _checks.check_floating(where, "vector", vector)
+    _checks.check_same_structure(where, "vector", vector, "operator.structure",
+                                 operator.structure)
+    name = type(solver).__name__
+    if preconditioner is not None and not solver.accepts_preconditioner:
+        raise ValueError(f"{where}: {name} does not take a preconditioner")
+    if init is not None and not solver.accepts_init:
+        raise ValueError(f"{where}: {name} does not take init (a warm start)")
+    solver._check(operator)
+
+    b, unravel = ravel_pytree(vector)
+    dtype = jnp.result_type(b.dtype, operator.dtype)
+    b = b.astype(dtype)
+    if init is not None:
+        _checks.check_same_structure(where, "init", init, "vector", vector)
+        x0 = ravel_pytree(init)[0].astype(dtype)
+    else:
+        x0 = None
+    precondition = (lambda v: v) if preconditioner is None else preconditioner.flat_mv
+    if key is None:
+        key = jax.random.key(getattr(solver, "seed", 0))
+    problem = _Problem(lambda v: operator.flat_mv(v).astype(dtype), b,
+                       lambda v: precondition(v).astype(dtype), x0, key, operator)
+    x, info = solver._solve(problem)
+    if on_failure == "raise":
+        _raise_if_failed(info, where)
+    return unravel(x), info

@@ -1,0 +1,31 @@
+"""Shared fixtures: float64 on for numerical references, a PRNG key, small test problems."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+def random_spd(seed: int, n: int, condition: float = 10.0, dtype=jnp.float64) -> jax.Array:
+    """A random symmetric positive-definite matrix with the given condition number."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eigenvalues = np.geomspace(1.0, condition, n)
+    return jnp.asarray((q * eigenvalues) @ q.T, dtype)
+
+
+def random_indefinite(seed: int, n: int, dtype=jnp.float64) -> jax.Array:
+    """A random symmetric indefinite matrix with eigenvalues in ±[0.5, 5], well away from 0."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    magnitudes = np.geomspace(0.5, 5.0, n)
+    signs = np.where(np.arange(n) % 3 == 0, -1.0, 1.0)
+    return jnp.asarray((q * (signs * magnitudes)) @ q.T, dtype)
