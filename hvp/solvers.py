@@ -35,6 +35,7 @@ class Status(enum.IntEnum):
     NEGATIVE_CURVATURE = 2  #: CG met ``pᵀAp <= 0``: the operator is not positive definite
     DIVERGED = 3  #: the residual grew past ``divergence`` times ``||b||`` (Neumann, LiSSA)
     NONFINITE = 4  #: the result or its residual is NaN or infinite
+    STAGNATED = 5  #: round-off stopped progress above ``tol`` before the budget ran out
 
 
 class SolveInfo(NamedTuple):
@@ -155,13 +156,45 @@ def _solver(cls):
 # Krylov solvers.
 
 
+#: Restarts from the true residual that CG and MINRES make when their recursive residual
+#: estimate has met ``tol`` but the true residual has not (round-off drift).
+_REFINEMENTS = 3
+
+
+def _refined(iterate: Callable, problem: _Problem, maxiter: int, tol: float
+             ) -> tuple[Flat, SolveInfo]:
+    """Run a Krylov ``iterate(x, r, budget) -> (x, iterations, hint)`` to ``tol`` on the true
+    residual: after each run the residual is recomputed and, if the estimate drifted, the method
+    restarts from the current iterate (residual replacement), at most ``_REFINEMENTS`` times.
+    """
+    mv, b = problem.matvec, problem.b
+    x, r, spent = _start(problem)
+    threshold = tol * jnp.linalg.norm(b)
+
+    def cond(state):
+        k, _, r, hint, runs = state
+        going = (k < maxiter) & (hint == Status.CONVERGED) & (runs <= _REFINEMENTS)
+        return going & (jnp.linalg.norm(r) > threshold)
+
+    def body(state):
+        k, x, r, _, runs = state
+        x, iterations, hint = iterate(x, r, maxiter - k)
+        return k + iterations, x, b - mv(x), hint, runs + 1
+
+    init = (jnp.array(0), x, r, jnp.asarray(Status.CONVERGED, jnp.int32), jnp.array(0))
+    k, x, r, hint, runs = jax.lax.while_loop(cond, body, init)
+    drifted = (k < maxiter) & (hint == Status.CONVERGED)
+    hint = jnp.where(drifted, Status.STAGNATED, hint)
+    return _finish(mv, b, x, k, k + runs + spent, tol, hint=hint, residual=jnp.linalg.norm(r))
+
+
 @_solver
 class CG(AbstractSolver):
     """Preconditioned conjugate gradients, for symmetric positive-definite operators.
 
-    Stops when ``||r|| <= tol ||b||``, after ``maxiter`` iterations, or on meeting non-positive
-    curvature ``pᵀAp <= 0`` (reported as ``Status.NEGATIVE_CURVATURE``; the iterate before it is
-    returned). Reference: Hestenes & Stiefel 1952.
+    Stops when the true residual ``||b − Ax|| <= tol ||b||``, after ``maxiter`` iterations, or on
+    meeting non-positive curvature ``pᵀAp <= 0`` (reported as ``Status.NEGATIVE_CURVATURE``; the
+    iterate before it is returned). Reference: Hestenes & Stiefel 1952.
     """
 
     maxiter: int = 100
@@ -174,32 +207,34 @@ class CG(AbstractSolver):
         _tolerance(self)
 
     def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
-        mv, b, precondition = problem.matvec, problem.b, problem.precondition
-        x, r, spent = _start(problem)
-        z = precondition(r)
-        threshold = self.tol * jnp.linalg.norm(b)
+        mv, precondition = problem.matvec, problem.precondition
+        threshold = self.tol * jnp.linalg.norm(problem.b)
 
-        def cond(state):
-            k, _, r, _, _, negative = state
-            return (k < self.maxiter) & (jnp.linalg.norm(r) > threshold) & ~negative
+        def iterate(x, r, budget):
+            def cond(state):
+                k, _, r, _, _, negative = state
+                return (k < budget) & (jnp.linalg.norm(r) > threshold) & ~negative
 
-        def body(state):
-            k, x, r, p, rz, _ = state
-            ap = mv(p)
-            curvature = jnp.vdot(p, ap)
-            negative = ~(curvature > 0)
-            alpha = jnp.where(negative, 0.0, rz / jnp.where(negative, 1.0, curvature))
-            x = x + alpha * p
-            r = r - alpha * ap
+            def body(state):
+                k, x, r, p, rz, _ = state
+                ap = mv(p)
+                curvature = jnp.vdot(p, ap)
+                negative = ~(curvature > 0)
+                alpha = jnp.where(negative, 0.0, rz / jnp.where(negative, 1.0, curvature))
+                x = x + alpha * p
+                r = r - alpha * ap
+                z = precondition(r)
+                rz_next = jnp.vdot(r, z)
+                beta = rz_next / jnp.where(rz == 0, 1.0, rz)
+                return k + 1, x, r, z + beta * p, rz_next, negative
+
             z = precondition(r)
-            rz_next = jnp.vdot(r, z)
-            beta = rz_next / jnp.where(rz == 0, 1.0, rz)
-            return k + 1, x, r, z + beta * p, rz_next, negative
+            state = (jnp.array(0), x, r, z, jnp.vdot(r, z), jnp.array(False))
+            k, x, _, _, _, negative = jax.lax.while_loop(cond, body, state)
+            hint = jnp.where(negative, Status.NEGATIVE_CURVATURE, Status.CONVERGED)
+            return x, k, hint.astype(jnp.int32)
 
-        state = (jnp.array(0), x, r, z, jnp.vdot(r, z), jnp.array(False))
-        k, x, _, _, _, negative = jax.lax.while_loop(cond, body, state)
-        hint = jnp.where(negative, Status.NEGATIVE_CURVATURE, Status.CONVERGED)
-        return _finish(mv, b, x, k, k + spent, self.tol, hint=hint)
+        return _refined(iterate, problem, self.maxiter, self.tol)
 
 
 @_solver
@@ -220,18 +255,16 @@ class MINRES(AbstractSolver):
         _positive_int(self, "maxiter")
         _tolerance(self)
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
-        mv, b, precondition = problem.matvec, problem.b, problem.precondition
-        x, r1, spent = _start(problem)
-        dtype = b.dtype
+    def _iterate(self, mv, precondition, b_norm, x, r1, budget):
+        dtype = r1.dtype
         eps = jnp.finfo(dtype).eps
         y = precondition(r1)
         beta1 = jnp.sqrt(jnp.maximum(jnp.vdot(r1, y), 0.0))
         zero = jnp.zeros((), dtype)
-        zeros = jnp.zeros_like(b)
+        zeros = jnp.zeros_like(r1)
 
         def cond(s):
-            return (s["k"] < self.maxiter) & (s["phibar"] > self.tol * beta1) & (s["beta"] > 0)
+            return (s["k"] < budget) & (s["phibar"] > self.tol * b_norm) & (s["beta"] > 0)
 
         def body(s):
             beta = s["beta"]
@@ -255,15 +288,26 @@ class MINRES(AbstractSolver):
             cs, sn = gbar / gamma, beta / gamma
             phi = cs * s["phibar"]
             w = (v - oldeps * s["w1"] - delta * s["w2"]) / gamma
-            return dict(k=s["k"] + 1, x=s["x"] + phi * w, y=y, r1=r1, r2=r2, w1=s["w2"], w2=w,
-                        beta=beta, oldb=oldb, dbar=dbar, epsln=epsln, cs=cs, sn=sn,
+            return dict(s, k=s["k"] + 1, x=s["x"] + phi * w, y=y, r1=r1, r2=r2, w1=s["w2"],
+                        w2=w, beta=beta, oldb=oldb, dbar=dbar, epsln=epsln, cs=cs, sn=sn,
                         phibar=sn * s["phibar"])
 
         state = dict(k=jnp.array(0), x=x, y=y, r1=r1, r2=r1, w1=zeros, w2=zeros, beta=beta1,
                      oldb=zero, dbar=zero, epsln=zero, cs=-jnp.ones((), dtype), sn=zero,
                      phibar=beta1)
         s = jax.lax.while_loop(cond, body, state)
-        return _finish(mv, b, s["x"], s["k"], s["k"] + spent, self.tol)
+        return s["x"], s["k"], jnp.asarray(Status.CONVERGED, jnp.int32)
+
+    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+        # phibar estimates the residual in the preconditioner's norm; compare it with ||b|| in
+        # the same norm so that tol is relative in both.
+        b_norm = jnp.sqrt(jnp.maximum(jnp.vdot(problem.b, problem.precondition(problem.b)), 0.0))
+        mv, precondition = problem.matvec, problem.precondition
+
+        def iterate(x, r, budget):
+            return self._iterate(mv, precondition, b_norm, x, r, budget)
+
+        return _refined(iterate, problem, self.maxiter, self.tol)
 
 
 @_solver
@@ -474,12 +518,14 @@ class LiSSA(AbstractSolver):
 
 @_solver
 class Nystrom(AbstractSolver):
-    """Nyström low-rank inverse: ``(C W⁺ Cᵀ + ρI)⁻¹ b`` by the Woodbury identity.
+    """Nyström low-rank inverse: ``(C W⁺ Cᵀ + ρI)⁻¹ b``.
 
     ``C = AΩ`` from one batch of ``rank`` products and ``W = ΩᵀAΩ``. With ``sketch="columns"`` Ω
     selects ``rank`` random coordinates (Hataya & Yamada 2023); with ``sketch="gaussian"`` Ω is a
-    Gaussian test matrix (randomised Nyström, Gittens & Mahoney 2016). No iterations; ``rho``
-    regularises directions the sketch does not see.
+    Gaussian test matrix (randomised Nyström, Gittens & Mahoney 2016). The approximation is
+    diagonalised as ``U Λ Uᵀ`` and inverted as ``U (Λ+ρ)⁻¹ Uᵀ b + (b − U Uᵀ b)/ρ``, which equals
+    the Woodbury form without its cancellation. No iterations; ``rho`` regularises the directions
+    the sketch does not see (and must exceed ``−λ`` of any negative Ritz value).
 
     Fields:
       rank: sketch size k (at most the operator size).
@@ -518,11 +564,16 @@ class Nystrom(AbstractSolver):
             omega = jnp.zeros((k, n), b.dtype).at[jnp.arange(k), index].set(1.0)
         else:
             omega = jax.random.normal(problem.key, (k, n), b.dtype)
-        columns = jax.vmap(problem.matvec)(omega)  # rows are (AΩ)ᵀ: C = columns.T
-        core = omega @ columns.T  # W = ΩᵀAΩ, (k, k)
-        gram = self.rho * (core + core.T) / 2 + columns @ columns.T
-        coefficients = jnp.linalg.pinv(gram, hermitian=True) @ (columns @ b)
-        x = (b - columns.T @ coefficients) / self.rho
+        sketch = jax.vmap(problem.matvec)(omega).T  # C = AΩ, (n, k): one batch of k products
+        core = omega @ sketch  # W = ΩᵀAΩ, (k, k)
+        # C W⁺ Cᵀ = Q (R W⁺ Rᵀ) Qᵀ = U Λ Uᵀ with C = QR; inverting through this eigenbasis avoids
+        # the cancellation of the textbook Woodbury form when ρ is small.
+        q, r = jnp.linalg.qr(sketch)
+        inner = r @ jnp.linalg.pinv((core + core.T) / 2, hermitian=True) @ r.T
+        eigenvalues, eigenvectors = jnp.linalg.eigh((inner + inner.T) / 2)
+        basis = q @ eigenvectors
+        coefficients = basis.T @ b
+        x = basis @ (coefficients / (eigenvalues + self.rho)) + (b - basis @ coefficients) / self.rho
         return _finish(problem.matvec, b, x, 1, k, self.tol)
 
 
