@@ -1,7 +1,15 @@
 """bilevel: hypergradients (implicit, unrolled, ES) built on :mod:`hvp`.
 
-The hypergradient entry points are added here as they land; until then the package holds no
-public names.
+The public API is what this module exports; everything else may change.
 """
 
-__all__: list[str] = []
+from bilevel.implicit import HypergradInfo, hypergrad, implicit
+from bilevel.unrolled import UnrolledInfo, unrolled_hypergrad
+
+__all__ = [
+    "HypergradInfo",
+    "UnrolledInfo",
+    "hypergrad",
+    "implicit",
+    "unrolled_hypergrad",
+]

@@ -1,0 +1,254 @@
+"""Unrolled meta-gradients through optax inner loops, with MixFlow-MG mixed-mode differentiation.
+
+The inner loop ``θ_{t+1} = θ_t + U(∇_θ L_in(θ_t, λ), s_t, θ_t)`` runs ``steps`` optax updates; the
+meta-gradient is ``d L_out(θ_T, λ) / dλ`` by reverse-mode through the loop.
+
+``mode="reverse"`` differentiates the loop as written: reverse-over-reverse, so the backward pass
+stores the inner backward pass's intermediates (activations) for every step.
+
+``mode="mixflow"`` (Kemaev et al. 2025, "Scalable meta-learning via mixed-mode
+differentiation") gives the inner value-and-gradient a custom VJP that saves only its inputs; its
+backward pass is one forward-over-reverse JVP of ``(∇_θ L, ∇_λ L)`` along the incoming cotangent,
+which by the symmetry of second derivatives yields both the Hessian-vector product (the
+cotangent for θ) and the mixed product (the cotangent for λ). Trajectory checkpointing
+(``checkpoint_every``) composes with it to bound the stored trajectory as well.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bilevel import _common
+
+PyTree = Any
+MODES = ("mixflow", "reverse")
+
+
+class UnrolledInfo(NamedTuple):
+    """Diagnostics of an unrolled meta-gradient (all arrays).
+
+    Attributes:
+      converged: the meta-gradient and the outer loss are finite (an unrolled gradient has no
+        solve that could fail to converge; divergence of the inner loop shows here).
+      finite: same as ``converged``, named as in :class:`bilevel.HypergradInfo`.
+      outer_loss: ``L_out(θ_T, λ)``.
+      inner_losses: ``L_in(θ_t, λ)`` at each of the ``steps`` steps, shape ``(steps,)``.
+      params: θ_T, the final inner parameters (to warm-start the next unroll).
+    """
+
+    converged: jax.Array
+    finite: jax.Array
+    outer_loss: jax.Array
+    inner_losses: jax.Array
+    params: PyTree
+
+
+def _mixflow_value_and_grad(inner_loss: Callable) -> Callable:
+    """``(params, hparams, args) -> (L, ∇_θ L)`` whose VJP is one forward-over-reverse JVP."""
+
+    @jax.custom_vjp
+    def value_and_grad(params, hparams, args):
+        return jax.value_and_grad(inner_loss)(params, hparams, *args)
+
+    def fwd(params, hparams, args):
+        return value_and_grad(params, hparams, args), (params, hparams, args)
+
+    def bwd(residuals, cotangent):
+        params, hparams, args = residuals
+        value_cotangent, grad_cotangent = cotangent
+        grads = jax.grad(lambda p, h: inner_loss(p, h, *args), argnums=(0, 1))
+        # One JVP gives the primal gradients and (H c, ∂²_{λθ}L c) for the cotangent c.
+        (grad_p, grad_h), (hessian_c, cross_c) = jax.jvp(
+            lambda p: grads(p, hparams), (params,), (grad_cotangent,))
+        params_ct = jax.tree_util.tree_map(lambda g, h: value_cotangent * g + h, grad_p,
+                                           hessian_c)
+        hparams_ct = jax.tree_util.tree_map(lambda g, c: value_cotangent * g + c, grad_h,
+                                            cross_c)
+        # The data are not differentiated by unrolled_hypergrad.
+        return params_ct, hparams_ct, _common.zeros_cotangent(args)
+
+    value_and_grad.defvjp(fwd, bwd)
+    return value_and_grad
+
+
+def _plain_value_and_grad(inner_loss: Callable) -> Callable:
+    def value_and_grad(params, hparams, args):
+        return jax.value_and_grad(inner_loss)(params, hparams, *args)
+
+    return value_and_grad
+
+
+def _resolve_optimizer(where: str, optimizer: Any, hparams: PyTree):
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    if callable(optimizer):
+        transformation = optimizer(hparams)
+        if not isinstance(transformation, optax.GradientTransformation):
+            raise TypeError(f"{where}: optimizer(hparams) must return an optax "
+                            f"GradientTransformation, got {type(transformation).__name__}")
+        return transformation
+    raise TypeError(f"{where}: optimizer must be an optax GradientTransformation or a function "
+                    f"hparams -> GradientTransformation, got {type(optimizer).__name__}")
+
+
+def _make_step(value_and_grad: Callable, transformation, hparams: PyTree, inner_args: tuple,
+               has_per_step: bool) -> Callable:
+    extra_args = isinstance(transformation, optax.GradientTransformationExtraArgs)
+
+    def step(carry, step_args):
+        params, opt_state = carry
+        args = inner_args + tuple(step_args) if has_per_step else inner_args
+        value, grads = value_and_grad(params, hparams, args)
+        if extra_args:
+            updates, opt_state = transformation.update(grads, opt_state, params, loss=value)
+        else:
+            updates, opt_state = transformation.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    return step
+
+
+def _scan(step: Callable, carry, xs, length: int, checkpoint_every: int | None):
+    """``lax.scan`` over ``length`` steps; with ``checkpoint_every=k`` only every k-th state is
+    stored and each chunk of k steps is recomputed in the backward pass."""
+    if length == 0:
+        return carry, jnp.zeros((0,))
+    if checkpoint_every is None or checkpoint_every >= length:
+        return jax.lax.scan(step, carry, xs, length=length)
+    k = checkpoint_every
+    chunks, remainder = divmod(length, k)
+
+    @jax.checkpoint
+    def chunk(carry, chunk_xs):
+        return jax.lax.scan(step, carry, chunk_xs, length=k)
+
+    head = jax.tree_util.tree_map(lambda x: x[: chunks * k].reshape(chunks, k, *x.shape[1:]), xs)
+    carry, values = jax.lax.scan(chunk, carry, head, length=chunks)
+    values = values.reshape(chunks * k)
+    if remainder:
+        tail = jax.tree_util.tree_map(lambda x: x[chunks * k:], xs)
+        carry, rest = jax.checkpoint(
+            lambda c, t: jax.lax.scan(step, c, t, length=remainder))(carry, tail)
+        values = jnp.concatenate([values, rest])
+    return carry, values
+
+
+def _check_int(where: str, name: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{where}: {name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_per_step_args(where: str, per_step_args: tuple, steps: int) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(per_step_args):
+        shape = jnp.shape(leaf)
+        if not shape or shape[0] != steps:
+            found = shape[0] if shape else "no leading axis (a scalar)"
+            raise ValueError(f"{where}: per_step_args leaf {jax.tree_util.keystr(path)} has "
+                             f"leading axis {found}, expected steps={steps}")
+
+
+def _resolve_checkpointing(where: str, checkpoint_every: Any, steps: int) -> int | None:
+    if checkpoint_every is None:
+        return None
+    if checkpoint_every == "sqrt":
+        return max(1, math.isqrt(steps - 1) + 1)
+    _check_int(where, "checkpoint_every", checkpoint_every, 1, steps)
+    return checkpoint_every
+
+
+def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTree,
+                       hparams: PyTree, optimizer: Any, steps: int, inner_args: tuple = (),
+                       outer_args: tuple = (), per_step_args: tuple | None = None,
+                       mode: str = "mixflow", checkpoint_every: int | str | None = None,
+                       truncate: int | None = None, on_failure: str = "ignore"
+                       ) -> tuple[PyTree, UnrolledInfo]:
+    """Meta-gradient of ``outer_loss(θ_T, λ)`` through ``steps`` optax updates of ``inner_loss``.
+
+    Args:
+      inner_loss: ``inner_loss(params, hparams, *inner_args, *step_args) -> scalar``.
+      outer_loss: ``outer_loss(params, hparams, *outer_args) -> scalar``, evaluated at θ_T.
+      params0: θ_0 (not differentiated).
+      hparams: λ, any pytree of floating arrays.
+      optimizer: an optax ``GradientTransformation``, or a function ``hparams -> transformation``
+        so that λ may live in the update rule (a learning rate, a learned optimizer's weights).
+        A ``GradientTransformationExtraArgs`` also receives ``loss=`` (the inner loss value).
+      steps: number of inner steps T >= 1.
+      inner_args: data used at every step.
+      outer_args: data of the outer loss.
+      per_step_args: a tuple of pytrees whose leaves have a leading axis of length ``steps``;
+        slice t is appended to ``inner_args`` at step t (minibatches).
+      mode: ``"mixflow"`` (default: forward-over-reverse backward steps, storing only each step's
+        inputs) or ``"reverse"`` (plain autodiff through ``lax.scan``). Both give the same
+        gradient up to round-off.
+      checkpoint_every: ``None``, an integer k (store every k-th state, recompute the rest in the
+        backward pass), or ``"sqrt"`` (k = ⌈√T⌉, memory growing as √T).
+      truncate: backpropagate through the last ``truncate`` steps only (the earlier steps run
+        without gradient); ``None`` means through all steps.
+      on_failure: ``"ignore"``, ``"warn"`` or ``"raise"`` on a non-finite meta-gradient or loss.
+
+    Returns:
+      ``(grad, info)``: the meta-gradient shaped like ``hparams`` and an :class:`UnrolledInfo`.
+    """
+    where = "bilevel.unrolled_hypergrad"
+    _common.check_on_failure(where, on_failure)
+    if mode not in MODES:
+        raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
+    _check_int(where, "steps", steps, 1, 2**31 - 1)
+    inner_args, outer_args = tuple(inner_args), tuple(outer_args)
+    has_per_step = per_step_args is not None
+    per_step_args = tuple(per_step_args) if has_per_step else ()
+    if has_per_step:
+        _check_per_step_args(where, per_step_args, steps)
+    first_step_args = inner_args + tuple(jax.tree_util.tree_map(lambda x: x[0], per_step_args))
+    _common.check_losses(where, inner_loss, outer_loss, params0, hparams, first_step_args,
+                         outer_args)
+    chunk = _resolve_checkpointing(where, checkpoint_every, steps)
+    if truncate is not None:
+        _check_int(where, "truncate", truncate, 1, steps)
+    live_steps = steps if truncate is None else truncate
+    value_and_grad = (_mixflow_value_and_grad if mode == "mixflow" else _plain_value_and_grad)(
+        inner_loss)
+    xs = per_step_args if has_per_step else None
+
+    def run(h, carry, xs_segment, length, segment_chunk):
+        transformation = _resolve_optimizer(where, optimizer, h)
+        step = _make_step(value_and_grad, transformation, h, inner_args, has_per_step)
+        return _scan(step, carry, xs_segment, length, segment_chunk)
+
+    def split(xs_all, start, stop):
+        if xs_all is None:
+            return None
+        return jax.tree_util.tree_map(lambda x: x[start:stop], xs_all)
+
+    def meta_objective(h):
+        carry = (params0, _resolve_optimizer(where, optimizer, h).init(params0))
+        frozen_steps = steps - live_steps
+        losses = []
+        if frozen_steps:
+            # The truncated head sees λ through stop_gradient: no residuals are stored for it.
+            carry, head = run(jax.lax.stop_gradient(h), carry, split(xs, 0, frozen_steps),
+                              frozen_steps, None)
+            carry = jax.lax.stop_gradient(carry)
+            losses.append(head)
+        carry, tail = run(h, carry, split(xs, frozen_steps, steps), live_steps, chunk)
+        losses.append(tail)
+        params_final = carry[0]
+        value = outer_loss(params_final, h, *outer_args)
+        return value, (jnp.concatenate(losses), params_final)
+
+    (value, (losses, params_final)), grad = jax.value_and_grad(meta_objective, has_aux=True)(
+        hparams)
+    finite = _common.tree_all_finite(grad) & jnp.isfinite(value)
+    info = UnrolledInfo(converged=finite, finite=finite, outer_loss=value, inner_losses=losses,
+                        params=params_final)
+    _common.report_failure(where, ~finite,
+                           lambda v: f"the meta-gradient or the outer loss ({float(v):.3e}) is "
+                                     f"not finite: the inner loop may have diverged",
+                           (value,), on_failure)
+    return grad, info
