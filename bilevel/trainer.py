@@ -1,0 +1,793 @@
+"""The bilevel training loop: warm-started inner optax steps, then one hypergradient step on λ.
+
+Each outer step runs, as ONE jitted function compiled once (data are its arguments),
+
+    θ ← θ + U_in(∇_θ L_in(θ, λ))            (``inner_steps`` optax steps, warm-started from the
+                                            previous outer step's θ and inner optimizer state)
+    g ← dL_out/dλ                           (any method: Implicit, Unrolled, ES)
+    g ← g · min(1, c / ||g||)               (optional global-norm clip c = ``hypergrad_clip``)
+    λ ← λ + U_out(g)                        (outer optax step)
+
+The way of differentiating is a swappable object (as optimistix's adjoints are): :class:`Implicit`
+(the IFT with any :mod:`hvp` solver, optionally warm-started from the previous inverse HVP),
+:class:`Unrolled` (backpropagation through ``steps`` more inner steps, MixFlow-MG by default) and
+:class:`ES` (antithetic evolution strategies on the outer loss after ``steps`` inner steps).
+
+A step whose hypergradient, outer loss or updated λ is not finite is never applied (skip, not
+stop): λ and the outer optimizer state keep their values, the history row says
+``finite=False, skipped=True``, :attr:`TrainResult.skipped_steps` counts such steps and
+:func:`train` warns at the end. Training goes on, since the inner problem keeps moving and that
+may cure the cause; inner state that itself became non-finite is rolled back too. Unconverged
+(but finite) implicit solves are applied and reported in the ``converged`` column.
+
+The loop itself (progress bar, metrics, checkpoints) is a thin host-side shell around the pure
+step. Checkpoints are written atomically and a run killed and restarted on the same
+``checkpoint_dir`` ends with bit-identical params, hparams and history (wall times aside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import hvp
+from bilevel import _common
+from bilevel.implicit import hypergrad
+from bilevel.unrolled import unrolled_hypergrad
+from hvp import _checks
+
+PyTree = Any
+
+CHECKPOINT_NAME = "checkpoint.npz"
+_CHECKPOINT_FORMAT = 1
+#: Keys every history row has; ``metrics`` may not reuse them.
+_BASE_KEYS = ("step", "outer_loss", "hypergrad_norm", "clipped", "finite", "skipped",
+              "wall_time")
+
+
+# --------------------------------------------------------------------------------------------
+# Field validation.
+
+
+def _fail(owner: str, name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"bilevel.{owner}: {name} must be {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_int(owner: str, name: str, value: Any, low: int, high: float = math.inf,
+               allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or not low <= value <= high:
+        bound = f"in [{low}, {high}]" if high < math.inf else f">= {low}"
+        raise _fail(owner, name, f"an integer {bound}" + (" or None" if allow_none else ""),
+                    value)
+
+
+def _check_positive_float(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    number = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+    if not number or not 0.0 < value < math.inf:
+        raise _fail(owner, name, "a finite number > 0" + (" or None" if allow_none else ""),
+                    value)
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise _fail(owner, name, f"one of {choices}", value)
+
+
+# --------------------------------------------------------------------------------------------
+# Methods: how the hypergradient is computed.
+
+
+class _Inner(NamedTuple):
+    """What a method needs to know about the problem inside the jitted step."""
+
+    inner_loss: Callable
+    outer_loss: Callable
+    inner_optimizer: Any  # optax transformation or hparams -> transformation
+    inner_args: tuple
+    outer_args: tuple
+
+
+class AbstractMethod:
+    """A way of computing ``dL_out/dλ`` inside :func:`train`.
+
+    ``_init(params)`` gives the method's carried state (e.g. a warm-start vector);
+    ``_hypergrad(inner, params, hparams, state, key)`` returns
+    ``(grad, new_params, new_state, stats)`` where ``stats`` is a dict of scalars that must hold
+    ``outer_loss`` and ``finite``.
+    """
+
+    def _init(self, params: PyTree) -> PyTree:
+        return ()
+
+    def _hypergrad(self, inner: _Inner, params: PyTree, hparams: PyTree, state: PyTree,
+                   key: jax.Array) -> tuple[PyTree, PyTree, PyTree, dict]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit(AbstractMethod):
+    """Implicit hypergradient (:func:`bilevel.hypergrad`) at the current inner parameters.
+
+    ``dL_out/dλ = ∂_λ L_out − ∂²_{λθ} L_in · H⁻¹ ∇_θ L_out``, the inverse HVP from ``solver``.
+    The history gets ``residual_norm``, ``iterations``, ``hvp_count`` and ``converged`` of the
+    solve. With ``warm_start=True`` the solve starts from the previous outer step's inverse HVP
+    (``info.inverse_hvp``), which is carried, and checkpointed, from step to step.
+
+    Attributes:
+      solver: any :mod:`hvp` solver; with ``warm_start`` one that accepts ``init``.
+      mode: product mode, one of ``hvp``'s modes (``"fwd_rev"``, ``"rev_rev"``, ``"rev_fwd"``).
+      damping: Tikhonov damping δ >= 0 (the solve uses ``H + δI``); 0 with ``curvature``.
+      warm_start: start each solve from the previous inverse HVP.
+      curvature: optional ``curvature(params, hparams, *inner_args) -> hvp.LinearOperator`` used
+        instead of the Hessian (e.g. :func:`hvp.ggn`).
+    """
+
+    solver: hvp.AbstractSolver = hvp.CG(maxiter=20)
+    mode: str = "fwd_rev"
+    damping: float = 0.0
+    warm_start: bool = False
+    curvature: Callable | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.solver, hvp.AbstractSolver):
+            raise TypeError(f"bilevel.Implicit: solver must be an hvp solver such as hvp.CG(), "
+                            f"got {type(self.solver).__name__}")
+        _check_choice("Implicit", "mode", self.mode, _checks.MODES)
+        number = isinstance(self.damping, int | float) and not isinstance(self.damping, bool)
+        if not number or not 0.0 <= self.damping < math.inf:
+            raise _fail("Implicit", "damping", "a finite number >= 0", self.damping)
+        if not isinstance(self.warm_start, bool):
+            raise _fail("Implicit", "warm_start", "True or False", self.warm_start)
+        if self.warm_start and not self.solver.accepts_init:
+            raise ValueError(f"bilevel.Implicit: warm_start=True needs a solver that accepts "
+                             f"init; {type(self.solver).__name__} does not")
+        if self.curvature is not None and not callable(self.curvature):
+            raise _fail("Implicit", "curvature", "None or a callable", self.curvature)
+        if self.curvature is not None and self.damping != 0.0:
+            raise ValueError("bilevel.Implicit: damping must be 0 with curvature= (add the "
+                             "damping to the operator curvature builds)")
+
+    def _init(self, params):
+        return jax.tree_util.tree_map(jnp.zeros_like, params) if self.warm_start else ()
+
+    def _hypergrad(self, inner, params, hparams, state, key):
+        init = state if self.warm_start else None
+        grad, info = hypergrad(inner.inner_loss, inner.outer_loss, params, hparams,
+                               inner.inner_args, inner.outer_args, solver=self.solver,
+                               mode=self.mode, damping=self.damping, curvature=self.curvature,
+                               init=init, key=key)
+        if self.warm_start:
+            # A non-finite vector would poison every later solve: start the next one from 0.
+            state = jax.tree_util.tree_map(
+                lambda v: jnp.where(info.finite, v, jnp.zeros_like(v)), info.inverse_hvp)
+        stats = {"outer_loss": info.outer_loss, "finite": info.finite,
+                 "converged": info.converged, "residual_norm": info.residual_norm,
+                 "iterations": info.iterations, "hvp_count": info.hvp_count}
+        return grad, params, state, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Unrolled(AbstractMethod):
+    """Unrolled meta-gradient (:func:`bilevel.unrolled_hypergrad`) through ``steps`` more inner
+    steps of the inner optimizer, starting from the current inner parameters.
+
+    The unroll's final parameters (``info.params``) become the new inner parameters, so each
+    outer step advances θ by ``inner_steps + steps`` updates. The unroll starts from a fresh
+    inner optimizer state (``optimizer.init(θ)``), as :func:`bilevel.unrolled_hypergrad` does;
+    the carried inner optimizer state is used by the ``inner_steps`` plain steps only. The
+    ``outer_loss`` in the history is ``L_out(θ_T, λ)``; there is no solve, so the history has no
+    residual, iteration or HVP columns.
+
+    Attributes:
+      steps: unrolled inner steps T >= 1.
+      mode: ``"mixflow"`` (MixFlow-MG, default) or ``"reverse"``.
+      checkpoint_every: trajectory checkpointing: ``None``, an integer in [1, steps] or ``"sqrt"``.
+      truncate: backpropagate through the last ``truncate`` steps only (``None``: all).
+    """
+
+    steps: int
+    mode: str = "mixflow"
+    checkpoint_every: int | str | None = None
+    truncate: int | None = None
+
+    def __post_init__(self):
+        _check_int("Unrolled", "steps", self.steps, 1)
+        _check_choice("Unrolled", "mode", self.mode, ("mixflow", "reverse"))
+        if self.checkpoint_every != "sqrt":
+            _check_int("Unrolled", "checkpoint_every", self.checkpoint_every, 1, self.steps,
+                       allow_none=True)
+        _check_int("Unrolled", "truncate", self.truncate, 1, self.steps, allow_none=True)
+
+    def _hypergrad(self, inner, params, hparams, state, key):
+        grad, info = unrolled_hypergrad(inner.inner_loss, inner.outer_loss, params, hparams,
+                                        optimizer=inner.inner_optimizer, steps=self.steps,
+                                        inner_args=inner.inner_args,
+                                        outer_args=inner.outer_args, mode=self.mode,
+                                        checkpoint_every=self.checkpoint_every,
+                                        truncate=self.truncate)
+        stats = {"outer_loss": info.outer_loss, "finite": info.finite}
+        return grad, info.params, state, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class ES(AbstractMethod):
+    """Antithetic evolution strategies (:func:`bilevel.es_hypergrad`) on the meta-loss
+    ``λ ↦ L_out(θ_T(λ), λ)``, θ_T = ``steps`` inner optimizer steps from the current θ with a
+    fresh optimizer state: the meta-loss :class:`Unrolled` differentiates, estimated from
+    ``population`` evaluations instead of backpropagation.
+
+    As with :class:`Unrolled`, θ_T at the unperturbed λ (one more evaluation) becomes the new
+    inner parameters and ``outer_loss`` in the history is ``L_out(θ_T, λ)``; ``es_loss`` is the
+    mean perturbed meta-loss and ``es_loss_std`` its spread over the population. Each outer step
+    draws fresh directions from the trainer's PRNG key (checkpointed, so a resumed run draws the
+    same ones).
+
+    Attributes:
+      population: perturbed evaluations per estimate, an integer >= 2 (even when antithetic).
+      sigma: the perturbation scale σ > 0, in the units of ``hparams``.
+      steps: inner steps inside the meta-loss, >= 1 (required, keyword).
+      antithetic: use ``±ε`` pairs.
+    """
+
+    population: int = 16
+    sigma: float = 0.01
+    steps: int = dataclasses.field(kw_only=True)
+    antithetic: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.antithetic, bool):
+            raise _fail("ES", "antithetic", "True or False", self.antithetic)
+        _check_int("ES", "population", self.population, 2)
+        if self.antithetic and self.population % 2:
+            raise _fail("ES", "population", "an even integer with antithetic=True",
+                        self.population)
+        _check_positive_float("ES", "sigma", self.sigma)
+        _check_int("ES", "steps", self.steps, 1)
+
+    def _hypergrad(self, inner, params, hparams, state, key):
+        from bilevel.es import es_hypergrad  # a sibling module; imported where it is used
+
+        def unroll(h, params, inner_args):
+            transformation = _resolve_optimizer(inner.inner_optimizer, h)
+            start = (params, transformation.init(params))
+            (final, _), _ = _inner_loop(inner.inner_loss, transformation, start, h, inner_args,
+                                        self.steps)
+            return final
+
+        def meta_loss(h, params, inner_args, outer_args):
+            return inner.outer_loss(unroll(h, params, inner_args), h, *outer_args)
+
+        grad, info = es_hypergrad(meta_loss, hparams, key, population=self.population,
+                                  sigma=self.sigma, antithetic=self.antithetic,
+                                  args=(params, inner.inner_args, inner.outer_args))
+        final = unroll(hparams, params, inner.inner_args)
+        stats = {"outer_loss": inner.outer_loss(final, hparams, *inner.outer_args),
+                 "finite": info.finite, "es_loss": info.loss, "es_loss_std": info.loss_std}
+        return grad, final, state, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and result.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Everything about a bilevel training run except the problem.
+
+    Attributes:
+      outer_steps: number of outer (hyperparameter) steps, >= 1.
+      inner_steps: plain inner optax steps per outer step, >= 0, warm-started from the previous
+        outer step's inner parameters and inner optimizer state.
+      inner_optimizer: an optax ``GradientTransformation``, or a function
+        ``hparams -> GradientTransformation`` (λ in the update rule, e.g. a learned optimizer).
+      outer_optimizer: an optax ``GradientTransformation`` applied to the hypergradient.
+      method: :class:`Implicit`, :class:`Unrolled` or :class:`ES`.
+      hypergrad_clip: clip the hypergradient's global norm to this value (a stability remedy
+        against rare huge hypergradients from ill-conditioned solves); ``None``: no clipping.
+      checkpoint_every: write a checkpoint every this many outer steps (and always at the end)
+        when :func:`train` gets a ``checkpoint_dir``; ``None``: only at the end.
+      seed: seeds the trainer's PRNG key (ES directions, randomised solvers), an integer >= 0.
+    """
+
+    outer_steps: int
+    inner_steps: int
+    inner_optimizer: Any
+    outer_optimizer: optax.GradientTransformation
+    method: AbstractMethod = Implicit()
+    hypergrad_clip: float | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("TrainerConfig", "outer_steps", self.outer_steps, 1)
+        _check_int("TrainerConfig", "inner_steps", self.inner_steps, 0)
+        if not isinstance(self.inner_optimizer, optax.GradientTransformation) and not callable(
+                self.inner_optimizer):
+            raise _fail("TrainerConfig", "inner_optimizer", "an optax GradientTransformation or "
+                        "a function hparams -> GradientTransformation", self.inner_optimizer)
+        if not isinstance(self.outer_optimizer, optax.GradientTransformation):
+            raise _fail("TrainerConfig", "outer_optimizer", "an optax GradientTransformation",
+                        self.outer_optimizer)
+        if not isinstance(self.method, AbstractMethod):
+            raise _fail("TrainerConfig", "method", "bilevel.Implicit(...), bilevel.Unrolled(...) "
+                        "or bilevel.ES(...)", self.method)
+        _check_positive_float("TrainerConfig", "hypergrad_clip", self.hypergrad_clip,
+                              allow_none=True)
+        _check_int("TrainerConfig", "checkpoint_every", self.checkpoint_every, 1,
+                   allow_none=True)
+        _check_int("TrainerConfig", "seed", self.seed, 0, 2**32 - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """The outcome of :func:`train`.
+
+    Attributes:
+      params: the final inner parameters.
+      hparams: the final hyperparameters.
+      history: one dict per outer step (including steps run before a resume), with ``step``
+        (1-based), ``outer_loss`` (at the inner parameters the hypergradient used, before the
+        λ update), ``hypergrad_norm`` (before clipping), ``clipped``, ``finite``, ``skipped``,
+        ``wall_time`` (seconds of the jitted step, compilation excluded), ``inner_loss`` (at the
+        last plain inner step, when ``inner_steps >= 1``), the method's own columns (see
+        :class:`Implicit`, :class:`Unrolled`, :class:`ES`) and the ``metrics`` callback's.
+      resumed_from: the outer step the run resumed from (0 for a fresh run).
+      compile_time: seconds spent compiling the outer step (0.0 if nothing was left to run).
+    """
+
+    params: PyTree
+    hparams: PyTree
+    history: list[dict[str, Any]]
+    resumed_from: int = 0
+    compile_time: float = 0.0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Outer steps whose non-finite hypergradient was not applied."""
+        return sum(bool(row["skipped"]) for row in self.history)
+
+    def series(self, name: str) -> np.ndarray:
+        """One history column as an array over the outer steps."""
+        return np.array([row[name] for row in self.history])
+
+
+# --------------------------------------------------------------------------------------------
+# The pure outer step.
+
+
+class _State(NamedTuple):
+    step: jax.Array  # outer steps done (int32)
+    params: PyTree
+    hparams: PyTree
+    inner_opt_state: PyTree
+    outer_opt_state: PyTree
+    method_state: PyTree  # e.g. Implicit's warm-start vector
+    key: jax.Array
+
+
+def _resolve_optimizer(optimizer: Any, hparams: PyTree) -> optax.GradientTransformation:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    transformation = optimizer(hparams)
+    if not isinstance(transformation, optax.GradientTransformation):
+        raise TypeError(f"bilevel.train: inner_optimizer(hparams) must return an optax "
+                        f"GradientTransformation, got {type(transformation).__name__}")
+    return transformation
+
+
+def _inner_loop(inner_loss: Callable, transformation, carry, hparams: PyTree,
+                inner_args: tuple, steps: int):
+    """``steps`` optax steps on ``inner_loss(·, hparams, *inner_args)``; returns the final
+    ``(params, opt_state)`` and the loss before each step."""
+    extra_args = isinstance(transformation, optax.GradientTransformationExtraArgs)
+
+    def step(carry, _):
+        params, opt_state = carry
+        value, grads = jax.value_and_grad(inner_loss)(params, hparams, *inner_args)
+        if extra_args:
+            updates, opt_state = transformation.update(grads, opt_state, params, loss=value)
+        else:
+            updates, opt_state = transformation.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    return jax.lax.scan(step, carry, None, length=steps)
+
+
+def _clip(grad: PyTree, norm: jax.Array, clip: float | None) -> tuple[PyTree, jax.Array]:
+    """``g · min(1, c / ||g||)``; returns the clipped gradient and whether it was scaled."""
+    if clip is None:
+        return grad, jnp.array(False)
+    scale = jnp.minimum(1.0, clip / norm)
+    return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), grad), norm > clip
+
+
+def _select(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _floating_finite(tree: PyTree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if _common.is_differentiable(x)]
+    return _common.tree_all_finite(leaves)
+
+
+def _same_types(new: PyTree, old: PyTree) -> PyTree:
+    """Cast every output leaf to its input's dtype (and strong type), so that the next call has
+    exactly the signature the step was compiled for."""
+    def cast(n, o):
+        if jnp.issubdtype(o.dtype, jax.dtypes.prng_key):
+            return n
+        return jax.lax.convert_element_type(n, o.dtype)
+    return jax.tree_util.tree_map(cast, new, old)
+
+
+def _outer_update(config: TrainerConfig, state: _State, grad: PyTree, finite: jax.Array):
+    """Clip, then one outer optax step on λ, applied only if everything stayed finite."""
+    norm = _common.tree_norm(grad)
+    clipped_grad, clipped = _clip(grad, norm, config.hypergrad_clip)
+    updates, opt_state = config.outer_optimizer.update(clipped_grad, state.outer_opt_state,
+                                                       state.hparams)
+    hparams = optax.apply_updates(state.hparams, updates)
+    finite = finite & _common.tree_all_finite(grad)
+    apply = finite & _floating_finite((hparams, opt_state))
+    stats = {"hypergrad_norm": norm, "clipped": clipped, "finite": finite, "skipped": ~apply}
+    return (_select(apply, hparams, state.hparams),
+            _select(apply, opt_state, state.outer_opt_state), stats)
+
+
+def _make_step(inner_loss: Callable, outer_loss: Callable, config: TrainerConfig) -> Callable:
+    """The pure outer step ``(state, inner_args, outer_args) -> (state, stats)``."""
+
+    def _outer_step(state: _State, inner_args: tuple, outer_args: tuple):
+        key, method_key = jax.random.split(state.key)
+        transformation = _resolve_optimizer(config.inner_optimizer, state.hparams)
+        (params, inner_opt_state), inner_losses = _inner_loop(
+            inner_loss, transformation, (state.params, state.inner_opt_state), state.hparams,
+            inner_args, config.inner_steps)
+        inner = _Inner(inner_loss, outer_loss, config.inner_optimizer, inner_args, outer_args)
+        grad, params, method_state, stats = config.method._hypergrad(
+            inner, params, state.hparams, state.method_state, method_key)
+        if config.inner_steps:
+            stats["inner_loss"] = inner_losses[-1]
+        # Inner state that turned non-finite is rolled back rather than carried on.
+        inner_ok = _floating_finite((params, inner_opt_state))
+        params = _select(inner_ok, params, state.params)
+        inner_opt_state = _select(inner_ok, inner_opt_state, state.inner_opt_state)
+        finite = stats.pop("finite") & jnp.isfinite(stats["outer_loss"])
+        hparams, outer_opt_state, update_stats = _outer_update(config, state, grad, finite)
+        new = _State(state.step + 1, params, hparams, inner_opt_state, outer_opt_state,
+                     method_state, key)
+        return _same_types(new, state), {**stats, **update_stats}
+
+    return _outer_step
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_jit(inner_loss: Callable, outer_loss: Callable, config: TrainerConfig) -> Callable:
+    return jax.jit(_make_step(inner_loss, outer_loss, config))
+
+
+def _jitted_step(inner_loss: Callable, outer_loss: Callable, config: TrainerConfig) -> Callable:
+    """The jitted outer step, shared by every run whose losses and step-relevant config are the
+    same objects, so that a resumed run (or a sweep over seeds) in one process compiles once."""
+    step_config = dataclasses.replace(config, outer_steps=1, checkpoint_every=None, seed=0)
+    try:
+        return _cached_jit(inner_loss, outer_loss, step_config)
+    except TypeError:  # an unhashable field (a loss that is a bound method of a list, ...)
+        return jax.jit(_make_step(inner_loss, outer_loss, config))
+
+
+def _strong(tree: PyTree) -> PyTree:
+    """Arrays of canonical dtype and strong type: a weakly typed leaf (from a Python number)
+    would change the step's signature after its first call."""
+    def cast(x):
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            return x
+        return jax.lax.convert_element_type(jnp.asarray(x), dtype)
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def _initial_state(params: PyTree, hparams: PyTree, config: TrainerConfig) -> _State:
+    params, hparams = _strong(params), _strong(hparams)
+    transformation = _resolve_optimizer(config.inner_optimizer, hparams)
+    return _strong(_State(step=jnp.zeros((), jnp.int32), params=params, hparams=hparams,
+                          inner_opt_state=transformation.init(params),
+                          outer_opt_state=config.outer_optimizer.init(hparams),
+                          method_state=config.method._init(params),
+                          key=jax.random.key(config.seed)))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: one .npz of the state's leaves; the tree structure comes from the initial state.
+
+
+def _describe_leaves(state: _State) -> list[tuple[str, tuple, str]]:
+    """``(path, shape, dtype name)`` per leaf of the state."""
+    return [(jax.tree_util.keystr(path), tuple(np.shape(leaf)), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def _host_leaves(state: _State) -> list[np.ndarray]:
+    """The state's leaves as NumPy arrays; PRNG keys as their key data."""
+    def host(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        return np.asarray(leaf)
+    return [host(leaf) for leaf in jax.device_get(jax.tree_util.tree_leaves(state))]
+
+
+def _write_atomically(directory: str, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write to a temporary file in ``directory``, fsync it, then ``os.replace`` it into place,
+    so that a reader (or a restarted run) sees the old checkpoint or the new one, never half."""
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_checkpoint(directory: str, state: _State, history: list[dict],
+                     config: TrainerConfig) -> None:
+    described = _describe_leaves(state)
+    arrays = {f"leaf_{i:05d}": array for i, array in enumerate(_host_leaves(state))}
+    meta = {"format": _CHECKPOINT_FORMAT, "method": type(config.method).__name__,
+            "paths": [p for p, _, _ in described], "shapes": [list(s) for _, s, _ in described],
+            "dtypes": [d for _, _, d in described]}
+    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["history"] = np.array(json.dumps(history))
+    _write_atomically(directory, CHECKPOINT_NAME, arrays)
+
+
+def _mismatch(path: str, message: str) -> ValueError:
+    return ValueError(f"bilevel.train: the checkpoint {path} does not match this run: {message}. "
+                      f"Use another checkpoint_dir, or delete the checkpoint to start afresh")
+
+
+def _check_compatible(path: str, meta: dict, template: list, config: TrainerConfig) -> None:
+    method = type(config.method).__name__
+    if meta.get("format") != _CHECKPOINT_FORMAT:
+        raise _mismatch(path, f"format {meta.get('format')!r}, expected {_CHECKPOINT_FORMAT}")
+    if meta["method"] != method:
+        raise _mismatch(path, f"it was written by method {meta['method']}, this run uses {method}")
+    paths = [p for p, _, _ in template]
+    if meta["paths"] != paths:
+        extra = sorted(set(meta["paths"]) - set(paths))
+        missing = sorted(set(paths) - set(meta["paths"]))
+        raise _mismatch(path, f"its state has leaves {extra or 'in another order'} that this "
+                              f"run lacks and lacks {missing or 'none'}")
+    for (p, shape, dtype), saved_shape, saved in zip(template, meta["shapes"], meta["dtypes"],
+                                                     strict=True):
+        if list(shape) != saved_shape or dtype != saved:
+            raise _mismatch(path, f"leaf {p} is {saved}{tuple(saved_shape)} in the checkpoint, "
+                                  f"{dtype}{shape} in this run")
+
+
+def _load_checkpoint(directory: str, initial: _State, config: TrainerConfig
+                     ) -> tuple[_State, list[dict]] | None:
+    path = os.path.join(directory, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        return None
+    template = _describe_leaves(initial)
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        _check_compatible(path, meta, template, config)
+        arrays = [data[f"leaf_{i:05d}"] for i in range(len(template))]
+        history = json.loads(str(data["history"]))
+    leaves = [_restore_leaf(a, t) for a, t in
+              zip(arrays, jax.tree_util.tree_leaves(initial), strict=True)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(initial), leaves), history
+
+
+def _restore_leaf(array: np.ndarray, like: jax.Array) -> jax.Array:
+    if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jnp.asarray(array), impl=jax.random.key_impl(like))
+    return jax.device_put(array, like.sharding)
+
+
+# --------------------------------------------------------------------------------------------
+# The host-side loop.
+
+
+def _to_python(value: Any) -> Any:
+    value = np.asarray(value)
+    if value.dtype == np.bool_:
+        return bool(value)
+    if np.issubdtype(value.dtype, np.integer):
+        return int(value)
+    return float(value)
+
+
+def _call_metrics(metrics: Callable, params: PyTree, hparams: PyTree) -> dict[str, float]:
+    values = metrics(params, hparams)
+    if not isinstance(values, Mapping):
+        raise TypeError(f"bilevel.train: metrics must return a dict of name -> number, got "
+                        f"{type(values).__name__}")
+    clash = sorted(set(values) & set(_BASE_KEYS))
+    if clash:
+        raise ValueError(f"bilevel.train: metrics returned {clash}, names the history already "
+                         f"uses; rename them")
+    return {str(name): float(value) for name, value in values.items()}
+
+
+def _progress_bar(enabled: bool, total: int, completed: int):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(file=sys.stderr)
+    show = enabled and (console.is_terminal or console.is_jupyter)
+    bar = Progress(TextColumn("bilevel.train"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("outer loss {task.fields[loss]}"), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=console, disable=not show, transient=False)
+    task = bar.add_task("train", total=total, completed=completed, loss="-")
+    return bar, task
+
+
+def _check_inputs(inner_loss, outer_loss, params, hparams, config, inner_args, outer_args):
+    where = "bilevel.train"
+    if not isinstance(config, TrainerConfig):
+        raise TypeError(f"{where}: config must be a bilevel.TrainerConfig, got "
+                        f"{type(config).__name__}")
+    for name, value in (("inner_args", inner_args), ("outer_args", outer_args)):
+        if not isinstance(value, tuple | list):
+            raise TypeError(f"{where}: {name} must be a tuple, got {type(value).__name__}")
+    _common.check_losses(where, inner_loss, outer_loss, params, hparams, tuple(inner_args),
+                         tuple(outer_args))
+
+
+def train(inner_loss: Callable, outer_loss: Callable, params: PyTree, hparams: PyTree,
+          config: TrainerConfig, inner_args: tuple = (), outer_args: tuple = (), *,
+          checkpoint_dir: str | os.PathLike | None = None,
+          metrics: Callable[[PyTree, PyTree], Mapping[str, float]] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Bilevel training: ``config.outer_steps`` outer steps of inner steps + hypergradient step.
+
+    Each outer step is one jitted function, compiled ahead of time before the first step (so it
+    cannot silently recompile later) and shared by later calls with the same losses and
+    step-relevant config; data go in as arguments, not constants, so new data of the same shapes
+    reuse it. See the module docstring for the update and the handling of non-finite steps.
+
+    Args:
+      inner_loss: ``inner_loss(params, hparams, *inner_args) -> scalar``.
+      outer_loss: ``outer_loss(params, hparams, *outer_args) -> scalar``.
+      params: initial inner parameters θ₀.
+      hparams: initial hyperparameters λ₀, a pytree of floating arrays.
+      config: a :class:`TrainerConfig`.
+      inner_args, outer_args: the losses' data.
+      checkpoint_dir: where to write ``checkpoint.npz`` (every ``config.checkpoint_every`` outer
+        steps and at the end). If it already holds one, training resumes from it; its state must
+        have the structure, shapes and dtypes of this run's (else ``ValueError``), and the run
+        then ends exactly as an uninterrupted one would have.
+      metrics: optional ``metrics(params, hparams) -> dict[str, float]`` called on the host after
+        each outer step (e.g. validation accuracy); its entries join the history row.
+      progress: show a ``rich`` progress bar with the outer loss (only on a terminal/notebook).
+
+    Returns:
+      a :class:`TrainResult` with the final params, hparams and the per-step history.
+
+    Raises:
+      ValueError: the checkpoint does not match, or was written further than ``outer_steps``.
+    """
+    inner_args, outer_args = tuple(inner_args), tuple(outer_args)
+    _check_inputs(inner_loss, outer_loss, params, hparams, config, inner_args, outer_args)
+    state = _initial_state(params, hparams, config)
+    history: list[dict] = []
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        loaded = _load_checkpoint(checkpoint_dir, state, config)
+        if loaded is not None:
+            state, history = loaded
+    start = int(state.step)
+    if start > config.outer_steps:
+        raise ValueError(f"bilevel.train: the checkpoint in {checkpoint_dir} is at outer step "
+                         f"{start}, past outer_steps={config.outer_steps}")
+    compile_time = 0.0
+    if start < config.outer_steps:
+        begin = time.perf_counter()
+        step = _jitted_step(inner_loss, outer_loss, config).lower(
+            state, inner_args, outer_args).compile()
+        compile_time = time.perf_counter() - begin
+        state, history = _run(step, state, history, inner_args, outer_args, config,
+                              checkpoint_dir, metrics, progress)
+    if checkpoint_dir is not None and start < config.outer_steps and not _saved_at_end(config):
+        _save_checkpoint(checkpoint_dir, state, history, config)
+    result = TrainResult(state.params, state.hparams, history, resumed_from=start,
+                         compile_time=compile_time)
+    if result.skipped_steps and start < config.outer_steps:
+        warnings.warn(f"bilevel.train: {result.skipped_steps} of {len(history)} outer steps had "
+                      f"a non-finite hypergradient and were skipped (see history['skipped'])",
+                      RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _saved_at_end(config: TrainerConfig) -> bool:
+    every = config.checkpoint_every
+    return every is not None and config.outer_steps % every == 0
+
+
+def _run(step, state, history, inner_args, outer_args, config, checkpoint_dir, metrics,
+         progress):
+    history = list(history)
+    bar, task = _progress_bar(progress, config.outer_steps, int(state.step))
+    with bar:
+        for k in range(int(state.step), config.outer_steps):
+            begin = time.perf_counter()
+            state, stats = step(state, inner_args, outer_args)
+            stats = jax.device_get(stats)  # waits for the step
+            row = {"step": k + 1, **{name: _to_python(v) for name, v in stats.items()},
+                   "wall_time": time.perf_counter() - begin}
+            if metrics is not None:
+                row.update(_call_metrics(metrics, state.params, state.hparams))
+            history.append(row)
+            bar.update(task, advance=1, loss=f"{row['outer_loss']:.4e}")
+            every = config.checkpoint_every
+            if checkpoint_dir is not None and every is not None and (k + 1) % every == 0:
+                _save_checkpoint(checkpoint_dir, state, history, config)
+    return state, history
+
+
+def train_problem(problem: Any, config: TrainerConfig, *,
+                  checkpoint_dir: str | os.PathLike | None = None,
+                  metrics: Callable[[PyTree, PyTree], Mapping[str, float]] | None = None,
+                  progress: bool = True) -> TrainResult:
+    """:func:`train` on a :class:`bilevel.problems.BilevelProblem` (or any object with
+    ``inner_loss``, ``outer_loss``, ``params``, ``hparams``, ``inner_args``, ``outer_args``)."""
+    missing = [name for name in ("inner_loss", "outer_loss", "params", "hparams", "inner_args",
+                                 "outer_args") if not hasattr(problem, name)]
+    if missing:
+        raise TypeError(f"bilevel.train_problem: problem must have inner_loss, outer_loss, "
+                        f"params, hparams, inner_args and outer_args; "
+                        f"{type(problem).__name__} lacks {missing}")
+    return train(problem.inner_loss, problem.outer_loss, problem.params, problem.hparams, config,
+                 problem.inner_args, problem.outer_args, checkpoint_dir=checkpoint_dir,
+                 metrics=metrics, progress=progress)
