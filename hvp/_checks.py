@@ -43,8 +43,10 @@ def check_floating(where: str, name: str, tree: Any) -> None:
             )
 
 
-def check_same_structure(where: str, name: str, tree: Any, ref_name: str, ref: Any) -> None:
-    """Raise unless ``tree`` has the structure and leaf shapes of ``ref``."""
+def check_same_structure(where: str, name: str, tree: Any, ref_name: str, ref: Any,
+                         dtypes: bool = False) -> None:
+    """Raise unless ``tree`` has the structure and leaf shapes (and, if asked, dtypes) of ``ref``.
+    """
     if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(ref):
         raise ValueError(
             f"{where}: {name} has structure {_describe(tree)}, {ref_name} has {_describe(ref)}"
@@ -56,6 +58,11 @@ def check_same_structure(where: str, name: str, tree: Any, ref_name: str, ref: A
             raise ValueError(
                 f"{where}: {name} leaf {path} has shape {np.shape(leaf)}, "
                 f"{ref_name} leaf has shape {np.shape(ref_leaf)}"
+            )
+        if dtypes and jnp.result_type(leaf) != jnp.result_type(ref_leaf):
+            raise TypeError(
+                f"{where}: {name} leaf {path} has dtype {jnp.result_type(leaf)}, "
+                f"{ref_name} leaf has dtype {jnp.result_type(ref_leaf)}; cast one to match"
             )
 
 

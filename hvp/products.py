@@ -33,7 +33,7 @@ def _check_product_inputs(where: str, fun: Callable, params: PyTree, vector: PyT
                           args: tuple, mode: str) -> None:
     _checks.check_mode(where, mode)
     _checks.check_floating(where, "params", params)
-    _checks.check_same_structure(where, "vector", vector, "params", params)
+    _checks.check_same_structure(where, "vector", vector, "params", params, dtypes=True)
     _checks.check_scalar_output(where, fun, params, *args)
 
 
@@ -147,7 +147,7 @@ def ggn_vp(model: Callable, loss: Callable, params: PyTree, vector: PyTree,
     """
     where = "hvp.ggn_vp"
     _checks.check_floating(where, "params", params)
-    _checks.check_same_structure(where, "vector", vector, "params", params)
+    _checks.check_same_structure(where, "vector", vector, "params", params, dtypes=True)
     outputs = jax.eval_shape(lambda p: model(p, *model_args), params)
     _checks.check_scalar_output(where, loss, outputs, *loss_args, name="loss")
     return _ggn_unchecked(model, loss, params, vector, tuple(model_args), tuple(loss_args))

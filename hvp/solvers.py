@@ -693,12 +693,15 @@ def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
         raise ValueError(f"{where}: {name} does not take init (a warm start)")
     solver._check(operator)
 
-    b, unravel = ravel_pytree(vector)
-    dtype = jnp.result_type(b.dtype, operator.dtype)
-    b = b.astype(dtype)
+    # Solve in the operator's dtypes; hand x back in the vector's own dtypes.
+    as_operator = jax.tree_util.tree_map(lambda v, s: v.astype(s.dtype), vector,
+                                         operator.structure)
+    b = ravel_pytree(as_operator)[0]
+    dtype = b.dtype
     if init is not None:
         _checks.check_same_structure(where, "init", init, "vector", vector)
-        x0 = ravel_pytree(init)[0].astype(dtype)
+        x0 = ravel_pytree(jax.tree_util.tree_map(lambda v, s: v.astype(s.dtype), init,
+                                                 operator.structure))[0]
     else:
         x0 = None
     precondition = (lambda v: v) if preconditioner is None else preconditioner.flat_mv
@@ -709,4 +712,6 @@ def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
     x, info = solver._solve(problem)
     if on_failure == "raise":
         _raise_if_failed(info, where)
-    return unravel(x), info
+    solution = jax.tree_util.tree_map(lambda x_, v: x_.astype(jnp.result_type(v)),
+                                      operator.unravel(x), vector)
+    return solution, info

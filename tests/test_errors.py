@@ -275,17 +275,12 @@ def as_float32(tree):
     return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: hvp.hvp does not check the vector's dtype; fwd_rev "
-                   "and rev_fwd fail inside jax.jvp with a message naming neither hvp.hvp nor "
-                   "vector, rev_rev silently promotes")
 @pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "rev_fwd"])
 def test_vector_dtype_mismatch_is_a_clear_error(mode):
     with pytest.raises((TypeError, ValueError), match=r"hvp\.hvp: vector .*float32"):
         hvp.hvp(loss, PARAMS, as_float32(PARAMS), mode=mode)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: hvp.solve promotes b to float64 and feeds it to a "
-                   "float32 HessianOperator, whose jax.jvp then rejects the float64 tangent")
 def test_solve_float64_vector_on_float32_operator_is_solved_or_clearly_refused():
     operator = hvp.hessian(loss, as_float32(PARAMS))
     try:

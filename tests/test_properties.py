@@ -203,10 +203,6 @@ def test_ggn_of_the_identity_model_is_the_hessian_of_the_loss(problem):
     assert_close(flat(product), matrix @ flat(u))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: hvp.solve returns float64 leaves for a float32 "
-                   "vector when the operator is float64, although it casts back to each leaf's "
-                   "dtype when the vector mixes float32 and float64 (ravel_pytree's unravel is "
-                   "dtype-polymorphic only for single-dtype trees)")
 def test_solve_keeps_a_float32_vectors_dtype_on_a_float64_operator():
     params = {"a": jnp.ones((2,)), "b": jnp.ones((3,))}
     matrix = random_spd(0, 5)
