@@ -4,14 +4,14 @@ Each outer step runs, as ONE jitted function compiled once (data are its argumen
 
     θ ← θ + U_in(∇_θ L_in(θ, λ))            (``inner_steps`` optax steps, warm-started from the
                                             previous outer step's θ and inner optimizer state)
-    g ← dL_out/dλ                           (any method: Implicit, Unrolled, ES)
+    g ← dL_out/dλ                           (any method: ImplicitMethod, UnrolledMethod, ESMethod)
     g ← g · min(1, c / ||g||)               (optional global-norm clip c = ``hypergrad_clip``)
     λ ← λ + U_out(g)                        (outer optax step)
 
-The way of differentiating is a swappable object (as optimistix's adjoints are): :class:`Implicit`
+The way of differentiating is a swappable object (as optimistix's adjoints are): :class:`ImplicitMethod`
 (the IFT with any :mod:`hvp` solver, optionally warm-started from the previous inverse HVP),
-:class:`Unrolled` (backpropagation through ``steps`` more inner steps, MixFlow-MG by default) and
-:class:`ES` (antithetic evolution strategies on the outer loss after ``steps`` inner steps).
+:class:`UnrolledMethod` (backpropagation through ``steps`` more inner steps, MixFlow-MG by default) and
+:class:`ESMethod` (antithetic evolution strategies on the outer loss after ``steps`` inner steps).
 
 A step whose hypergradient, outer loss or updated λ is not finite is never applied (skip, not
 stop): λ and the outer optimizer state keep their values, the history row says
@@ -127,8 +127,8 @@ class AbstractMethod:
 
 
 @dataclasses.dataclass(frozen=True)
-class Implicit(AbstractMethod):
-    """Implicit hypergradient (:func:`bilevel.hypergrad`) at the current inner parameters.
+class ImplicitMethod(AbstractMethod):
+    """ImplicitMethod hypergradient (:func:`bilevel.hypergrad`) at the current inner parameters.
 
     ``dL_out/dλ = ∂_λ L_out − ∂²_{λθ} L_in · H⁻¹ ∇_θ L_out``, the inverse HVP from ``solver``.
     The history gets ``residual_norm``, ``iterations``, ``hvp_count`` and ``converged`` of the
@@ -152,21 +152,21 @@ class Implicit(AbstractMethod):
 
     def __post_init__(self):
         if not isinstance(self.solver, hvp.AbstractSolver):
-            raise TypeError(f"bilevel.Implicit: solver must be an hvp solver such as hvp.CG(), "
+            raise TypeError(f"bilevel.ImplicitMethod: solver must be an hvp solver such as hvp.CG(), "
                             f"got {type(self.solver).__name__}")
-        _check_choice("Implicit", "mode", self.mode, _checks.MODES)
+        _check_choice("ImplicitMethod", "mode", self.mode, _checks.MODES)
         number = isinstance(self.damping, int | float) and not isinstance(self.damping, bool)
         if not number or not 0.0 <= self.damping < math.inf:
-            raise _fail("Implicit", "damping", "a finite number >= 0", self.damping)
+            raise _fail("ImplicitMethod", "damping", "a finite number >= 0", self.damping)
         if not isinstance(self.warm_start, bool):
-            raise _fail("Implicit", "warm_start", "True or False", self.warm_start)
+            raise _fail("ImplicitMethod", "warm_start", "True or False", self.warm_start)
         if self.warm_start and not self.solver.accepts_init:
-            raise ValueError(f"bilevel.Implicit: warm_start=True needs a solver that accepts "
+            raise ValueError(f"bilevel.ImplicitMethod: warm_start=True needs a solver that accepts "
                              f"init; {type(self.solver).__name__} does not")
         if self.curvature is not None and not callable(self.curvature):
-            raise _fail("Implicit", "curvature", "None or a callable", self.curvature)
+            raise _fail("ImplicitMethod", "curvature", "None or a callable", self.curvature)
         if self.curvature is not None and self.damping != 0.0:
-            raise ValueError("bilevel.Implicit: damping must be 0 with curvature= (add the "
+            raise ValueError("bilevel.ImplicitMethod: damping must be 0 with curvature= (add the "
                              "damping to the operator curvature builds)")
 
     def _init(self, params):
@@ -189,8 +189,8 @@ class Implicit(AbstractMethod):
 
 
 @dataclasses.dataclass(frozen=True)
-class Unrolled(AbstractMethod):
-    """Unrolled meta-gradient (:func:`bilevel.unrolled_hypergrad`) through ``steps`` more inner
+class UnrolledMethod(AbstractMethod):
+    """UnrolledMethod meta-gradient (:func:`bilevel.unrolled_hypergrad`) through ``steps`` more inner
     steps of the inner optimizer, starting from the current inner parameters.
 
     The unroll's final parameters (``info.params``) become the new inner parameters, so each
@@ -213,12 +213,12 @@ class Unrolled(AbstractMethod):
     truncate: int | None = None
 
     def __post_init__(self):
-        _check_int("Unrolled", "steps", self.steps, 1)
-        _check_choice("Unrolled", "mode", self.mode, ("mixflow", "reverse"))
+        _check_int("UnrolledMethod", "steps", self.steps, 1)
+        _check_choice("UnrolledMethod", "mode", self.mode, ("mixflow", "reverse"))
         if self.checkpoint_every != "sqrt":
-            _check_int("Unrolled", "checkpoint_every", self.checkpoint_every, 1, self.steps,
+            _check_int("UnrolledMethod", "checkpoint_every", self.checkpoint_every, 1, self.steps,
                        allow_none=True)
-        _check_int("Unrolled", "truncate", self.truncate, 1, self.steps, allow_none=True)
+        _check_int("UnrolledMethod", "truncate", self.truncate, 1, self.steps, allow_none=True)
 
     def _hypergrad(self, inner, params, hparams, state, key):
         grad, info = unrolled_hypergrad(inner.inner_loss, inner.outer_loss, params, hparams,
@@ -232,13 +232,13 @@ class Unrolled(AbstractMethod):
 
 
 @dataclasses.dataclass(frozen=True)
-class ES(AbstractMethod):
+class ESMethod(AbstractMethod):
     """Antithetic evolution strategies (:func:`bilevel.es_hypergrad`) on the meta-loss
     ``λ ↦ L_out(θ_T(λ), λ)``, θ_T = ``steps`` inner optimizer steps from the current θ with a
-    fresh optimizer state: the meta-loss :class:`Unrolled` differentiates, estimated from
+    fresh optimizer state: the meta-loss :class:`UnrolledMethod` differentiates, estimated from
     ``population`` evaluations instead of backpropagation.
 
-    As with :class:`Unrolled`, θ_T at the unperturbed λ (one more evaluation) becomes the new
+    As with :class:`UnrolledMethod`, θ_T at the unperturbed λ (one more evaluation) becomes the new
     inner parameters and ``outer_loss`` in the history is ``L_out(θ_T, λ)``; ``es_loss`` is the
     mean perturbed meta-loss and ``es_loss_std`` its spread over the population. Each outer step
     draws fresh directions from the trainer's PRNG key (checkpointed, so a resumed run draws the
@@ -258,13 +258,13 @@ class ES(AbstractMethod):
 
     def __post_init__(self):
         if not isinstance(self.antithetic, bool):
-            raise _fail("ES", "antithetic", "True or False", self.antithetic)
-        _check_int("ES", "population", self.population, 2)
+            raise _fail("ESMethod", "antithetic", "True or False", self.antithetic)
+        _check_int("ESMethod", "population", self.population, 2)
         if self.antithetic and self.population % 2:
-            raise _fail("ES", "population", "an even integer with antithetic=True",
+            raise _fail("ESMethod", "population", "an even integer with antithetic=True",
                         self.population)
-        _check_positive_float("ES", "sigma", self.sigma)
-        _check_int("ES", "steps", self.steps, 1)
+        _check_positive_float("ESMethod", "sigma", self.sigma)
+        _check_int("ESMethod", "steps", self.steps, 1)
 
     def _hypergrad(self, inner, params, hparams, state, key):
         from bilevel.es import es_hypergrad  # a sibling module; imported where it is used
@@ -303,19 +303,19 @@ class TrainerConfig:
       inner_optimizer: an optax ``GradientTransformation``, or a function
         ``hparams -> GradientTransformation`` (λ in the update rule, e.g. a learned optimizer).
       outer_optimizer: an optax ``GradientTransformation`` applied to the hypergradient.
-      method: :class:`Implicit`, :class:`Unrolled` or :class:`ES`.
+      method: :class:`ImplicitMethod`, :class:`UnrolledMethod` or :class:`ESMethod`.
       hypergrad_clip: clip the hypergradient's global norm to this value (a stability remedy
         against rare huge hypergradients from ill-conditioned solves); ``None``: no clipping.
       checkpoint_every: write a checkpoint every this many outer steps (and always at the end)
         when :func:`train` gets a ``checkpoint_dir``; ``None``: only at the end.
-      seed: seeds the trainer's PRNG key (ES directions, randomised solvers), an integer >= 0.
+      seed: seeds the trainer's PRNG key (evolution-strategy directions, randomised solvers), an integer >= 0.
     """
 
     outer_steps: int
     inner_steps: int
     inner_optimizer: Any
     outer_optimizer: optax.GradientTransformation
-    method: AbstractMethod = Implicit()
+    method: AbstractMethod = ImplicitMethod()
     hypergrad_clip: float | None = None
     checkpoint_every: int | None = None
     seed: int = 0
@@ -331,8 +331,8 @@ class TrainerConfig:
             raise _fail("TrainerConfig", "outer_optimizer", "an optax GradientTransformation",
                         self.outer_optimizer)
         if not isinstance(self.method, AbstractMethod):
-            raise _fail("TrainerConfig", "method", "bilevel.Implicit(...), bilevel.Unrolled(...) "
-                        "or bilevel.ES(...)", self.method)
+            raise _fail("TrainerConfig", "method", "bilevel.ImplicitMethod(...), bilevel.UnrolledMethod(...) "
+                        "or bilevel.ESMethod(...)", self.method)
         _check_positive_float("TrainerConfig", "hypergrad_clip", self.hypergrad_clip,
                               allow_none=True)
         _check_int("TrainerConfig", "checkpoint_every", self.checkpoint_every, 1,
@@ -352,7 +352,7 @@ class TrainResult:
         λ update), ``hypergrad_norm`` (before clipping), ``clipped``, ``finite``, ``skipped``,
         ``wall_time`` (seconds of the jitted step, compilation excluded), ``inner_loss`` (at the
         last plain inner step, when ``inner_steps >= 1``), the method's own columns (see
-        :class:`Implicit`, :class:`Unrolled`, :class:`ES`) and the ``metrics`` callback's.
+        :class:`ImplicitMethod`, :class:`UnrolledMethod`, :class:`ESMethod`) and the ``metrics`` callback's.
       resumed_from: the outer step the run resumed from (0 for a fresh run).
       compile_time: seconds spent compiling the outer step (0.0 if nothing was left to run).
     """
@@ -383,7 +383,7 @@ class _State(NamedTuple):
     hparams: PyTree
     inner_opt_state: PyTree
     outer_opt_state: PyTree
-    method_state: PyTree  # e.g. Implicit's warm-start vector
+    method_state: PyTree  # e.g. ImplicitMethod's warm-start vector
     key: jax.Array
 
 

@@ -23,10 +23,10 @@ import pytest
 import hvp
 from bilevel.trainer import (
     CHECKPOINT_NAME,
-    ES,
-    Implicit,
+    ESMethod,
+    ImplicitMethod,
     TrainerConfig,
-    Unrolled,
+    UnrolledMethod,
     train,
     train_problem,
 )
@@ -56,15 +56,15 @@ HPARAMS0 = jnp.asarray(1.0)  # strong regularisation: the validation loss wants 
 
 SGD = optax.sgd(0.2)
 ADAM_IN, ADAM_OUT = optax.adam(0.05), optax.adam(0.2)
-CG_TOL = Implicit(hvp.CG(maxiter=100, tol=1e-8))
-CG_WARM = Implicit(hvp.CG(maxiter=100, tol=1e-8), warm_start=True)
+CG_TOL = ImplicitMethod(hvp.CG(maxiter=100, tol=1e-8))
+CG_WARM = ImplicitMethod(hvp.CG(maxiter=100, tol=1e-8), warm_start=True)
 
 IMPLICIT = TrainerConfig(outer_steps=15, inner_steps=20, inner_optimizer=SGD,
-                         outer_optimizer=ADAM_OUT, method=Implicit(hvp.CG(maxiter=20)))
-UNROLLED = dataclasses.replace(IMPLICIT, inner_steps=10, method=Unrolled(steps=10))
+                         outer_optimizer=ADAM_OUT, method=ImplicitMethod(hvp.CG(maxiter=20)))
+UNROLLED = dataclasses.replace(IMPLICIT, inner_steps=10, method=UnrolledMethod(steps=10))
 RESUMABLE = TrainerConfig(outer_steps=6, inner_steps=3, inner_optimizer=ADAM_IN,
                           outer_optimizer=ADAM_OUT, method=CG_WARM, checkpoint_every=2)
-RESUMABLE_ES = dataclasses.replace(RESUMABLE, method=ES(population=4, sigma=0.01, steps=3))
+RESUMABLE_ES = dataclasses.replace(RESUMABLE, method=ESMethod(population=4, sigma=0.01, steps=3))
 
 
 def run(config, checkpoint_dir=None, **kwargs):
@@ -102,7 +102,7 @@ def test_outer_loss_decreases_on_ridge(config):
     assert result.skipped_steps == 0
     assert all(row["finite"] and not row["skipped"] for row in result.history)
     assert np.all(result.series("wall_time") > 0)
-    if isinstance(config.method, Implicit):
+    if isinstance(config.method, ImplicitMethod):
         assert {"residual_norm", "iterations", "hvp_count", "converged"} <= set(result.history[0])
     else:
         assert "residual_norm" not in result.history[0]
@@ -122,10 +122,10 @@ def test_train_problem_takes_any_problem_like_object():
 
 
 def test_es_follows_the_unrolled_trajectory():
-    # ES estimates the gradient of the meta-loss Unrolled differentiates, and advances θ the same
+    # ESMethod estimates the gradient of the meta-loss UnrolledMethod differentiates, and advances θ the same
     # way, so the first outer loss (before any λ update) is the same number.
     es = run(dataclasses.replace(RESUMABLE_ES, checkpoint_every=None))
-    unrolled = run(dataclasses.replace(RESUMABLE_ES, method=Unrolled(steps=3)))
+    unrolled = run(dataclasses.replace(RESUMABLE_ES, method=UnrolledMethod(steps=3)))
     assert {"es_loss", "es_loss_std"} <= set(es.history[0])
     assert all(row["finite"] for row in es.history)
     np.testing.assert_allclose(es.history[0]["outer_loss"], unrolled.history[0]["outer_loss"],
@@ -274,8 +274,8 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         train(ridge_inner, ridge_outer, jnp.zeros(9), HPARAMS0, RESUMABLE,
               ridge_data(dim=9)[0], ridge_data(dim=9)[1], checkpoint_dir=tmp_path,
               progress=False)
-    with pytest.raises(ValueError, match="written by method Implicit, this run uses Unrolled"):
-        run(dataclasses.replace(RESUMABLE, method=Unrolled(steps=2)), tmp_path)
+    with pytest.raises(ValueError, match="written by method ImplicitMethod, this run uses UnrolledMethod"):
+        run(dataclasses.replace(RESUMABLE, method=UnrolledMethod(steps=2)), tmp_path)
     with pytest.raises(ValueError, match="does not match.*method_state"):
         run(dataclasses.replace(RESUMABLE, method=CG_TOL), tmp_path)  # no warm-start vector
 
@@ -295,19 +295,19 @@ BAD = [
     (lambda: dataclasses.replace(IMPLICIT, hypergrad_clip=float("inf")), "hypergrad_clip"),
     (lambda: dataclasses.replace(IMPLICIT, checkpoint_every=0), "checkpoint_every"),
     (lambda: dataclasses.replace(IMPLICIT, seed=-1), "seed"),
-    (lambda: Implicit(solver="cg"), "solver"),
-    (lambda: Implicit(mode="forward"), "mode"),
-    (lambda: Implicit(damping=-1.0), "damping"),
-    (lambda: Implicit(warm_start=1), "warm_start"),
-    (lambda: Implicit(hvp.Nystrom(rank=4), warm_start=True), "warm_start"),
-    (lambda: Implicit(curvature=lambda *a: None, damping=0.1), "damping"),
-    (lambda: Unrolled(steps=0), "steps"),
-    (lambda: Unrolled(steps=5, mode="forward"), "mode"),
-    (lambda: Unrolled(steps=5, truncate=6), "truncate"),
-    (lambda: Unrolled(steps=5, checkpoint_every=0), "checkpoint_every"),
-    (lambda: ES(population=3, steps=5), "population"),
-    (lambda: ES(sigma=0.0, steps=5), "sigma"),
-    (lambda: ES(steps=0), "steps"),
+    (lambda: ImplicitMethod(solver="cg"), "solver"),
+    (lambda: ImplicitMethod(mode="forward"), "mode"),
+    (lambda: ImplicitMethod(damping=-1.0), "damping"),
+    (lambda: ImplicitMethod(warm_start=1), "warm_start"),
+    (lambda: ImplicitMethod(hvp.Nystrom(rank=4), warm_start=True), "warm_start"),
+    (lambda: ImplicitMethod(curvature=lambda *a: None, damping=0.1), "damping"),
+    (lambda: UnrolledMethod(steps=0), "steps"),
+    (lambda: UnrolledMethod(steps=5, mode="forward"), "mode"),
+    (lambda: UnrolledMethod(steps=5, truncate=6), "truncate"),
+    (lambda: UnrolledMethod(steps=5, checkpoint_every=0), "checkpoint_every"),
+    (lambda: ESMethod(population=3, steps=5), "population"),
+    (lambda: ESMethod(sigma=0.0, steps=5), "sigma"),
+    (lambda: ESMethod(steps=0), "steps"),
 ]
 
 
@@ -319,4 +319,4 @@ def test_bad_configuration_names_the_field(make, field):
 
 def test_es_requires_steps():
     with pytest.raises(TypeError, match="steps"):
-        ES()
+        ESMethod()
