@@ -36,6 +36,7 @@ class Status(enum.IntEnum):
     DIVERGED = 3  #: the residual grew past ``divergence`` times ``||b||`` (Neumann, LiSSA)
     NONFINITE = 4  #: the result or its residual is NaN or infinite
     STAGNATED = 5  #: round-off stopped progress above ``tol`` before the budget ran out
+    INACCURATE = 6  #: an approximation (Identity, Nyström, LiSSA) missed ``tol``
 
 
 class SolveInfo(NamedTuple):
@@ -135,6 +136,16 @@ def _start(problem: _Problem) -> tuple[Flat, Flat, int]:
     return problem.x0, problem.b - problem.matvec(problem.x0), 1
 
 
+def _threshold(tol: float, b: Flat) -> jax.Array:
+    """The residual an iteration stops at: ``tol ||b||``, but never below a few ulps of ``||b||``.
+
+    Iterating past the precision floor does not improve x; in float32 the recurrences then
+    underflow (``pᵀAp`` rounds to 0) and the iterate diverges.
+    """
+    floor = 4 * jnp.finfo(b.dtype).eps
+    return jnp.maximum(tol, floor) * jnp.linalg.norm(b)
+
+
 class AbstractSolver:
     """Protocol: ``_solve(problem) -> (x_flat, info)``; fields are hyperparameters."""
 
@@ -169,7 +180,7 @@ def _refined(iterate: Callable, problem: _Problem, maxiter: int, tol: float
     """
     mv, b = problem.matvec, problem.b
     x, r, spent = _start(problem)
-    threshold = tol * jnp.linalg.norm(b)
+    threshold = _threshold(tol, b)
 
     def cond(state):
         k, _, r, hint, runs = state
@@ -208,7 +219,7 @@ class CG(AbstractSolver):
 
     def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
         mv, precondition = problem.matvec, problem.precondition
-        threshold = self.tol * jnp.linalg.norm(problem.b)
+        threshold = _threshold(self.tol, problem.b)
 
         def iterate(x, r, budget):
             def cond(state):
@@ -264,7 +275,9 @@ class MINRES(AbstractSolver):
         zeros = jnp.zeros_like(r1)
 
         def cond(s):
-            return (s["k"] < budget) & (s["phibar"] > self.tol * b_norm) & (s["beta"] > 0)
+            floor = 4 * eps
+            going = s["phibar"] > jnp.maximum(self.tol, floor) * b_norm
+            return (s["k"] < budget) & going & (s["beta"] > 0)
 
         def body(s):
             beta = s["beta"]
@@ -356,7 +369,7 @@ class GMRES(AbstractSolver):
     def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
         mv, b, precondition = problem.matvec, problem.b, problem.precondition
         x, r, spent = _start(problem)
-        threshold = self.tol * jnp.linalg.norm(b)
+        threshold = _threshold(self.tol, b)
 
         def cond(state):
             k, _, r = state
@@ -371,7 +384,9 @@ class GMRES(AbstractSolver):
 
         k, x, r = jax.lax.while_loop(cond, body, (jnp.array(0), x, r))
         cycles = k // self.restart
-        return _finish(mv, b, x, k, k + cycles + spent, self.tol, residual=jnp.linalg.norm(r))
+        hint = jnp.where(k < self.maxiter, Status.STAGNATED, Status.CONVERGED)
+        return _finish(mv, b, x, k, k + cycles + spent, self.tol, hint=hint,
+                       residual=jnp.linalg.norm(r))
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,14 +431,16 @@ class Neumann(AbstractSolver):
       alpha: step α; ``None`` picks ``1/|λ̂|`` from ``power_iters`` steps of power iteration.
       tol: relative residual counted as converged (the loop also stops there).
       power_iters: products spent estimating ``λ_max`` when ``alpha`` is None.
-      divergence: stop, reporting ``DIVERGED``, once ``||r|| > divergence · ||b||``.
+      divergence: stop, reporting ``DIVERGED``, once ``||r|| > divergence · ||b||``. On an SPD
+        operator with a convergent step the residual never grows, so the default 1 flags any
+        result worse than ``x = 0``.
     """
 
     maxiter: int = 50
     alpha: float | None = None
     tol: float = 1e-6
     power_iters: int = 20
-    divergence: float = 1e4
+    divergence: float = 1.0
     accepts_preconditioner: ClassVar[bool] = True
     accepts_init: ClassVar[bool] = True
 
@@ -439,11 +456,12 @@ class Neumann(AbstractSolver):
         alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
         x, r, spent = _start(problem)
         b_norm = jnp.linalg.norm(b)
+        threshold = _threshold(self.tol, b)
 
         def cond(state):
             k, _, r = state
             r_norm = jnp.linalg.norm(r)
-            going = (r_norm > self.tol * b_norm) & (r_norm <= self.divergence * b_norm)
+            going = (r_norm > threshold) & (r_norm <= self.divergence * b_norm)
             return (k < self.maxiter) & going & jnp.isfinite(r_norm)
 
         def body(state):
@@ -452,7 +470,8 @@ class Neumann(AbstractSolver):
             return k + 1, x + step, r - mv(step)
 
         k, x, _ = jax.lax.while_loop(cond, body, (jnp.array(0), x, r))
-        return _finish(mv, b, x, k, k + spent + spent_alpha, self.tol,
+        hint = jnp.where(k < self.maxiter, Status.STAGNATED, Status.CONVERGED)
+        return _finish(mv, b, x, k, k + spent + spent_alpha, self.tol, hint=hint,
                        divergence=self.divergence)
 
 
@@ -469,7 +488,8 @@ class LiSSA(AbstractSolver):
       batch_size: examples per minibatch Hessian.
       num_samples: independent chains, averaged (run with ``vmap``).
       alpha: step (``1/scale`` in the paper); ``None`` means ``1/|λ̂|`` of the full operator.
-      tol: relative residual counted as converged; ``None`` (default) reports only finiteness.
+      tol: relative residual below which the estimate counts as converged; the default 1 asks
+        only that it beats ``x = 0``, else ``Status.INACCURATE``; ``None`` checks finiteness only.
       power_iters: products for the ``λ_max`` estimate when ``alpha`` is None.
       divergence: the series is reported ``DIVERGED`` once ``||r|| > divergence · ||b||``.
       seed: seed of the default key; pass ``key=`` to :func:`solve` to override.
@@ -479,9 +499,9 @@ class LiSSA(AbstractSolver):
     batch_size: int = 32
     num_samples: int = 1
     alpha: float | None = None
-    tol: float | None = None
+    tol: float | None = 1.0
     power_iters: int = 20
-    divergence: float = 1e4
+    divergence: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -513,7 +533,7 @@ class LiSSA(AbstractSolver):
         x = jnp.mean(jax.vmap(chain)(keys), axis=0)
         return _finish(problem.matvec, b, x, self.maxiter,
                        self.maxiter * self.num_samples + spent_alpha, self.tol,
-                       divergence=self.divergence)
+                       hint=Status.INACCURATE, divergence=self.divergence)
 
 
 @_solver
@@ -531,14 +551,15 @@ class Nystrom(AbstractSolver):
       rank: sketch size k (at most the operator size).
       rho: damping ρ > 0 added to the low-rank approximation.
       sketch: ``"columns"`` or ``"gaussian"``.
-      tol: relative residual counted as converged; ``None`` (default) reports only finiteness.
+      tol: relative residual below which the estimate counts as converged; the default 1 asks
+        only that it beats ``x = 0``, else ``Status.INACCURATE``; ``None`` checks finiteness only.
       seed: seed of the default key; pass ``key=`` to :func:`solve` to override.
     """
 
     rank: int = 10
     rho: float = 1e-2
     sketch: str = "columns"
-    tol: float | None = None
+    tol: float | None = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -566,15 +587,17 @@ class Nystrom(AbstractSolver):
             omega = jax.random.normal(problem.key, (k, n), b.dtype)
         sketch = jax.vmap(problem.matvec)(omega).T  # C = AΩ, (n, k): one batch of k products
         core = omega @ sketch  # W = ΩᵀAΩ, (k, k)
-        # C W⁺ Cᵀ = Q (R W⁺ Rᵀ) Qᵀ = U Λ Uᵀ with C = QR; inverting through this eigenbasis avoids
-        # the cancellation of the textbook Woodbury form when ρ is small.
+        # A Householder QR of the tall sketch: the Gram-matrix shortcut (eigh of CᵀC) is faster on
+        # a CPU but squares C's condition number, which the 1/ρ below then amplifies.
         q, r = jnp.linalg.qr(sketch)
+        # C W⁺ Cᵀ = Q (R W⁺ Rᵀ) Qᵀ = U Λ Uᵀ; inverting in this eigenbasis avoids the
+        # cancellation of the textbook Woodbury form when ρ is small.
         inner = r @ jnp.linalg.pinv((core + core.T) / 2, hermitian=True) @ r.T
         eigenvalues, eigenvectors = jnp.linalg.eigh((inner + inner.T) / 2)
         basis = q @ eigenvectors
         coefficients = basis.T @ b
         x = basis @ (coefficients / (eigenvalues + self.rho)) + (b - basis @ coefficients) / self.rho
-        return _finish(problem.matvec, b, x, 1, k, self.tol)
+        return _finish(problem.matvec, b, x, 1, k, self.tol, hint=Status.INACCURATE)
 
 
 @_solver
@@ -582,11 +605,12 @@ class Identity(AbstractSolver):
     """``H⁻¹ ≈ scale · I`` (times the preconditioner, if given): the one-step look-ahead.
 
     The T1-T2 / DARTS first-order approximation (Luketina et al. 2016; Liu et al. 2019). Costs no
-    products but the residual check. ``tol=None`` (default) reports only finiteness.
+    products but the residual check. The default ``tol=1`` asks only that ``x`` beats ``x = 0``
+    (else ``Status.INACCURATE``); ``None`` checks finiteness only.
     """
 
     scale: float = 1.0
-    tol: float | None = None
+    tol: float | None = 1.0
     accepts_preconditioner: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -597,7 +621,7 @@ class Identity(AbstractSolver):
 
     def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
         x = self.scale * problem.precondition(problem.b)
-        return _finish(problem.matvec, problem.b, x, 0, 0, self.tol)
+        return _finish(problem.matvec, problem.b, x, 0, 0, self.tol, hint=Status.INACCURATE)
 
 
 @_solver

@@ -337,7 +337,8 @@ def test_neumann_with_too_large_step_reports_divergence(jit):
     x, info = (jax.jit(run) if jit else run)(rhs())
     assert not bool(info.converged)
     assert int(info.status) == hvp.Status.DIVERGED
-    assert float(info.residual_norm) > 1e4 * float(jnp.linalg.norm(flat(rhs())))
+    b_norm = float(jnp.linalg.norm(flat(rhs())))
+    assert float(info.residual_norm) > hvp.Neumann().divergence * b_norm
     assert int(info.iterations) < 200  # it stopped on divergence, not on the budget
     assert_honest(info, SPD, x, rhs())
 

@@ -270,3 +270,28 @@ def test_mixed_precision_pytree_promotes_and_restores_dtypes():
 
 def test_template_has_the_advertised_size():
     assert hvp.hessian(PROBLEMS["spd"].loss, TEMPLATE).size == SIZE
+
+
+def test_iterating_past_the_precision_floor_neither_diverges_nor_hides_it():
+    # float32, tol=0: CG used to keep iterating after its recursive residual underflowed, and
+    # the iterate then diverged; it now stops at the precision floor and says it stagnated.
+    n = 4000
+    op = hvp.DiagonalOperator(jnp.asarray(np.geomspace(0.008, 0.025, n), jnp.float32))
+    b = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    for solver in (hvp.CG(maxiter=150, tol=0.0), hvp.MINRES(maxiter=150, tol=0.0),
+                   hvp.Neumann(maxiter=2000, alpha=40.0, tol=0.0)):
+        x, info = hvp.solve(op, b, solver)
+        assert float(info.residual_norm) < 1e-5 * float(jnp.linalg.norm(b)), type(solver)
+        assert int(info.status) == hvp.Status.STAGNATED, hvp.status_message(info)
+
+
+def test_approximations_worse_than_zero_are_flagged_inaccurate():
+    problem = PROBLEMS["ill"]
+    op, b = problem.operator(), problem.rhs()
+    _, info = hvp.solve(op, b, hvp.Identity(scale=1.0))  # λ up to 1e4: far worse than x = 0
+    assert int(info.status) == hvp.Status.INACCURATE and not bool(info.converged)
+    _, info = hvp.solve(op, b, hvp.Identity(scale=1.0, tol=None))  # opted out: finite is enough
+    assert bool(info.converged)
+    _, info = hvp.solve(op, b, hvp.Identity(scale=1e-4))  # 1/λ_max: a contraction
+    assert bool(info.converged) and float(info.residual_norm) < float(
+        jnp.linalg.norm(flat(b)))
