@@ -70,15 +70,6 @@ class PESState(NamedTuple):
 # Trace-time validation.
 
 
-def _paths(tree: PyTree) -> list[str]:
-    return [jax.tree_util.keystr(path) or "<root>"
-            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _describe(tree: PyTree) -> str:
-    return "{" + ", ".join(_paths(tree)) + "}"
-
-
 def _check_callable(where: str, name: str, fun: Any) -> None:
     if not callable(fun):
         raise TypeError(f"{where}: {name} must be callable, got {type(fun).__name__}")
@@ -142,9 +133,9 @@ def _population_of(where: str, state: PESState, hparams: PyTree) -> int:
     xi = state.perturbation_sum
     if jax.tree_util.tree_structure(xi) != jax.tree_util.tree_structure(hparams):
         raise ValueError(f"{where}: state.perturbation_sum has structure "
-                         f"{_describe(xi)}, hparams has {_describe(hparams)}")
+                         f"{_checks._describe(xi)}, hparams has {_checks._describe(hparams)}")
     sizes = set()
-    for path, x, h in zip(_paths(hparams), jax.tree_util.tree_leaves(xi),
+    for path, x, h in zip(_checks._paths(hparams), jax.tree_util.tree_leaves(xi),
                           jax.tree_util.tree_leaves(hparams), strict=True):
         if np.ndim(x) != np.ndim(h) + 1 or np.shape(x)[1:] != np.shape(h):
             raise ValueError(f"{where}: state.perturbation_sum leaf {path} has shape "

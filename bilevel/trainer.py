@@ -8,9 +8,11 @@ Each outer step runs, as ONE jitted function compiled once (data are its argumen
     g ← g · min(1, c / ||g||)               (optional global-norm clip c = ``hypergrad_clip``)
     λ ← λ + U_out(g)                        (outer optax step)
 
-The way of differentiating is a swappable object (as optimistix's adjoints are): :class:`ImplicitMethod`
+The way of differentiating is a swappable object (as optimistix's adjoints are):
+:class:`ImplicitMethod`
 (the IFT with any :mod:`hvp` solver, optionally warm-started from the previous inverse HVP),
-:class:`UnrolledMethod` (backpropagation through ``steps`` more inner steps, MixFlow-MG by default) and
+:class:`UnrolledMethod` (backpropagation through ``steps`` more inner steps, MixFlow-MG by
+default) and
 :class:`ESMethod` (antithetic evolution strategies on the outer loss after ``steps`` inner steps).
 
 A step whose hypergradient, outer loss or updated λ is not finite is never applied (skip, not
@@ -152,7 +154,8 @@ class ImplicitMethod(AbstractMethod):
 
     def __post_init__(self):
         if not isinstance(self.solver, hvp.AbstractSolver):
-            raise TypeError(f"bilevel.ImplicitMethod: solver must be an hvp solver such as hvp.CG(), "
+            raise TypeError("bilevel.ImplicitMethod: solver must be an hvp solver such as "
+                            f"hvp.CG(), "
                             f"got {type(self.solver).__name__}")
         _check_choice("ImplicitMethod", "mode", self.mode, _checks.MODES)
         number = isinstance(self.damping, int | float) and not isinstance(self.damping, bool)
@@ -190,7 +193,7 @@ class ImplicitMethod(AbstractMethod):
 
 @dataclasses.dataclass(frozen=True)
 class UnrolledMethod(AbstractMethod):
-    """UnrolledMethod meta-gradient (:func:`bilevel.unrolled_hypergrad`) through ``steps`` more inner
+    """Unrolled meta-gradient (:func:`bilevel.unrolled_hypergrad`) through ``steps`` more inner
     steps of the inner optimizer, starting from the current inner parameters.
 
     The unroll's final parameters (``info.params``) become the new inner parameters, so each
@@ -308,7 +311,8 @@ class TrainerConfig:
         against rare huge hypergradients from ill-conditioned solves); ``None``: no clipping.
       checkpoint_every: write a checkpoint every this many outer steps (and always at the end)
         when :func:`train` gets a ``checkpoint_dir``; ``None``: only at the end.
-      seed: seeds the trainer's PRNG key (evolution-strategy directions, randomised solvers), an integer >= 0.
+      seed: seeds the trainer's PRNG key (evolution-strategy directions, randomised solvers),
+        an integer >= 0.
     """
 
     outer_steps: int
@@ -331,7 +335,8 @@ class TrainerConfig:
             raise _fail("TrainerConfig", "outer_optimizer", "an optax GradientTransformation",
                         self.outer_optimizer)
         if not isinstance(self.method, AbstractMethod):
-            raise _fail("TrainerConfig", "method", "bilevel.ImplicitMethod(...), bilevel.UnrolledMethod(...) "
+            raise _fail("TrainerConfig", "method",
+                        "bilevel.ImplicitMethod(...), bilevel.UnrolledMethod(...) "
                         "or bilevel.ESMethod(...)", self.method)
         _check_positive_float("TrainerConfig", "hypergrad_clip", self.hypergrad_clip,
                               allow_none=True)
@@ -352,7 +357,8 @@ class TrainResult:
         λ update), ``hypergrad_norm`` (before clipping), ``clipped``, ``finite``, ``skipped``,
         ``wall_time`` (seconds of the jitted step, compilation excluded), ``inner_loss`` (at the
         last plain inner step, when ``inner_steps >= 1``), the method's own columns (see
-        :class:`ImplicitMethod`, :class:`UnrolledMethod`, :class:`ESMethod`) and the ``metrics`` callback's.
+        :class:`ImplicitMethod`, :class:`UnrolledMethod`, :class:`ESMethod`) and the ``metrics``
+        callback's.
       resumed_from: the outer step the run resumed from (0 for a fresh run).
       compile_time: seconds spent compiling the outer step (0.0 if nothing was left to run).
     """

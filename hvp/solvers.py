@@ -596,7 +596,8 @@ class Nystrom(AbstractSolver):
         eigenvalues, eigenvectors = jnp.linalg.eigh((inner + inner.T) / 2)
         basis = q @ eigenvectors
         coefficients = basis.T @ b
-        x = basis @ (coefficients / (eigenvalues + self.rho)) + (b - basis @ coefficients) / self.rho
+        outside = (b - basis @ coefficients) / self.rho  # the part of b the sketch does not see
+        x = basis @ (coefficients / (eigenvalues + self.rho)) + outside
         return _finish(problem.matvec, b, x, 1, k, self.tol, hint=Status.INACCURATE)
 
 

@@ -122,7 +122,8 @@ def test_train_problem_takes_any_problem_like_object():
 
 
 def test_es_follows_the_unrolled_trajectory():
-    # ESMethod estimates the gradient of the meta-loss UnrolledMethod differentiates, and advances θ the same
+    # ESMethod estimates the gradient of the meta-loss UnrolledMethod differentiates, and
+    # advances θ the same
     # way, so the first outer loss (before any λ update) is the same number.
     es = run(dataclasses.replace(RESUMABLE_ES, checkpoint_every=None))
     unrolled = run(dataclasses.replace(RESUMABLE_ES, method=UnrolledMethod(steps=3)))
@@ -274,7 +275,8 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         train(ridge_inner, ridge_outer, jnp.zeros(9), HPARAMS0, RESUMABLE,
               ridge_data(dim=9)[0], ridge_data(dim=9)[1], checkpoint_dir=tmp_path,
               progress=False)
-    with pytest.raises(ValueError, match="written by method ImplicitMethod, this run uses UnrolledMethod"):
+    with pytest.raises(ValueError,
+                       match="written by method ImplicitMethod, this run uses UnrolledMethod"):
         run(dataclasses.replace(RESUMABLE, method=UnrolledMethod(steps=2)), tmp_path)
     with pytest.raises(ValueError, match="does not match.*method_state"):
         run(dataclasses.replace(RESUMABLE, method=CG_TOL), tmp_path)  # no warm-start vector
