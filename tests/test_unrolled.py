@@ -9,6 +9,7 @@ import pytest
 import bilevel
 
 STEPS = 20
+SHORT = 8  # the variants below re-check the same machinery on shorter unrolls (compile time)
 
 
 def _model(params, x):
@@ -111,18 +112,19 @@ def _sgd_with_learned_rate(hparams):
 
 @pytest.mark.parametrize("mode", ["reverse", "mixflow"])
 def test_hparams_in_the_update_rule_and_per_step_minibatches(setup, mode):
-    reference = _python_loop(setup, _sgd_with_learned_rate, per_step=True)
+    reference = _python_loop(setup, _sgd_with_learned_rate, steps=SHORT, per_step=True)
     assert abs(float(reference["log_lr"])) > 1e-6
+    per_step = jax.tree_util.tree_map(lambda x: x[:SHORT], setup["per_step"])
     grad, _ = _unrolled(setup, _sgd_with_learned_rate, mode=mode, inner_args=(),
-                        per_step_args=setup["per_step"], checkpoint_every=6)
+                        per_step_args=per_step, checkpoint_every=3, steps=SHORT)
     _assert_tree_close(grad, reference, rtol=1e-10)
 
 
 @pytest.mark.parametrize("mode", ["reverse", "mixflow"])
 def test_truncation_backpropagates_through_the_last_steps_only(setup, mode):
-    reference = _python_loop(setup, _sgd_with_learned_rate, truncate=5)
-    full = _python_loop(setup, _sgd_with_learned_rate)
-    grad, _ = _unrolled(setup, _sgd_with_learned_rate, mode=mode, truncate=5)
+    reference = _python_loop(setup, _sgd_with_learned_rate, steps=SHORT, truncate=3)
+    full = _python_loop(setup, _sgd_with_learned_rate, steps=SHORT)
+    grad, _ = _unrolled(setup, _sgd_with_learned_rate, mode=mode, truncate=3, steps=SHORT)
     _assert_tree_close(grad, reference, rtol=1e-10)
     assert not np.allclose(grad["log_lr"], full["log_lr"])
 
@@ -142,8 +144,8 @@ def _loss_scaled_sgd(hparams):
 
 @pytest.mark.parametrize("mode", ["reverse", "mixflow"])
 def test_extra_args_optimizers_receive_the_loss_and_its_gradient_flows(setup, mode):
-    reference = _python_loop(setup, _loss_scaled_sgd)
-    grad, _ = _unrolled(setup, _loss_scaled_sgd, mode=mode)
+    reference = _python_loop(setup, _loss_scaled_sgd, steps=SHORT)
+    grad, _ = _unrolled(setup, _loss_scaled_sgd, mode=mode, steps=SHORT)
     _assert_tree_close(grad, reference, rtol=1e-10)
 
 
