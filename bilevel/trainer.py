@@ -47,7 +47,7 @@ import numpy as np
 import optax
 
 import hvp
-from bilevel import _common
+from bilevel import _common, unrolled
 from bilevel.implicit import hypergrad
 from bilevel.unrolled import unrolled_hypergrad
 from hvp import _checks
@@ -394,30 +394,15 @@ class _State(NamedTuple):
 
 
 def _resolve_optimizer(optimizer: Any, hparams: PyTree) -> optax.GradientTransformation:
-    if isinstance(optimizer, optax.GradientTransformation):
-        return optimizer
-    transformation = optimizer(hparams)
-    if not isinstance(transformation, optax.GradientTransformation):
-        raise TypeError(f"bilevel.train: inner_optimizer(hparams) must return an optax "
-                        f"GradientTransformation, got {type(transformation).__name__}")
-    return transformation
+    return unrolled._resolve_optimizer("bilevel.train: inner_optimizer", optimizer, hparams)
 
 
 def _inner_loop(inner_loss: Callable, transformation, carry, hparams: PyTree,
                 inner_args: tuple, steps: int):
     """``steps`` optax steps on ``inner_loss(·, hparams, *inner_args)``; returns the final
     ``(params, opt_state)`` and the loss before each step."""
-    extra_args = isinstance(transformation, optax.GradientTransformationExtraArgs)
-
-    def step(carry, _):
-        params, opt_state = carry
-        value, grads = jax.value_and_grad(inner_loss)(params, hparams, *inner_args)
-        if extra_args:
-            updates, opt_state = transformation.update(grads, opt_state, params, loss=value)
-        else:
-            updates, opt_state = transformation.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
-
+    step = unrolled._make_step(unrolled._plain_value_and_grad(inner_loss), transformation,
+                               hparams, tuple(inner_args), has_per_step=False)
     return jax.lax.scan(step, carry, None, length=steps)
 
 
