@@ -88,7 +88,8 @@ def hypergrad(inner_loss: Callable, outer_loss: Callable, params: PyTree, hparam
     _checks.check_mode(where, mode)
     _common.check_losses(where, inner_loss, outer_loss, params, hparams, tuple(inner_args),
                          tuple(outer_args))
-    if curvature is not None and _checks.concrete_value(damping) != 0.0:
+    damping_value = _checks.concrete_value(damping)
+    if curvature is not None and damping_value is not None and damping_value != 0.0:
         raise ValueError(f"{where}: damping applies to the default Hessian; with curvature= "
                          f"add the damping to the operator you build")
     value, (grad_params, grad_hparams) = jax.value_and_grad(outer_loss, argnums=(0, 1))(

@@ -139,6 +139,14 @@ def test_hypergrad_with_gauss_newton_curvature_equals_hessian_for_least_squares(
     with_hessian, _ = bilevel.hypergrad(inner_no_l2, ridge["outer"], theta, lam, (x, y),
                                         ridge["val"], solver=hvp.Dense())
     np.testing.assert_allclose(with_ggn, with_hessian, rtol=1e-10)
+    # A traced damping (0 here) is not refused under jit just because its value is unknown.
+    jitted = jax.jit(lambda d: bilevel.hypergrad(inner_no_l2, ridge["outer"], theta, lam, (x, y),
+                                                 ridge["val"], solver=hvp.Dense(),
+                                                 curvature=curvature, damping=d)[0])
+    np.testing.assert_allclose(jitted(0.0), with_hessian, rtol=1e-10)
+    with pytest.raises(ValueError, match="damping applies to the default Hessian"):
+        bilevel.hypergrad(inner_no_l2, ridge["outer"], theta, lam, (x, y), ridge["val"],
+                          curvature=curvature, damping=0.1)
 
 
 def test_hypergrad_on_pytrees_under_jit_and_vmap():
