@@ -187,7 +187,8 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
         inputs) or ``"reverse"`` (plain autodiff through ``lax.scan``). Both give the same
         gradient up to round-off.
       checkpoint_every: ``None``, an integer k (store every k-th state, recompute the rest in the
-        backward pass), or ``"sqrt"`` (k = ⌈√T⌉, memory growing as √T).
+        backward pass), or ``"sqrt"`` (k = ⌈√T⌉ for the T differentiated steps, memory growing
+        as √T).
       truncate: backpropagate through the last ``truncate`` steps only (the earlier steps run
         without gradient); ``None`` means through all steps.
       on_failure: ``"ignore"``, ``"warn"`` or ``"raise"`` on a non-finite meta-gradient or loss.
@@ -208,10 +209,11 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
     first_step_args = inner_args + tuple(jax.tree_util.tree_map(lambda x: x[0], per_step_args))
     _common.check_losses(where, inner_loss, outer_loss, params0, hparams, first_step_args,
                          outer_args)
-    chunk = _resolve_checkpointing(where, checkpoint_every, steps)
     if truncate is not None:
         _check_int(where, "truncate", truncate, 1, steps)
     live_steps = steps if truncate is None else truncate
+    # Only the differentiated steps are checkpointed, so "sqrt" refers to their number.
+    chunk = _resolve_checkpointing(where, checkpoint_every, live_steps)
     value_and_grad = (_mixflow_value_and_grad if mode == "mixflow" else _plain_value_and_grad)(
         inner_loss)
     xs = per_step_args if has_per_step else None

@@ -187,6 +187,28 @@ def test_mixflow_stores_less_than_reverse(setup):
     assert mixflow * 3 < reverse
 
 
+def test_sqrt_checkpointing_applies_to_the_truncated_window():
+    # "sqrt" must chunk the `truncate` differentiated steps, not all `steps`: with steps=400 and
+    # truncate=16 a chunk of ⌈√400⌉ = 20 would cover the whole window and store every step.
+    x = jnp.ones((256, 16), jnp.float32)
+    params0 = jnp.full((16, 16), 0.01, jnp.float32)
+
+    def inner(p, h, x):
+        return jnp.mean(jnp.tanh(x @ p) ** 2) + jnp.exp(h) * jnp.sum(p**2)
+
+    def temp_bytes(steps, truncate, checkpoint_every):
+        def f(p0, h, x):
+            return bilevel.unrolled_hypergrad(inner, inner, p0, h, optax.sgd(0.1), steps, (x,),
+                                              (x,), mode="reverse", truncate=truncate,
+                                              checkpoint_every=checkpoint_every)[0]
+
+        lowered = jax.jit(f).lower(params0, jnp.array(-3.0, jnp.float32), x)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(400, 16, "sqrt") == temp_bytes(400, 16, 4)
+    assert temp_bytes(400, 16, "sqrt") < temp_bytes(400, 16, None)
+
+
 def test_non_finite_meta_gradient_is_flagged_and_can_raise(setup):
     diverging = optax.sgd(1e200)  # overflows to inf within a few steps
     grad, info = _unrolled(setup, diverging)
