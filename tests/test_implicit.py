@@ -361,3 +361,21 @@ def test_parity_with_jaxopt_custom_root(ridge):
     lam = ridge["lam"]
     np.testing.assert_allclose(jax.grad(meta(ours))(lam), jax.grad(meta(jaxopt_solver))(lam),
                                rtol=1e-10)
+
+
+def test_implicit_decorator_wraps_a_jaxopt_solver(ridge):
+    import jaxopt
+
+    inner, outer = ridge["inner"], ridge["outer"]
+
+    @bilevel.implicit(inner, solver=hvp.CG(maxiter=50, tol=1e-12))
+    def solve_inner(init, lam, x, y):
+        solver = jaxopt.LBFGS(fun=inner, maxiter=200, tol=1e-12, implicit_diff=False)
+        return solver.run(init, lam, x, y).params
+
+    def meta_loss(lam):
+        return outer(solve_inner(jnp.zeros(DIM), lam, *ridge["data"]), lam, *ridge["val"])
+
+    lam = ridge["lam"]
+    np.testing.assert_allclose(jax.jit(jax.grad(meta_loss))(lam), ridge["closed_form"](lam),
+                               rtol=1e-7)
