@@ -354,6 +354,10 @@ def summarise(history: list[dict], budget_iterations: int) -> dict:
         if finite_norm.size >= 10 else math.nan,
         "oscillation": float(np.mean(signs[1:] != signs[:-1])) if signs.size > 1 else 0.0,
         "total_hvps": int(sum(r.get("hvp_count", 0) for r in history)),
+        "max_residual_norm": float(np.nanmax([r.get("residual_norm", math.nan)
+                                              for r in history] + [-math.inf])),
+        # Solves that returned their warm start untouched (0 iterations).
+        "zero_iteration_solves": int(sum(r.get("iterations", 1) == 0 for r in history)),
     }
 
 
@@ -555,12 +559,61 @@ def write_readme(out: Path, a_rows, b_rows, spectra, c_summary, meta: dict) -> N
     text += _section_a(a_rows)
     text += _section_b(b_rows, spectra)
     text += _section_c(c_summary, meta)
+    text += _section_recommendation(a_rows, spectra, b_rows, c_summary)
     text += _section_conclusion(a_rows, b_rows, spectra, c_summary)
+    text += issues_section()
     text += ["## Files", "",
              "`a_accuracy_cost.csv`, `b_near_far.csv`, `b_spectra.csv`, `c_training.csv`, "
              "`c_summary.csv`, `a_accuracy_cost.png`, `b_near_far.png`, `c_training.png`, "
              "`run.json` (settings and machine).", ""]
     (out / "README.md").write_text("\n".join(text))
+
+
+NEUMANN_REPRO = """import jax.numpy as jnp, hvp
+A = hvp.MatrixOperator(jnp.diag(jnp.array([1.0, 0.5, 0.1])))
+b = jnp.ones(3)
+for init in (None, jnp.array([3.0, 3.0, 3.0])):
+    x, info = hvp.solve(A, b, hvp.Neumann(maxiter=100, alpha=1.0, tol=1e-6), init=init)
+    print(init, x, hvp.Status(int(info.status)).name, int(info.iterations))"""
+
+CG_WARM_REPRO = """import jax.numpy as jnp, hvp
+A = hvp.MatrixOperator(jnp.diag(jnp.array([1.0, 0.5, 0.2, -0.01])))
+b, x = jnp.ones(4), None
+print("exact solution norm", float(jnp.linalg.norm(b / jnp.diag(A.matrix))))
+for step in range(8):
+    x, info = hvp.solve(A, b, hvp.CG(maxiter=19, tol=1e-4), init=x)
+    print(step, hvp.Status(int(info.status)).name, float(jnp.linalg.norm(x)))"""
+
+
+def run_snippet(code: str) -> str:
+    """Run a reproduction snippet here and capture what it prints (the README shows both)."""
+    import contextlib
+    import io
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        exec(code, {})  # noqa: S102 -- our own constant snippets
+    return buffer.getvalue().rstrip()
+
+
+def issues_section() -> list[str]:
+    return ["## Issues found (library behaviour; not fixed here)", "",
+            "1. `hvp.Neumann` with `init=` does zero iterations and returns `init` unchanged "
+            "(status DIVERGED) whenever `||b − A·init|| > divergence·||b||`, even on an SPD "
+            "operator with a convergent step, where the series from that start converges. "
+            "With `ImplicitMethod(warm_start=True)` the stale vector is then carried to every "
+            "later step (only non-finite vectors are reset). Reproduction and its output in "
+            "this run:", "", "```python", NEUMANN_REPRO, "```", "```", run_snippet(NEUMANN_REPRO),
+            "```", "",
+            "2. `ImplicitMethod(warm_start=True)` keeps the previous inverse HVP even when that "
+            "solve ended in NEGATIVE_CURVATURE. On an indefinite Hessian, repeated "
+            "warm-started CG grows the vector without bound (part c's digits runs). "
+            "Reproduction on a fixed matrix and its output in this run:", "", "```python",
+            CG_WARM_REPRO, "```", "```", run_snippet(CG_WARM_REPRO), "```", "",
+            "Resetting the warm start after any non-converged status other than "
+            "MAX_ITERATIONS would avoid both.", "",
+            "3. The trainer's history records `converged` but not the solver `status`, so "
+            "negative curvature and divergence cannot be told apart from a plain budget "
+            "overrun; this study infers 'early stops' from `iterations < maxiter`.", ""]
 
 
 def _section_a(rows) -> list[str]:
@@ -639,7 +692,8 @@ def _section_c(summary, meta) -> list[str]:
                              "final_outer_loss", "min_outer_loss", "best_val_acc",
                              "final_val_acc", "forgot", "skipped_steps", "unconverged_steps", "early_stops",
                              "clipped_steps", "max_hypergrad_norm", "norm_growth",
-                             "oscillation", "total_hvps", "seconds"]), ""]
+                             "oscillation", "total_hvps", "max_residual_norm",
+                             "zero_iteration_solves", "seconds"]), ""]
     return text
 
 
@@ -649,6 +703,116 @@ def _effect(summary, task, solver, remedy):
     fixed = next((s for s in summary if s["task"] == task and s["solver"] == solver
                   and s["remedy"] == remedy), None)
     return base, fixed
+
+
+def _row_of(rows, **match):
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _section_recommendation(a_rows, spectra, b_rows, summary) -> list[str]:
+    """Which approximation to use when, each rule with the measurements behind it."""
+    text = ["## Which approximation to use when", ""]
+    problem = "digits_mlp" if any(r["problem"] == "digits_mlp" for r in a_rows) else a_rows[-1][
+        "problem"]
+    mine = [r for r in a_rows if r["problem"] == problem]
+    budgets = sorted({r["budget"] for r in mine if r["budget"] is not None})
+    mid = budgets[len(budgets) // 2]
+    get = lambda solver, budget=mid: _row_of(mine, solver=solver, budget=budget)  # noqa: E731
+    cg, minres, neumann = get("cg"), get("minres"), get("neumann")
+    nystrom, lissa, identity = get("nystrom"), get("lissa"), get("identity", None)
+    text.append(
+        f"1. **At (or near) the inner optimum with a positive-definite Hessian: CG** (MINRES "
+        f"{'is as accurate' if minres['rel_error'] <= 2 * cg['rel_error'] else 'is worse'} "
+        f"there). On {problem} at {mid} HVPs: CG {_fmt(cg['rel_error'])}, MINRES "
+        f"{_fmt(minres['rel_error'])}, Neumann {_fmt(neumann['rel_error'])}, LiSSA "
+        f"{_fmt(lissa['rel_error'])}, Nyström {_fmt(nystrom['rel_error'])} relative error; "
+        f"Identity {_fmt(identity['rel_error'])} (cosine {_fmt(identity['cosine'])}). At the "
+        f"same budget CG took {_fmt(cg['time_ms'])} ms and Neumann {_fmt(neumann['time_ms'])} "
+        f"ms ({_fmt(cg['time_ms'] / neumann['time_ms'])}×).")
+    optimum = _row_of(spectra, problem=problem, point="optimum")
+    if optimum is not None:
+        contraction = optimum["neumann_contraction"]
+        terms = math.log(0.1) / math.log(contraction) if 0 < contraction < 1 else math.inf
+        text.append(
+            f"2. **Neumann and Identity misjudge small curvature.** At θ* the spectrum is "
+            f"[{_fmt(optimum['exact_min'])}, {_fmt(optimum['exact_max'])}]: with α = 1/λ_max "
+            f"the slowest Neumann component contracts by {_fmt(optimum['neumann_contraction'])} "
+            f"per term, so about {_fmt(terms)} terms shrink it tenfold (Neumann's error "
+            f"{_fmt(neumann['rel_error'])} at {mid} HVPs), while Identity scales every "
+            f"direction by 1/λ_max instead of 1/λ: the flattest by up to "
+            f"{_fmt(optimum['exact_max'] / optimum['exact_min'])}× too little. Identity's "
+            f"direction has cosine {_fmt(identity['cosine'])} with the truth, its magnitude is "
+            f"off (error {_fmt(identity['rel_error'])}): usable at most as a cheap direction "
+            f"under an outer optimizer that normalises the step (Adam).")
+    indefinite = [s for s in spectra if s["negative_eigenvalues"] > 0]
+    if indefinite:
+        worst = min(indefinite, key=lambda s: s["exact_min"])
+        rows = {r["solver"]: r for r in b_rows if r["problem"] == worst["problem"]
+                and r["point"] == worst["point"]}
+        text.append(
+            f"3. **Away from the optimum the Hessian is indefinite and no solver's answer is "
+            f"useful.** At {worst['problem']} {worst['point']} (λ_min {_fmt(worst['exact_min'])}"
+            f", {worst['negative_eigenvalues']} negative eigenvalues) CG stops with "
+            f"{rows['cg']['status'].lower()}, Neumann ends {rows['neumann']['status'].lower()} "
+            f"(|1 − αλ| up to {_fmt(worst['neumann_contraction'])}), and even the exact solve "
+            f"there is {_fmt(worst['ift_error_vs_optimum'])} (relative) from the θ* "
+            f"hypergradient. Check `hvp.extreme_eigenvalues` (Lanczos matched the exact λ_min "
+            f"to {_fmt(abs(worst['lanczos_min'] - worst['exact_min']))} here) and converge the "
+            f"inner problem further before trusting any hypergradient; MINRES at least returns "
+            f"a finite least-squares answer (error {_fmt(rows['minres']['rel_error'])}).")
+    text += _remedy_lines(summary)
+    text.append(
+        f"5. **Nyström** with ρ = λ̂_max/10 (the CLI default) was never better than "
+        f"{_fmt(min(r['rel_error'] for r in a_rows if r['solver'] == 'nystrom'))} relative "
+        f"error here: the directions the sketch misses get 1/ρ, wrong whenever ρ is not "
+        f"close to their curvature. **LiSSA** adds minibatch noise to Neumann's bias.")
+    text.append("")
+    return text
+
+
+def _remedy_lines(summary) -> list[str]:
+    lines = []
+    forgot = [s for s in summary if s["forgot"]]
+    drop = max(s["acc_drop_from_best"] for s in summary)
+    lines.append(
+        f"4. **Catastrophic forgetting** (validation accuracy ending ≥ {FORGETTING_DROP} below "
+        f"its best): {len(forgot)} of {len(summary)} runs"
+        + (f" ({', '.join(s['task'] + ' ' + s['solver'] + '+' + s['remedy'] for s in forgot)})"
+           if forgot else "") + f"; the largest drop from best to final was {_fmt(drop)}. "
+        f"These runs are small and short: they do not reproduce the collapse reported for "
+        f"large models.")
+    for task in dict.fromkeys(s["task"] for s in summary):
+        for solver in ("cg", "neumann"):
+            base, warm = _effect(summary, task, solver, "warm_start")
+            _, ggn = _effect(summary, task, solver, "ggn")
+            _, damped = _effect(summary, task, solver, "damping")
+            if base is None or warm is None:
+                continue
+            parts = [f"warm starts: max hypergradient norm {_fmt(warm['max_hypergrad_norm'])} "
+                     f"(unremedied {_fmt(base['max_hypergrad_norm'])}), max residual "
+                     f"{_fmt(warm['max_residual_norm'])} (vs {_fmt(base['max_residual_norm'])}),"
+                     f" {warm['zero_iteration_solves']} solves returned the warm start "
+                     f"untouched, {warm['skipped_steps']} skipped steps, {warm['total_hvps']} "
+                     f"HVPs (vs {base['total_hvps']})"]
+            if damped is not None:
+                parts.append(f"damping: early stops {damped['early_stops']} (vs "
+                             f"{base['early_stops']}), final outer loss "
+                             f"{_fmt(damped['final_outer_loss'])} (vs "
+                             f"{_fmt(base['final_outer_loss'])})")
+            if ggn is not None:
+                parts.append(f"GGN: early stops {ggn['early_stops']} (vs {base['early_stops']}),"
+                             f" final outer loss {_fmt(ggn['final_outer_loss'])}")
+            lines.append(f"   - {task}, {solver}: " + "; ".join(parts) + ".")
+    ggn_runs = [s for s in summary if s["remedy"] == "ggn"]
+    lines.append(
+        "   Why: CG that stops on negative curvature hands back an iterate that the next "
+        "warm-started solve extends further, and a warm-started Neumann whose start has a "
+        "residual above ||b|| does no iterations at all (see 'Issues found'); warm starts are "
+        "only safe on a positive-definite operator."
+        + (f" The GGN is positive semi-definite: its {len(ggn_runs)} runs had "
+           f"{sum(s['early_stops'] for s in ggn_runs)} early-stopped solves in all."
+           if ggn_runs else ""))
+    return lines
 
 
 def _section_conclusion(a_rows, b_rows, spectra, summary) -> list[str]:
