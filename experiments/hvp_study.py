@@ -93,7 +93,23 @@ def _cell(value):
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
             "cpu_model": _cpu_model(), "cores": os.cpu_count(), "python":
-            platform.python_version(), "jax": jax.__version__, "device": str(jax.devices()[0])}
+            platform.python_version(), "jax": jax.__version__, "device": str(jax.devices()[0]),
+            "library_commit": library_commit()}
+
+
+def library_commit() -> str:
+    """The repository commit the library was imported from (``+dirty`` if hvp/ or bilevel/
+    differ from it), so that results can be matched to the solver code that produced them."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "hvp", "bilevel"], cwd=root,
+                               text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def _cpu_model() -> str:
@@ -416,6 +432,8 @@ def _record(task, solver_name, remedy, result, seconds, clip, curves, summary):
                     "seconds": seconds,
                     "compile_s": result.compile_time})
     s = summary[-1]
+    if solver_name == "identity":  # Identity never iterates: these columns say nothing about it
+        s["zero_iteration_solves"] = s["early_stops"] = None
     print(f"[c] {task.name} {solver_name:8s} {remedy:10s} loss {s['initial_outer_loss']:.4g}"
           f" -> {s['final_outer_loss']:.4g}, acc best {s['best_val_acc']:.3f} final "
           f"{s['final_val_acc']:.3f}, skipped {s['skipped_steps']}, {seconds:.1f} s")
@@ -477,7 +495,8 @@ def plot_b(rows: list[dict], spectra: list[dict], path: Path) -> None:
         ax.plot(points, [s["exact_min"] for s in mine], marker="o", label="lambda_min (exact)")
         ax.plot(points, [s["lanczos_min"] for s in mine], marker="x", linestyle="--",
                 label=f"lambda_min (Lanczos {LANCZOS_ITERS})")
-        ax.set(yscale="symlog", title="inner Hessian spectrum", xlabel="point")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set(title="inner Hessian spectrum (symlog, linear within ±1e-3)", xlabel="point")
         ax.axhline(0, color="k", linewidth=0.5)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
@@ -554,7 +573,8 @@ def write_readme(out: Path, a_rows, b_rows, spectra, c_summary, meta: dict) -> N
             f"{meta['seconds']:.0f} s. Every number below comes from this run's CSVs.", "",
             f"Machine: {meta['machine']['platform']}, CPU {meta['machine']['cpu_model']}, "
             f"{meta['machine']['cores']} cores, JAX {meta['machine']['jax']} on "
-            f"{meta['machine']['device']}, Python {meta['machine']['python']}. Times are "
+            f"{meta['machine']['device']}, Python {meta['machine']['python']}, library at commit "
+            f"{meta['machine']['library_commit']}. Times are "
             f"medians of repeated calls on a shared machine: treat them as rough.", ""]
     text += _section_a(a_rows)
     text += _section_b(b_rows, spectra)
@@ -873,7 +893,7 @@ def _section_conclusion(a_rows, b_rows, spectra, summary) -> list[str]:
                     f"{_fmt(s['best_val_acc'])} at step {s['best_step']}, final "
                     f"{_fmt(s['final_val_acc'])} ({'forgot' if s['forgot'] else 'no collapse'}),"
                     f" {s['skipped_steps']} skipped, {s['unconverged_steps']} unconverged and "
-                    f"{s['early_stops']} early-stopped solves, hypergradient norm growth {_fmt(s['norm_growth'])}.")
+                    f"{_fmt(s['early_stops'])} early-stopped solves, hypergradient norm growth {_fmt(s['norm_growth'])}.")
         for s in summary:
             if s["task"] == task and s["remedy"] != "none":
                 base, _ = _effect(summary, task, s["solver"], s["remedy"])
