@@ -779,7 +779,7 @@ def _section_recommendation(a_rows, spectra, b_rows, summary) -> list[str]:
             f"hypergradient. Check `hvp.extreme_eigenvalues` (Lanczos matched the exact λ_min "
             f"to {_fmt(abs(worst['lanczos_min'] - worst['exact_min']))} here) and converge the "
             f"inner problem further before trusting any hypergradient; MINRES at least returns "
-            f"a finite least-squares answer (error {_fmt(rows['minres']['rel_error'])}).")
+            f"a finite minimum-residual answer (error {_fmt(rows['minres']['rel_error'])}).")
     text += _remedy_lines(summary)
     text.append(
         f"5. **Nyström** with ρ = λ̂_max/10 (the CLI default) was never better than "
@@ -798,9 +798,9 @@ def _remedy_lines(summary) -> list[str]:
         f"4. **Catastrophic forgetting** (validation accuracy ending ≥ {FORGETTING_DROP} below "
         f"its best): {len(forgot)} of {len(summary)} runs"
         + (f" ({', '.join(s['task'] + ' ' + s['solver'] + '+' + s['remedy'] for s in forgot)})"
-           if forgot else "") + f"; the largest drop from best to final was {_fmt(drop)}. "
-        f"These runs are small and short: they do not reproduce the collapse reported for "
-        f"large models.")
+           if forgot else "") + f"; the largest drop from best to final was {_fmt(drop)}."
+        + ("" if forgot else " These runs are small and short: they do not reproduce the "
+           "collapse reported for large models."))
     for task in dict.fromkeys(s["task"] for s in summary):
         for solver in ("cg", "neumann"):
             base, warm = _effect(summary, task, solver, "warm_start")
