@@ -182,12 +182,17 @@ class ImplicitMethod(AbstractMethod):
                                mode=self.mode, damping=self.damping, curvature=self.curvature,
                                init=init, key=key)
         if self.warm_start:
-            # A non-finite vector would poison every later solve: start the next one from 0.
+            # Keep the vector only from a solve that made progress; one that met negative
+            # curvature, diverged or went non-finite would poison every later solve.
+            usable = info.finite & ((info.status == hvp.Status.CONVERGED)
+                                    | (info.status == hvp.Status.MAX_ITERATIONS)
+                                    | (info.status == hvp.Status.STAGNATED))
             state = jax.tree_util.tree_map(
-                lambda v: jnp.where(info.finite, v, jnp.zeros_like(v)), info.inverse_hvp)
+                lambda v: jnp.where(usable, v, jnp.zeros_like(v)), info.inverse_hvp)
         stats = {"outer_loss": info.outer_loss, "finite": info.finite,
                  "converged": info.converged, "residual_norm": info.residual_norm,
-                 "iterations": info.iterations, "hvp_count": info.hvp_count}
+                 "iterations": info.iterations, "hvp_count": info.hvp_count,
+                 "status": info.status}
         return grad, params, state, stats
 
 

@@ -97,18 +97,21 @@ def _positive_or_none(solver: Any, name: str) -> None:
 
 def _finish(matvec: Callable[[Flat], Flat], b: Flat, x: Flat, iterations: Any, hvps: Any,
             tol: float | None, *, hint: Any = Status.CONVERGED, divergence: float | None = None,
-            residual: jax.Array | None = None) -> tuple[Flat, SolveInfo]:
+            residual: jax.Array | None = None, start_residual: jax.Array | None = None
+            ) -> tuple[Flat, SolveInfo]:
     """Check the returned ``x`` against the operator and build its :class:`SolveInfo`.
 
     ``residual`` may be passed when the solver already computed ``||b − Ax||`` exactly;
-    otherwise it costs one more product, counted here.
+    otherwise it costs one more product, counted here. Divergence is growth past
+    ``divergence`` times the larger of ``||b||`` and ``start_residual`` (a warm start's).
     """
     if residual is None:
         residual, hvps = jnp.linalg.norm(b - matvec(x)), hvps + 1
     b_norm = jnp.linalg.norm(b)
     finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(residual)
     within = jnp.array(True) if tol is None else residual <= tol * b_norm
-    diverged = jnp.array(False) if divergence is None else ~(residual <= divergence * b_norm)
+    reference = b_norm if start_residual is None else jnp.maximum(b_norm, start_residual)
+    diverged = jnp.array(False) if divergence is None else ~(residual <= divergence * reference)
     unmet = jnp.where(hint == Status.CONVERGED, Status.MAX_ITERATIONS, hint)
     status = jnp.where(~finite, Status.NONFINITE,
                        jnp.where(diverged, Status.DIVERGED,
@@ -456,9 +459,9 @@ class Neumann(AbstractSolver):
       alpha: step α; ``None`` picks ``1/|λ̂|`` from ``power_iters`` steps of power iteration.
       tol: relative residual counted as converged (the loop also stops there).
       power_iters: products spent estimating ``λ_max`` when ``alpha`` is None.
-      divergence: stop, reporting ``DIVERGED``, once ``||r|| > divergence · ||b||``. On an SPD
-        operator with a convergent step the residual never grows, so the default 1 flags any
-        result worse than ``x = 0``.
+      divergence: stop, reporting ``DIVERGED``, once ``||r||`` exceeds ``divergence`` times the
+        starting residual (``||b||``, or a warm start's if larger). On an SPD operator with a
+        convergent step the residual never grows, so the default 1 flags any growth.
     """
 
     maxiter: int = 50
@@ -480,13 +483,15 @@ class Neumann(AbstractSolver):
         mv, b, precondition = problem.matvec, problem.b, problem.precondition
         alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
         x, r, spent = _start(problem)
-        b_norm = jnp.linalg.norm(b)
+        # Divergence is growth past the start: ||b|| from zero, or a warm start's own residual.
+        start_residual = jnp.linalg.norm(r)
+        limit = self.divergence * jnp.maximum(jnp.linalg.norm(b), start_residual)
         threshold = _threshold(self.tol, b)
 
         def cond(state):
             k, _, r = state
             r_norm = jnp.linalg.norm(r)
-            going = (r_norm > threshold) & (r_norm <= self.divergence * b_norm)
+            going = (r_norm > threshold) & (r_norm <= limit)
             return (k < self.maxiter) & going & jnp.isfinite(r_norm)
 
         def body(state):
@@ -497,7 +502,7 @@ class Neumann(AbstractSolver):
         k, x, _ = jax.lax.while_loop(cond, body, (jnp.array(0), x, r))
         hint = jnp.where(k < self.maxiter, Status.STAGNATED, Status.CONVERGED)
         return _finish(mv, b, x, k, k + spent + spent_alpha, self.tol, hint=hint,
-                       divergence=self.divergence)
+                       divergence=self.divergence, start_residual=start_residual)
 
 
 @_solver

@@ -295,3 +295,13 @@ def test_approximations_worse_than_zero_are_flagged_inaccurate():
     _, info = hvp.solve(op, b, hvp.Identity(scale=1e-4))  # 1/λ_max: a contraction
     assert bool(info.converged) and float(info.residual_norm) < float(
         jnp.linalg.norm(flat(b)))
+
+
+def test_neumann_from_a_poor_warm_start_still_converges():
+    # The start's residual exceeds ||b||; divergence is growth past the start, not past ||b||.
+    op = hvp.DiagonalOperator(jnp.array([1.0, 0.5, 0.1]))
+    b = jnp.ones(3)
+    x, info = hvp.solve(op, b, hvp.Neumann(maxiter=500, alpha=1.0, tol=1e-8),
+                        init=jnp.full(3, 3.0))
+    assert bool(info.converged), hvp.status_message(info)
+    np.testing.assert_allclose(x, b / jnp.array([1.0, 0.5, 0.1]), rtol=1e-6)

@@ -322,3 +322,25 @@ def test_bad_configuration_names_the_field(make, field):
 def test_es_requires_steps():
     with pytest.raises(TypeError, match="steps"):
         ESMethod()
+
+
+def test_warm_start_drops_vectors_from_failed_solves():
+    # An indefinite inner Hessian: CG meets negative curvature at every outer step. Reusing its
+    # vector as the next start made the vector grow without bound; it is now dropped.
+    diagonal = jnp.array([1.0, 0.5, 0.2, -0.01])
+
+    def inner(theta, lam):
+        return 0.5 * jnp.sum(diagonal * theta**2) - jnp.sum(lam * theta)
+
+    def outer(theta, lam):
+        return 0.5 * jnp.sum(theta**2)
+
+    config = TrainerConfig(outer_steps=8, inner_steps=0, inner_optimizer=optax.sgd(0.0),
+                           outer_optimizer=optax.sgd(0.0),
+                           method=ImplicitMethod(solver=hvp.CG(maxiter=10, tol=1e-10),
+                                                 warm_start=True))
+    result = train(inner, outer, jnp.ones(4), jnp.ones(4), config, progress=False)
+    statuses = {int(row["status"]) for row in result.history}
+    assert statuses == {int(hvp.Status.NEGATIVE_CURVATURE)}
+    norms = result.series("hypergrad_norm")
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-6)  # every solve starts afresh
