@@ -457,7 +457,7 @@ def plot_a(rows: list[dict], path: Path) -> None:
             pts = [(r["hvp_count"], r["rel_error"]) for r in mine
                    if r["solver"] == solver and math.isfinite(r["rel_error"])]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=solver,
+                ax.plot(*zip(*pts, strict=False), marker="o", label=solver,
                         linestyle="-" if len(pts) > 1 else "none")
         ax.axhline(mine[0]["damping_floor"], color="grey", linestyle=":", label="damping floor")
         ax.set(xscale="log", yscale="log", title=problem, xlabel="HVPs",
@@ -616,24 +616,22 @@ def run_snippet(code: str) -> str:
 
 
 def issues_section() -> list[str]:
-    return ["## Issues found (library behaviour; not fixed here)", "",
-            "1. `hvp.Neumann` with `init=` does zero iterations and returns `init` unchanged "
-            "(status DIVERGED) whenever `||b − A·init|| > divergence·||b||`, even on an SPD "
-            "operator with a convergent step, where the series from that start converges. "
-            "With `ImplicitMethod(warm_start=True)` the stale vector is then carried to every "
-            "later step (only non-finite vectors are reset). Reproduction and its output in "
-            "this run:", "", "```python", NEUMANN_REPRO, "```", "```", run_snippet(NEUMANN_REPRO),
-            "```", "",
-            "2. `ImplicitMethod(warm_start=True)` keeps the previous inverse HVP even when that "
-            "solve ended in NEGATIVE_CURVATURE. On an indefinite Hessian, repeated "
-            "warm-started CG grows the vector without bound (part c's digits runs). "
-            "Reproduction on a fixed matrix and its output in this run:", "", "```python",
-            CG_WARM_REPRO, "```", "```", run_snippet(CG_WARM_REPRO), "```", "",
-            "Resetting the warm start after any non-converged status other than "
-            "MAX_ITERATIONS would avoid both.", "",
-            "3. The trainer's history records `converged` but not the solver `status`, so "
-            "negative curvature and divergence cannot be told apart from a plain budget "
-            "overrun; this study infers 'early stops' from `iterations < maxiter`.", ""]
+    return ["## Warm starts: what this study found, and what the library now does", "",
+            "1. `hvp.Neumann` with `init=` used to do zero iterations and return `init` "
+            "unchanged (status DIVERGED) whenever `||b − A·init|| > divergence·||b||`, even on "
+            "an SPD operator where the series from that start converges. Divergence is now "
+            "measured against the larger of `||b||` and the start's own residual. The same "
+            "snippet, run now (from zero and from the warm start):", "", "```python",
+            NEUMANN_REPRO, "```", "```", run_snippet(NEUMANN_REPRO), "```", "",
+            "2. On an indefinite operator, a loop that warm-starts CG from its previous "
+            "NEGATIVE_CURVATURE answer grows the vector without bound (output of this run "
+            "below). `ImplicitMethod(warm_start=True)` used to do exactly that; it now keeps "
+            "the previous vector only after a CONVERGED, MAX_ITERATIONS or STAGNATED solve "
+            "and otherwise starts from zero. A hand-written loop like this one still grows:",
+            "", "```python", CG_WARM_REPRO, "```", "```", run_snippet(CG_WARM_REPRO), "```",
+            "",
+            "3. The trainer's history now records each solve's `status`; this study still "
+            "counts 'early stops' as unconverged solves with `iterations < maxiter`.", ""]
 
 
 def _section_a(rows) -> list[str]:
@@ -642,8 +640,8 @@ def _section_a(rows) -> list[str]:
             "`problem.solve_inner`. Approximations run in float32 on `H + δI` with the settings "
             "of `bilevel compare-hvp` (Krylov `maxiter = budget − 1`, `tol = 0`; Neumann/LiSSA "
             "terms = budget with α = 1/λ̂_max; Nyström rank = budget, ρ = λ̂_max/10; Identity "
-            "scale α). 'floor' is the error of the exact damped solve. ridge has one scalar λ, so its "
-            "cosine is only the sign of the hypergradient.", ""]
+            "scale α). 'floor' is the error of the exact damped solve. ridge has one scalar λ, "
+            "so its cosine is only the sign of the hypergradient.", ""]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         mine = [r for r in rows if r["problem"] == problem]
         first = mine[0]
@@ -707,10 +705,11 @@ def _section_c(summary, meta) -> list[str]:
             f"fraction of sign changes of successive outer-loss differences; 'norm_growth' = "
             f"mean hypergradient norm of the last 5 steps over the first 5; 'early_stops' = "
             f"unconverged solves that stopped before their budget (CG: negative curvature; "
-            f"Neumann: divergence), inferred because the history carries no solver status.", "",
+            f"Neumann: divergence).", "",
             _table(summary, ["task", "solver", "remedy", "initial_outer_loss",
                              "final_outer_loss", "min_outer_loss", "best_val_acc",
-                             "final_val_acc", "forgot", "skipped_steps", "unconverged_steps", "early_stops",
+                             "final_val_acc", "forgot", "skipped_steps", "unconverged_steps",
+                             "early_stops",
                              "clipped_steps", "max_hypergrad_norm", "norm_growth",
                              "oscillation", "total_hvps", "max_residual_norm",
                              "zero_iteration_solves", "seconds"]), ""]
@@ -825,10 +824,9 @@ def _remedy_lines(summary) -> list[str]:
             lines.append(f"   - {task}, {solver}: " + "; ".join(parts) + ".")
     ggn_runs = [s for s in summary if s["remedy"] == "ggn"]
     lines.append(
-        "   Why: CG that stops on negative curvature hands back an iterate that the next "
-        "warm-started solve extends further, and a warm-started Neumann whose start has a "
-        "residual above ||b|| does no iterations at all (see 'Issues found'); warm starts are "
-        "only safe on a positive-definite operator."
+        "   Why: on an indefinite operator the previous step's vector can be a poor start "
+        "that a budget-limited solve extends further (see the warm-start section); warm "
+        "starts are only safe on a positive-definite operator."
         + (f" The GGN is positive semi-definite: its {len(ggn_runs)} runs had "
            f"{sum(s['early_stops'] for s in ggn_runs)} early-stopped solves in all."
            if ggn_runs else ""))
@@ -893,7 +891,8 @@ def _section_conclusion(a_rows, b_rows, spectra, summary) -> list[str]:
                     f"{_fmt(s['best_val_acc'])} at step {s['best_step']}, final "
                     f"{_fmt(s['final_val_acc'])} ({'forgot' if s['forgot'] else 'no collapse'}),"
                     f" {s['skipped_steps']} skipped, {s['unconverged_steps']} unconverged and "
-                    f"{_fmt(s['early_stops'])} early-stopped solves, hypergradient norm growth {_fmt(s['norm_growth'])}.")
+                    f"{_fmt(s['early_stops'])} early-stopped solves, hypergradient norm growth "
+                    f"{_fmt(s['norm_growth'])}.")
         for s in summary:
             if s["task"] == task and s["remedy"] != "none":
                 base, _ = _effect(summary, task, s["solver"], s["remedy"])
@@ -924,7 +923,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     begin = time.perf_counter()
     if args.smoke:
-        problems_a, near_far, steps, budget, repeats = SMOKE_BUDGETS, ("logistic_l2",), (1, 10), 5, 1
+        problems_a, near_far, steps = SMOKE_BUDGETS, ("logistic_l2",), (1, 10)
+        budget, repeats = 5, 1
         outer_steps, tasks = 4, [reweighting_task(args.seed)]
     else:
         problems_a, near_far, steps, budget, repeats = (BUDGETS, ("logistic_l2", "digits_mlp"),
@@ -948,7 +948,7 @@ def main(argv=None) -> int:
     plot_c(curves, args.out / "c_training.png")
 
     meta = {"variant": "smoke" if args.smoke else "full", "seed": args.seed,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": time.perf_counter() - begin, "machine": machine(),
             "outer_steps": outer_steps, "inner_steps": tasks[0].inner_steps,
             "train_budget": train_budget, "train_damping": train_damping,
