@@ -29,13 +29,13 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import _machine  # noqa: E402  (experiments/ is on sys.path when run as a script)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,33 +301,19 @@ def spectra(cfg: Config, operators: dict[str, hvp.LinearOperator]) -> dict[str, 
 # Thin shell: machine description, tables, report, plot.
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def library_version() -> str:
     """The commit the ``hvp`` package was imported from, and whether it has local changes."""
-    root = Path(hvp.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "hvp"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    found = _machine.git_commit("hvp")
+    if found is None:
         return "unknown (not a git checkout)"
-    return f"{commit}" + (" with uncommitted changes in hvp/" if dirty else " (hvp/ clean)")
+    commit, dirty = found
+    return commit + (" with uncommitted changes in hvp/" if dirty else " (hvp/ clean)")
 
 
 def machine(load_before: tuple[float, ...], library: str) -> dict[str, str]:
     device = jax.devices()[0]
     load_after = os.getloadavg()
-    return {"platform": platform.platform(), "CPU": cpu_model(),
+    return {"platform": platform.platform(), "CPU": _machine.cpu_model(),
             "cores": str(os.cpu_count()), "Python": platform.python_version(),
             "JAX": f"{jax.__version__} (jaxlib {jax.lib.__version__})",
             "backend device": f"{jax.default_backend()}: {device.device_kind} "

@@ -34,13 +34,13 @@ import importlib.metadata
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import _machine  # noqa: E402  (experiments/ is on sys.path when run as a script)
 import jax
 import jax.numpy as jnp
 import jaxopt
@@ -703,31 +703,18 @@ def summary(cfg: Config, rows: list[dict[str, Any]], float64: list[dict[str, Any
 # Thin shell: machine description, report, CSV, plot.
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def library_version() -> str:
-    root = Path(bilevel.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "bilevel",
-                                "hvp"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    found = _machine.git_commit("bilevel", "hvp")
+    if found is None:
         return "unknown (not a git checkout)"
+    commit, dirty = found
     return commit + (" with uncommitted changes in bilevel/ or hvp/" if dirty else " (clean)")
 
 
 def machine(load_before: tuple[float, ...]) -> dict[str, str]:
     device = jax.devices()[0]
-    return {"platform": platform.platform(), "CPU": cpu_model(), "cores": str(os.cpu_count()),
+    return {"platform": platform.platform(), "CPU": _machine.cpu_model(),
+            "cores": str(os.cpu_count()),
             "Python": platform.python_version(),
             "JAX": f"{jax.__version__} (jaxlib {jax.lib.__version__}), optax "
                    f"{optax.__version__}, jaxopt {importlib.metadata.version('jaxopt')}",
