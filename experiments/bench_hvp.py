@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import _machine  # noqa: E402  (experiments/ is on sys.path when run as a script)
+import _common  # noqa: E402  (experiments/ is on sys.path when run as a script)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,12 +87,7 @@ TARGET_VS_HAND = 0.05  # the library's fwd_rev within 5% of the hand-written pro
 # Pure core: the model, the data, the loss.
 
 
-def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, dict[str, jax.Array]]:
-    """LeCun-normal weights, zero biases; a dict of layers ``{"layer0": {"w", "b"}, ...}``."""
-    keys = jax.random.split(key, len(sizes) - 1)
-    return {f"layer{i}": {"w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m),
-                          "b": jnp.zeros((n,), jnp.float32)}
-            for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))}
+init_mlp = _common.init_mlp
 
 
 def mlp(params: PyTree, x: jax.Array) -> jax.Array:
@@ -303,7 +298,7 @@ def spectra(cfg: Config, operators: dict[str, hvp.LinearOperator]) -> dict[str, 
 
 def library_version() -> str:
     """The commit the ``hvp`` package was imported from, and whether it has local changes."""
-    found = _machine.git_commit("hvp")
+    found = _common.git_commit("hvp")
     if found is None:
         return "unknown (not a git checkout)"
     commit, dirty = found
@@ -313,7 +308,7 @@ def library_version() -> str:
 def machine(load_before: tuple[float, ...], library: str) -> dict[str, str]:
     device = jax.devices()[0]
     load_after = os.getloadavg()
-    return {"platform": platform.platform(), "CPU": _machine.cpu_model(),
+    return {"platform": platform.platform(), "CPU": _common.cpu_model(),
             "cores": str(os.cpu_count()), "Python": platform.python_version(),
             "JAX": f"{jax.__version__} (jaxlib {jax.lib.__version__})",
             "backend device": f"{jax.default_backend()}: {device.device_kind} "

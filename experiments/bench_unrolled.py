@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import _machine  # noqa: E402  (experiments/ is on sys.path when run as a script)
+import _common  # noqa: E402  (experiments/ is on sys.path when run as a script)
 import jax
 import jax.numpy as jnp
 import jaxopt
@@ -117,12 +117,7 @@ def rounds_at(cfg: Config, repeats: int, steps: int) -> int:
 # Pure core: the model, the losses, the data.
 
 
-def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, dict[str, jax.Array]]:
-    """LeCun-normal weights, zero biases; ``{"layer0": {"w", "b"}, ...}``."""
-    keys = jax.random.split(key, len(sizes) - 1)
-    return {f"layer{i}": {"w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m),
-                          "b": jnp.zeros((n,), jnp.float32)}
-            for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))}
+init_mlp = _common.init_mlp
 
 
 def mlp(params: PyTree, x: jax.Array) -> jax.Array:
@@ -704,7 +699,7 @@ def summary(cfg: Config, rows: list[dict[str, Any]], float64: list[dict[str, Any
 
 
 def library_version() -> str:
-    found = _machine.git_commit("bilevel", "hvp")
+    found = _common.git_commit("bilevel", "hvp")
     if found is None:
         return "unknown (not a git checkout)"
     commit, dirty = found
@@ -713,7 +708,7 @@ def library_version() -> str:
 
 def machine(load_before: tuple[float, ...]) -> dict[str, str]:
     device = jax.devices()[0]
-    return {"platform": platform.platform(), "CPU": _machine.cpu_model(),
+    return {"platform": platform.platform(), "CPU": _common.cpu_model(),
             "cores": str(os.cpu_count()),
             "Python": platform.python_version(),
             "JAX": f"{jax.__version__} (jaxlib {jax.lib.__version__}), optax "

@@ -39,7 +39,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # the Dense references are float64
 
-import _machine  # noqa: E402  (experiments/ is on sys.path when run as a script)
+import _common  # noqa: E402  (experiments/ is on sys.path when run as a script)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -93,7 +93,7 @@ def _cell(value):
 
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
-            "cpu_model": _machine.cpu_model(), "cores": os.cpu_count(), "python":
+            "cpu_model": _common.cpu_model(), "cores": os.cpu_count(), "python":
             platform.python_version(), "jax": jax.__version__, "device": str(jax.devices()[0]),
             "library_commit": library_commit()}
 
@@ -101,7 +101,7 @@ def machine() -> dict:
 def library_commit() -> str:
     """The repository commit the library was imported from (``+dirty`` if hvp/ or bilevel/
     differ from it), so that results can be matched to the solver code that produced them."""
-    found = _machine.git_commit("hvp", "bilevel")
+    found = _common.git_commit("hvp", "bilevel")
     if found is None:
         return "unknown"
     commit, dirty = found

@@ -1,10 +1,14 @@
-"""What every experiment records about where it ran: the CPU and the library's commit."""
+"""Pieces the experiment scripts share: where they ran (CPU, library commit) and the MLP."""
 
 from __future__ import annotations
 
+import math
 import platform
 import subprocess
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +33,11 @@ def git_commit(*paths: str) -> tuple[str, bool] | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit, bool(dirty)
+
+
+def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, dict[str, jax.Array]]:
+    """LeCun-normal weights, zero biases; a dict of layers ``{"layer0": {"w", "b"}, ...}``."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {f"layer{i}": {"w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m),
+                          "b": jnp.zeros((n,), jnp.float32)}
+            for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))}
