@@ -611,11 +611,7 @@ No dense reference: the operator has {n_params:,} rows, so materialising it woul
 # main
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+positive_int = _common.positive_int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -887,11 +887,7 @@ implicit[::3])}); ratios are medians of per-round ratios.
 # main
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+positive_int = _common.positive_int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
