@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import importlib
 import itertools
 import json
 import math
@@ -708,10 +709,28 @@ Times are medians after a warm-up (x base = time / the identity hypergradient's)
 compiled temp+output bytes. ok = finite, relative error <= 1 and not DIVERGED/NONFINITE."""
 
 
+# Command groups that live beside the code they drive: each module defines ``HELP``,
+# ``add_arguments(parser)`` and ``run(args, parser) -> exit status``.
+_EXTENSIONS: dict[str, str] = {"lopt": "bilevel.lopt.cli", "ssl": "semisup.cli"}
+
+
+def _extension_commands() -> dict[str, Command]:
+    commands = {}
+    for name, module_name in _EXTENSIONS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue  # that part of the library is not installed in this checkout
+            raise
+        commands[name] = Command(module.HELP, module.add_arguments, module.run)
+    return commands
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bilevel", description="Command line of the bilevel library.")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for name, command in COMMANDS.items():
+    for name, command in {**COMMANDS, **_extension_commands()}.items():
         sub = commands.add_parser(
             name, help=command.help, description=command.help,
             epilog=_EPILOG_COMPARE_HVP if name == "compare-hvp" else None,
