@@ -59,9 +59,6 @@ DTYPES = ("float32", "float64")
 #: Products of power iteration for the fixed λ_max estimate behind α (Neumann, LiSSA, Identity,
 #: the unrolled learning rate).
 POWER_ITERS = 50
-#: Indices into ``(hparams, *inner_args)`` of the per-example arguments that LiSSA subsamples.
-LISSA_BATCH_ARGNUMS = {"ridge": (1, 2), "logistic_l2": (1, 2), "reweighting": (0, 1, 2),
-                       "digits_mlp": (1, 2)}
 
 
 class ConfigError(ValueError):
@@ -123,10 +120,14 @@ def check_config(config: CompareHvpConfig) -> None:
         raise ConfigError("repeats, lissa_batch and jobs must be >= 1")
     if config.nystrom_rho is not None and not (0 < config.nystrom_rho < math.inf):
         raise ConfigError(f"nystrom_rho must be a finite number > 0, got {config.nystrom_rho}")
-    if "lissa" in config.solvers and config.problem not in LISSA_BATCH_ARGNUMS:
+
+
+def check_problem(config: CompareHvpConfig, problem) -> None:
+    """Raise :class:`ConfigError` for solvers the built ``problem`` cannot serve (before its
+    inner solve): LiSSA needs per-example data (``problem.batch_argnums``) to subsample."""
+    if "lissa" in config.solvers and not problem.batch_argnums:
         raise ConfigError(f"lissa needs per-example data to subsample; problem "
-                          f"{config.problem!r} has none (use it with "
-                          f"{', '.join(LISSA_BATCH_ARGNUMS)})")
+                          f"{config.problem!r} has none (its batch_argnums is empty)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +187,9 @@ def solver_setting(name: str, budget: int, setup: Setup, config: CompareHvpConfi
 
 
 def _num_examples(problem) -> int:
-    return int(problem.inner_args[0].shape[0])
+    """The size of the example axis LiSSA samples along (``problem.batch_argnums``)."""
+    first = (problem.hparams, *problem.inner_args)[problem.batch_argnums[0]]
+    return int(jax.tree_util.tree_leaves(first)[0].shape[0])
 
 
 def _tree_vector(tree: PyTree):
@@ -212,7 +215,7 @@ def _hypergrad_fn(problem, solver, config: CompareHvpConfig) -> Callable:
 
 def _lissa_fn(problem, solver, config: CompareHvpConfig) -> Callable:
     """As :func:`_hypergrad_fn`, on a Hessian that can draw minibatches (LiSSA needs one)."""
-    batch_argnums = LISSA_BATCH_ARGNUMS[config.problem]
+    batch_argnums = problem.batch_argnums  # the per-example arguments LiSSA subsamples
 
     def f(params, hparams, inner_args, outer_args, damping):
         def curvature(p, h, *args):
@@ -259,6 +262,7 @@ def prepare(config: CompareHvpConfig) -> Setup:
     """
     jax.config.update("jax_enable_x64", True)
     problem = bilevel.make_problem(config.problem, jax.random.key(config.seed), dtype=jnp.float64)
+    check_problem(config, problem)
     params = jax.jit(problem.solve_inner)(problem.params, problem.hparams, *problem.inner_args)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     if num_params > hvp.DEFAULT_DENSE_LIMIT:

@@ -60,6 +60,12 @@ class BilevelProblem:
         jitted inner minimiser built from ``lax`` loops (so it also runs under ``vmap``).
       exact_hypergrad: ``exact_hypergrad(hparams) -> d outer(θ*(λ), λ)/dλ`` in closed form (a
         pytree like ``hparams``), or None where there is no closed form.
+      batch_argnums: positions in ``(hparams, *inner_args)`` of the arguments whose leading
+        axis runs over training examples (the inner loss is a mean over that axis), in the
+        convention of ``hvp.hessian(inner_loss, params, hparams, *inner_args,
+        batch_argnums=...)``: a stochastic solver such as ``hvp.LiSSA`` draws minibatches
+        along it. Empty where the inner loss is not a mean over examples (e.g. iMAML's sum
+        over tasks, each with its own parameters), so no minibatch Hessian is unbiased.
       metadata: facts about the instance (e.g. which labels were flipped); free-form.
     """
 
@@ -72,7 +78,26 @@ class BilevelProblem:
     outer_args: tuple
     solve_inner: Callable[..., PyTree]
     exact_hypergrad: Callable[[PyTree], PyTree] | None
+    batch_argnums: tuple[int, ...] = ()
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        where = f"bilevel.BilevelProblem({self.name!r})"
+        arguments = (self.hparams, *self.inner_args)
+        numbers = self.batch_argnums
+        if (not isinstance(numbers, tuple)
+                or any(not isinstance(i, int) or isinstance(i, bool) for i in numbers)
+                or len(set(numbers)) != len(numbers)
+                or any(not 0 <= i < len(arguments) for i in numbers)):
+            raise ValueError(f"{where}: batch_argnums must be a tuple of distinct positions in "
+                             f"(hparams, *inner_args), integers in [0, {len(arguments)}), got "
+                             f"{numbers!r}")
+        sizes = {i: _leading_sizes(arguments[i]) for i in numbers}
+        found = {size for leaves in sizes.values() for size in leaves}
+        if len(found) > 1 or None in found or any(not leaves for leaves in sizes.values()):
+            raise ValueError(f"{where}: the arguments named by batch_argnums={numbers} must be "
+                             f"arrays sharing one leading (example) axis; their leading sizes "
+                             f"are {sizes}")
 
     def hyperobjective(self, hparams: PyTree, params_init: PyTree | None = None) -> jax.Array:
         """``F(λ) = outer(solve_inner(params_init, λ), λ)``, what a hypergradient differentiates.
@@ -86,6 +111,12 @@ class BilevelProblem:
         start = self.params if params_init is None else params_init
         solution = self.solve_inner(start, hparams, *self.inner_args)
         return self.outer_loss(solution, hparams, *self.outer_args)
+
+
+def _leading_sizes(tree: PyTree) -> list[int | None]:
+    """The leading-axis size of every leaf (None for a scalar leaf)."""
+    return [jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+            for leaf in jax.tree_util.tree_leaves(tree)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +277,7 @@ def ridge(key: jax.Array, n_train: int = 50, n_val: int = 50, dim: int = 10, *,
         hparams=jnp.full((dim,) if per_feature else (), log_reg, dtype),
         inner_args=(x, y), outer_args=(x_val, y_val), solve_inner=_ridge_solve,
         exact_hypergrad=functools.partial(_ridge_hypergrad, x, y, x_val, y_val),
+        batch_argnums=(1, 2),
         metadata={"convex": True, "true_weights": weights},
     )
 
@@ -351,7 +383,7 @@ def logistic_l2(key: jax.Array, n_train: int = 100, n_val: int = 100, dim: int |
         params=jnp.zeros((x.shape[1],), dtype), hparams=jnp.full((x.shape[1],), log_reg, dtype),
         inner_args=(x, y), outer_args=(x_val, y_val),
         solve_inner=_newton_solver(_logistic_inner, newton_steps), exact_hypergrad=None,
-        metadata={"convex": True, "data": data},
+        batch_argnums=(1, 2), metadata={"convex": True, "data": data},
     )
 
 
@@ -574,6 +606,7 @@ def data_reweighting(key: jax.Array, n_train: int = 40, n_val: int = 40, dim: in
         name="reweighting", inner_loss=inner, outer_loss=outer,
         params=jnp.zeros((dim,), dtype), hparams=jnp.zeros((n_train,), dtype),
         inner_args=(x, y), outer_args=(x_val, y_val), solve_inner=solve, exact_hypergrad=exact,
+        batch_argnums=(0, 1, 2),  # one weight logit per example: h is sampled with its example
         metadata={"convex": True, "loss": loss, "flipped": jnp.asarray(flipped),
                   "clean_labels": clean},
     )
@@ -683,6 +716,7 @@ def digits_mlp(key: jax.Array, hidden: int = 16, n_train: int = 256, n_val: int 
         inner_args=(jnp.asarray(x, dtype), jnp.asarray(labels)),
         outer_args=(jnp.asarray(x_val, dtype), jnp.asarray(labels_val)),
         solve_inner=_lbfgs_solver(_mlp_inner, lbfgs_steps, memory_size), exact_hypergrad=None,
+        batch_argnums=(1, 2),
         metadata={"convex": False, "num_params": 64 * hidden + hidden + hidden * 10 + 10},
     )
 

@@ -31,7 +31,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ridge_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare-hvp")
-    result = _run("compare-hvp", "--problem", "ridge", "--solvers", "cg,identity,neumann",
+    result = _run("compare-hvp", "--problem", "ridge", "--solvers", "cg,identity,neumann,lissa",
                   "--budgets", "1,3,6", "--repeats", "1", "--out", str(out))
     return result, out
 
@@ -52,10 +52,13 @@ def test_end_to_end_csv_rows(ridge_run):
         reader = csv.DictReader(file)
         assert reader.fieldnames == EXPECTED_COLUMNS
         rows = list(reader)
-    # cg and neumann at each of 3 budgets; identity is budget-independent: one row.
+    # cg, neumann and lissa at each of 3 budgets; identity is budget-independent: one row.
     assert [(r["solver"], r["budget"]) for r in rows] == [
         ("cg", "1"), ("cg", "3"), ("cg", "6"), ("neumann", "1"), ("neumann", "3"),
-        ("neumann", "6"), ("identity", "")]
+        ("neumann", "6"), ("lissa", "1"), ("lissa", "3"), ("lissa", "6"), ("identity", "")]
+    # LiSSA samples minibatches of 32 of ridge's 50 examples along problem.batch_argnums.
+    assert {r["setting"] for r in rows if r["solver"] == "lissa"} == {
+        f"depth={b} batch=32" for b in (1, 3, 6)}
     cg = {int(r["budget"]): r for r in rows if r["solver"] == "cg"}
     # 5 CG iterations solve the 10-dim ridge system almost exactly (the damping floor is 1e-4);
     # the scalar hypergradient's error need not fall at every budget, its residual does here.
@@ -70,7 +73,7 @@ def test_end_to_end_csv_rows(ridge_run):
 def test_end_to_end_json(ridge_run):
     _, out = ridge_run
     data = json.loads((out / "results.json").read_text())
-    assert len(data["rows"]) == 7
+    assert len(data["rows"]) == 10
     assert data["config"]["problem"] == "ridge"
     assert "Dense" in data["reference"] and data["lambda_max"] > 0
     assert 0 <= data["damping_floor"] < 1e-2

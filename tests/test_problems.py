@@ -2,6 +2,7 @@
 differences and autodiff, an independent dense IFT reference for the rest, float32 builds, the
 registry and determinism. Everything numerical runs in float64 (conftest turns x64 on)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -353,6 +354,55 @@ def test_make_problem_passes_keyword_arguments():
 def test_invalid_arguments_are_named(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         problems.make_problem(name, jax.random.key(0), **kwargs)
+
+
+def _halves(problem, hparams, first: bool):
+    """(hparams, *inner_args) with the batch_argnums arguments cut to one half of the examples."""
+    arguments = list((hparams, *problem.inner_args))
+    for i in problem.batch_argnums:
+        n = jax.tree_util.tree_leaves(arguments[i])[0].shape[0]
+        arguments[i] = jax.tree_util.tree_map(
+            lambda a, n=n: a[: n // 2] if first else a[n // 2:], arguments[i])
+    return arguments
+
+
+def test_batch_argnums_name_an_axis_the_inner_loss_averages(case):
+    # LiSSA's minibatch Hessians are unbiased only if the inner loss is a mean over the axis
+    # batch_argnums names (plus terms without data): then the loss on all examples is the
+    # average of the losses on two equal halves, to round-off (every n_train here is even).
+    case_id, problem, hparams, solution = case
+    if case_id == "imaml":  # a sum over tasks, each with its own parameters: nothing to sample
+        assert problem.batch_argnums == ()
+        return
+    arguments = (hparams, *problem.inner_args)
+    sizes = {leaf.shape[0] for i in problem.batch_argnums
+             for leaf in jax.tree_util.tree_leaves(arguments[i])}
+    assert problem.batch_argnums and len(sizes) == 1 and sizes.pop() % 2 == 0
+    full = problem.inner_loss(solution, hparams, *problem.inner_args)
+    halves = [problem.inner_loss(solution, *_halves(problem, hparams, first))
+              for first in (True, False)]
+    np.testing.assert_allclose(float(full), 0.5 * float(sum(halves)), rtol=1e-12)
+    # Not vacuous: the two halves' losses differ.
+    assert abs(float(halves[0]) - float(halves[1])) > 1e-6 * abs(float(full))
+
+
+@pytest.mark.parametrize("batch_argnums,message", [
+    ((3,), r"batch_argnums must be a tuple of distinct positions .* \[0, 3\), got \(3,\)"),
+    ([1, 2], r"must be a tuple of distinct positions"),
+    ((1, 1), r"must be a tuple of distinct positions"),
+    ((0, 1), r"sharing one leading \(example\) axis"),  # ridge's λ is a scalar
+])
+def test_bad_batch_argnums_are_named(batch_argnums, message):
+    problem = _build("ridge")
+    with pytest.raises(ValueError, match=r"BilevelProblem\('ridge'\): .*" + message):
+        dataclasses.replace(problem, batch_argnums=batch_argnums)
+
+
+def test_batch_argnums_sizes_must_agree():
+    problem = _build("reweighting")
+    x, y = problem.inner_args
+    with pytest.raises(ValueError, match="leading sizes are"):
+        dataclasses.replace(problem, inner_args=(x, y[:-1]))
 
 
 def test_hyperobjective_is_outer_at_the_solution():
