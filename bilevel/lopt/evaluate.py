@@ -1,0 +1,368 @@
+"""Evaluation of learned optimizers against learning-rate-tuned baselines (``bilevel lopt eval``).
+
+The protocol follows VeLO (Metz et al. 2022, §4) and its independent re-evaluation (Rezk et al.
+2023): every baseline (Adam, NAdamW, SGD with momentum) gets a log-spaced learning-rate sweep
+per task, each run over several seeds; the tuned baseline is the learning rate with the lowest
+mean final training loss. A learned optimizer is reported by
+
+* its final training loss (the task's full-training-set loss after ``steps`` updates), and
+* its **speed-up**: the number of steps LR-tuned Adam needs to reach the learned optimizer's
+  final loss, over the learned optimizer's number of steps. Above 1 the learned optimizer is
+  faster; below 1 Adam gets there sooner. When no Adam run reaches the loss within its own
+  horizon the speed-up is only known to exceed ``adam_steps / steps`` and is reported as such.
+
+Across tasks, :func:`performance_profile` gives each optimizer's fraction of tasks on which its
+final loss is within a factor τ of the best optimizer's (Dolan & Moré 2002, on final losses).
+
+The numerical core (:func:`run_optimizer`, :func:`run_baseline_sweep`, :func:`tune_baseline`,
+:func:`speedup`, :func:`performance_profile`) is pure; :func:`add_arguments` and :func:`run`
+are the command-line shell (parsing, progress bar, files).
+
+A *task* is any object with the fields of :class:`bilevel.lopt.tasks.Task`: ``name``,
+``init(key) -> params``, ``loss(params, batch) -> scalar``, ``batches(key, steps) -> batch tree
+with a leading steps axis``, ``eval_loss(params) -> scalar`` and ``held_out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+#: Baseline names accepted by :func:`baseline`, in table order.
+BASELINES = ("adam", "nadamw", "sgdm")
+#: Learned optimizers the CLI knows, in table order.
+LEARNED = ("mlp_lopt", "star_lopt")
+OPTIMIZERS = LEARNED + BASELINES
+#: Half-decade grid 1e-4 ... 1 (9 values), VeLO's spacing over the range where these tasks'
+#: tuned learning rates lie for all three baselines (SGD-momentum's optimum is the largest).
+DEFAULT_LRS = tuple(float(10.0 ** e) for e in np.arange(-4.0, 0.01, 0.5))
+#: NAdamW's decoupled weight decay (optax's default) and SGD's heavy-ball momentum.
+NADAMW_WEIGHT_DECAY = 1e-4
+SGD_MOMENTUM = 0.9
+
+
+class Curve(NamedTuple):
+    """Loss curves of one run (leading axes added by ``vmap``: learning rates, seeds).
+
+    Attributes:
+      train_loss: ``(steps,)`` minibatch loss before each update.
+      eval_loss: ``(num_evals,)`` full-training-set loss (``task.eval_loss``) at ``eval_steps``.
+      eval_steps: ``(num_evals,)`` int, ``0, eval_every, 2·eval_every, ..., steps``.
+    """
+    train_loss: jax.Array
+    eval_loss: jax.Array
+    eval_steps: jax.Array
+
+
+def baseline(name: str, learning_rate, *, schedule_steps: int | None = None
+             ) -> optax.GradientTransformationExtraArgs:
+    """A hand-designed baseline optimizer; ``learning_rate`` may be a traced scalar (vmapped).
+
+    Args:
+      name: ``"adam"`` (Kingma & Ba 2015), ``"nadamw"`` (Nesterov Adam with decoupled weight
+        decay 1e-4, Dozat 2016 / Loshchilov & Hutter 2019) or ``"sgdm"`` (heavy-ball momentum
+        0.9).
+      learning_rate: peak learning rate.
+      schedule_steps: if given, the learning rate follows a cosine decay to 0 over this many
+        steps (used to tell a baseline a training horizon).
+
+    Returns:
+      An optax transformation that accepts (and ignores) extra arguments such as ``loss=``.
+    """
+    if name not in BASELINES:
+        raise ValueError(f"evaluate.baseline: name must be one of {', '.join(BASELINES)}, "
+                         f"got {name!r}")
+    lr = learning_rate
+    if schedule_steps is not None:
+        lr = optax.cosine_decay_schedule(learning_rate, schedule_steps)
+    if name == "adam":
+        opt = optax.adam(lr)
+    elif name == "nadamw":
+        opt = optax.nadamw(lr, weight_decay=NADAMW_WEIGHT_DECAY)
+    else:
+        opt = optax.sgd(lr, momentum=SGD_MOMENTUM)
+    return optax.with_extra_args_support(opt)
+
+
+def _check_schedule(steps: int, eval_every: int | None) -> int:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"evaluate.run_optimizer: steps must be an integer >= 1, got {steps!r}")
+    eval_every = steps if eval_every is None else eval_every
+    if not isinstance(eval_every, int) or eval_every < 1 or steps % eval_every:
+        raise ValueError(f"evaluate.run_optimizer: eval_every must be an integer >= 1 that "
+                         f"divides steps={steps}, got {eval_every!r}")
+    return eval_every
+
+
+def run_optimizer(task, optimizer: optax.GradientTransformation, steps: int, key: jax.Array,
+                  *, eval_every: int | None = None) -> Curve:
+    """Train ``task`` from ``task.init`` for ``steps`` updates of ``optimizer`` (pure, jittable).
+
+    Each update is ``u, s = optimizer.update(g, s, θ, loss=ℓ); θ ← θ + u`` with ``(ℓ, g)`` the
+    minibatch loss and gradient, so learned optimizers receive the loss they may use as a
+    feature. The minibatches of chunk ``c`` (``eval_every`` steps) are
+    ``task.batches(fold_in(k_data, c), eval_every)``: only one chunk of data is held at once,
+    and a seed gives every optimizer the same initial parameters and the same batches.
+
+    Args:
+      task: see the module docstring.
+      optimizer: an optax transformation (wrapped to accept ``loss=`` if it does not).
+      steps: number of updates.
+      key: PRNG key of this seed (initial parameters and data order).
+      eval_every: steps between two full-training-set losses (default ``steps``: only the
+        initial and the final one); must divide ``steps``.
+
+    Returns:
+      :class:`Curve`; ``vmap`` over ``key`` for seeds.
+    """
+    eval_every = _check_schedule(steps, eval_every)
+    optimizer = optax.with_extra_args_support(optimizer)
+    init_key, data_key = jax.random.split(key)
+    params = task.init(init_key)
+    state = optimizer.init(params)
+
+    def step(carry, batch):
+        params, state = carry
+        loss, grads = jax.value_and_grad(task.loss)(params, batch)
+        updates, state = optimizer.update(grads, state, params, loss=loss)
+        return (optax.apply_updates(params, updates), state), loss
+
+    def chunk(carry, index):
+        batches = task.batches(jax.random.fold_in(data_key, index), eval_every)
+        carry, losses = jax.lax.scan(step, carry, batches)
+        return carry, (losses, task.eval_loss(carry[0]))
+
+    num_chunks = steps // eval_every
+    _, (train_loss, eval_loss) = jax.lax.scan(chunk, (params, state), jnp.arange(num_chunks))
+    eval_loss = jnp.concatenate([task.eval_loss(params)[None], eval_loss])
+    eval_steps = jnp.arange(num_chunks + 1) * eval_every
+    return Curve(train_loss.reshape(steps), eval_loss, eval_steps)
+
+
+def seed_keys(seeds: int | Sequence[int]) -> jax.Array:
+    """Keys of seeds ``0..seeds-1`` (or of the listed seeds), shared by every optimizer."""
+    seeds = range(seeds) if isinstance(seeds, int) else seeds
+    return jnp.stack([jax.random.key(s) for s in seeds])
+
+
+def run_seeds(task, optimizer, steps: int, keys: jax.Array, *, eval_every: int | None = None
+              ) -> Curve:
+    """:func:`run_optimizer` vmapped over ``keys`` in one compiled program (leading seed axis)."""
+    fn = jax.jit(jax.vmap(lambda k: run_optimizer(task, optimizer, steps, k,
+                                                  eval_every=eval_every)))
+    return fn(keys)
+
+
+def run_baseline_sweep(task, name: str, learning_rates: Sequence[float], steps: int,
+                       keys: jax.Array, *, eval_every: int | None = None,
+                       schedule_steps: int | None = None) -> Curve:
+    """A baseline over a learning-rate grid × seeds: one compiled program, axes ``(lr, seed)``.
+
+    Args:
+      task: see the module docstring.
+      name: a name from :data:`BASELINES`.
+      learning_rates: the grid (each > 0).
+      steps, eval_every: as in :func:`run_optimizer`.
+      keys: seed keys (:func:`seed_keys`).
+      schedule_steps: cosine-decay horizon told to the baseline (None: constant rate).
+
+    Returns:
+      :class:`Curve` with leading axes ``(len(learning_rates), len(keys))``.
+    """
+    lrs = np.asarray(learning_rates, np.float64)
+    if lrs.ndim != 1 or lrs.size == 0 or not np.all(np.isfinite(lrs) & (lrs > 0)):
+        raise ValueError(f"evaluate.run_baseline_sweep: learning_rates must be a non-empty list "
+                         f"of finite numbers > 0, got {list(learning_rates)}")
+    baseline(name, 1.0)  # validates the name before compiling
+
+    def one(lr, key):
+        opt = baseline(name, lr, schedule_steps=schedule_steps)
+        return run_optimizer(task, opt, steps, key, eval_every=eval_every)
+
+    fn = jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None)))
+    dtype = jax.tree_util.tree_leaves(jax.eval_shape(task.init, keys[0]))[0].dtype
+    return fn(jnp.asarray(lrs, dtype), keys)
+
+
+def _finite_or_inf(x) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return np.where(np.isfinite(x), x, np.inf)
+
+
+class Tuned(NamedTuple):
+    """Result of :func:`tune_baseline`.
+
+    Attributes:
+      name: the baseline.
+      learning_rates: ``(L,)`` the grid.
+      best_index: index of the chosen learning rate.
+      score: ``(L,)`` mean over seeds of the selection loss (inf for a diverged run).
+      curves: :class:`Curve` with axes ``(L, seeds, ...)``.
+      at_edge: True when the best rate is the grid's smallest or largest (widen the grid).
+    """
+    name: str
+    learning_rates: np.ndarray
+    best_index: int
+    score: np.ndarray
+    curves: Curve
+    at_edge: bool
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.learning_rates[self.best_index])
+
+    @property
+    def best(self) -> Curve:
+        """The curves (axes ``(seeds, ...)``) of the chosen learning rate."""
+        return jax.tree_util.tree_map(lambda x: x[self.best_index], self.curves)
+
+
+def select_learning_rate(eval_loss: np.ndarray, tail_fraction: float = 0.0
+                         ) -> tuple[int, np.ndarray]:
+    """Index of the best learning rate from full-training-set losses of axes ``(lr, seed, eval)``.
+
+    The score of a rate is the mean over seeds of the final loss (``tail_fraction = 0``) or of
+    the mean of the last ``ceil(tail_fraction · num_evals)`` evaluations; a run with any
+    non-finite loss in that window scores ``inf`` (a diverged run is never chosen).
+
+    Returns:
+      ``(best_index, scores)``.
+    """
+    eval_loss = np.asarray(eval_loss, np.float64)
+    if eval_loss.ndim != 3:
+        raise ValueError(f"evaluate.select_learning_rate: eval_loss must have axes (lr, seed, "
+                         f"eval), got shape {eval_loss.shape}")
+    tail = max(1, math.ceil(tail_fraction * eval_loss.shape[-1]))
+    per_seed = _finite_or_inf(eval_loss[..., -tail:]).mean(axis=-1)
+    scores = per_seed.mean(axis=1)
+    return int(np.argmin(scores)), scores
+
+
+def tune_baseline(task, name: str, learning_rates: Sequence[float], steps: int,
+                  seeds: int | Sequence[int], *, eval_every: int | None = None,
+                  tail_fraction: float = 0.0, schedule_steps: int | None = None) -> Tuned:
+    """Sweep a baseline's learning rate and choose the rate with the lowest mean final loss.
+
+    VeLO's protocol (Metz et al. 2022, §4.1): a log-spaced grid, several seeds per rate, the
+    rate with the best mean final training loss. See :func:`run_baseline_sweep` and
+    :func:`select_learning_rate` for the arguments.
+    """
+    curves = run_baseline_sweep(task, name, learning_rates, steps, seed_keys(seeds),
+                                eval_every=eval_every, schedule_steps=schedule_steps)
+    best, scores = select_learning_rate(np.asarray(curves.eval_loss), tail_fraction)
+    lrs = np.asarray(learning_rates, np.float64)
+    return Tuned(name, lrs, best, scores, curves, best in (0, len(lrs) - 1))
+
+
+def steps_to_reach(eval_steps, loss_curve, target: float) -> float:
+    """First step at which a loss curve reaches ``target`` (``loss <= target``), else ``inf``.
+
+    Between two evaluations the loss is interpolated linearly, so a curve evaluated every k
+    steps resolves the crossing below k. A curve already at or below the target at its first
+    evaluation gives that evaluation's step.
+    """
+    steps = np.asarray(eval_steps, np.float64)
+    loss = np.asarray(loss_curve, np.float64)
+    if loss.shape != steps.shape or loss.ndim != 1:
+        raise ValueError(f"evaluate.steps_to_reach: loss_curve {loss.shape} and eval_steps "
+                         f"{steps.shape} must be the same 1-D shape")
+    below = np.flatnonzero(np.isfinite(loss) & (loss <= target))
+    if below.size == 0:
+        return math.inf
+    i = int(below[0])
+    if i == 0 or not np.isfinite(loss[i - 1]) or loss[i - 1] == loss[i]:
+        return float(steps[i])
+    fraction = (loss[i - 1] - target) / (loss[i - 1] - loss[i])
+    return float(steps[i - 1] + fraction * (steps[i] - steps[i - 1]))
+
+
+class Speedup(NamedTuple):
+    """Result of :func:`speedup`.
+
+    Attributes:
+      value: ``adam_steps / lopt_steps``; ``inf`` when Adam never reaches the loss.
+      adam_steps: steps tuned Adam needs (``inf`` if never within ``horizon``).
+      horizon: the longest Adam run; when not reached the speed-up is ``> horizon / lopt_steps``.
+      lopt_steps: the learned optimizer's number of steps.
+      reached: whether some Adam run reached the loss.
+      learning_rate_index: index of the learning rate that got there first (-1 if none).
+    """
+    value: float
+    adam_steps: float
+    horizon: float
+    lopt_steps: float
+    reached: bool
+    learning_rate_index: int
+
+    @property
+    def lower_bound(self) -> float:
+        """The speed-up is at least this (equal to ``value`` when reached)."""
+        return self.value if self.reached else self.horizon / self.lopt_steps
+
+    def __str__(self) -> str:
+        if self.reached:
+            return f"{self.value:.2f}x"
+        return f">{self.lower_bound:.2f}x"
+
+
+def speedup(eval_steps, adam_loss, lopt_final_loss: float, lopt_steps: int) -> Speedup:
+    """VeLO's speed-up: steps LR-tuned Adam needs to reach a loss, over the learned optimizer's.
+
+    ``adam_loss`` holds the seed-mean full-training-set loss curve of each learning rate (axes
+    ``(lr, eval)``, or one curve ``(eval,)``); as in VeLO, "LR-tuned Adam" is the rate that
+    reaches the target first, so ``adam_steps = min_lr steps_to_reach(curve_lr, target)``.
+
+    Args:
+      eval_steps: ``(num_evals,)`` steps of the curves' points.
+      adam_loss: ``(lr, num_evals)`` or ``(num_evals,)``.
+      lopt_final_loss: the target (the learned optimizer's seed-mean final loss).
+      lopt_steps: the learned optimizer's number of steps (> 0).
+
+    Returns:
+      :class:`Speedup`; ``value < 1`` means Adam is faster.
+    """
+    if not lopt_steps > 0:
+        raise ValueError(f"evaluate.speedup: lopt_steps must be > 0, got {lopt_steps}")
+    curves = np.atleast_2d(np.asarray(adam_loss, np.float64))
+    needed = np.array([steps_to_reach(eval_steps, c, lopt_final_loss) for c in curves])
+    horizon = float(np.asarray(eval_steps)[-1])
+    if not math.isfinite(lopt_final_loss) or not np.isfinite(needed).any():
+        return Speedup(math.inf, math.inf, horizon, float(lopt_steps), False, -1)
+    best = int(np.argmin(needed))
+    return Speedup(needed[best] / lopt_steps, float(needed[best]), horizon, float(lopt_steps),
+                   True, best)
+
+
+def performance_profile(final_losses: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Fraction of tasks on which each optimizer is within a factor τ of the best final loss.
+
+    ``ρ_s(τ) = |{p : ℓ_{p,s} <= τ · min_s' ℓ_{p,s'}}| / |tasks|`` (Dolan & Moré 2002, with final
+    losses as the cost). Losses must be > 0 (cross-entropies are); a non-finite loss is never
+    within any factor.
+
+    Args:
+      final_losses: ``(tasks, optimizers)``.
+      taus: ``(T,)`` factors >= 1.
+
+    Returns:
+      ``(optimizers, T)`` fractions in [0, 1].
+    """
+    losses = _finite_or_inf(final_losses)
+    if losses.ndim != 2 or np.any(losses <= 0):
+        raise ValueError(f"evaluate.performance_profile: final_losses must be (tasks, "
+                         f"optimizers) of positive losses, got shape {losses.shape}")
+    ratio = losses / losses.min(axis=1, keepdims=True)
+    taus = np.asarray(taus, np.float64)
+    return (ratio[:, :, None] <= taus[None, None, :]).mean(axis=0)
