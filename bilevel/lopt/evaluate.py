@@ -366,3 +366,344 @@ def performance_profile(final_losses: np.ndarray, taus: np.ndarray) -> np.ndarra
     ratio = losses / losses.min(axis=1, keepdims=True)
     taus = np.asarray(taus, np.float64)
     return (ratio[:, :, None] <= taus[None, None, :]).mean(axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The suite: every optimizer on every task, rows for the tables.
+
+
+class TaskResult(NamedTuple):
+    """Everything measured on one task: learned runs ``(seeds, ...)`` and tuned baselines."""
+    task: Any
+    learned: dict[str, Curve]
+    tuned: dict[str, Tuned]
+
+
+def evaluate_task(task, learned: dict[str, Callable[[int], Any]], baselines: Sequence[str],
+                  learning_rates: Sequence[float], steps: int, seeds: int | Sequence[int],
+                  *, eval_every: int | None = None,
+                  on_done: Callable[[str], None] = lambda name: None) -> TaskResult:
+    """Run every learned optimizer and tune every baseline on one task, same seeds for all.
+
+    Args:
+      task: see the module docstring.
+      learned: name → ``make(steps)`` returning the optimizer told a training length of
+        ``steps`` (a learned optimizer without horizon inputs ignores it).
+      baselines: names from :data:`BASELINES`.
+      learning_rates, steps, seeds, eval_every: as in :func:`tune_baseline`.
+      on_done: called with each optimizer's name when its runs finish (progress bars).
+    """
+    keys = seed_keys(seeds)
+    curves = {}
+    for name, make in learned.items():
+        curves[name] = jax.device_get(run_seeds(task, make(steps), steps, keys,
+                                                eval_every=eval_every))
+        on_done(name)
+    tuned = {}
+    for name in baselines:
+        tuned[name] = tune_baseline(task, name, learning_rates, steps, seeds,
+                                    eval_every=eval_every)
+        tuned[name] = tuned[name]._replace(curves=jax.device_get(tuned[name].curves))
+        on_done(name)
+    return TaskResult(task, curves, tuned)
+
+
+def _final(curve: Curve) -> np.ndarray:
+    """Per-seed final full-training-set losses (non-finite → inf)."""
+    return _finite_or_inf(np.asarray(curve.eval_loss)[..., -1])
+
+
+def result_rows(result: TaskResult, steps: int) -> list[dict[str, Any]]:
+    """One row per optimizer: final loss over seeds, tuned rate, speed-up over tuned Adam.
+
+    ``speedup`` is :func:`speedup` against every Adam learning rate's seed-mean curve (empty
+    when Adam was not run); ``vs_best`` is the final loss over the task's best final loss.
+    """
+    finals = {name: _final(c) for name, c in result.learned.items()}
+    finals.update({name: _final(t.best) for name, t in result.tuned.items()})
+    means = {name: float(np.mean(f)) for name, f in finals.items()}
+    best = min(means.values())
+    adam = result.tuned.get("adam")
+    rows = []
+    for name, final in finals.items():
+        tuned = result.tuned.get(name)
+        row = {"task": result.task.name, "held_out": bool(result.task.held_out),
+               "optimizer": name, "steps": steps, "seeds": final.size,
+               "final_loss": means[name], "final_loss_std": float(np.std(final)),
+               "diverged_seeds": int(np.sum(~np.isfinite(final))),
+               "vs_best": means[name] / best if best > 0 else math.nan,
+               "learning_rate": tuned.learning_rate if tuned else "",
+               "lr_at_grid_edge": tuned.at_edge if tuned else "",
+               "speedup": "", "speedup_reached": "", "adam_steps_to_reach": ""}
+        if adam is not None and name != "adam":
+            adam_mean = np.asarray(adam.curves.eval_loss, np.float64).mean(axis=1)
+            s = speedup(np.asarray(adam.curves.eval_steps)[0, 0], adam_mean, means[name], steps)
+            row.update(speedup=s.lower_bound, speedup_reached=s.reached,
+                       adam_steps_to_reach=s.adam_steps)
+        rows.append(row)
+    return rows
+
+
+def format_speedup(row: dict[str, Any]) -> str:
+    """``"1.52x"``, ``">1.00x"`` (tuned Adam never got there) or ``"-"``."""
+    if row["speedup"] == "":
+        return "-"
+    prefix = "" if row["speedup_reached"] else ">"
+    return f"{prefix}{row['speedup']:.2f}x"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The per-task table: final loss (mean ± std over seeds), tuned rate, speed-up vs Adam."""
+    lines = ["| task | held out | optimizer | final train loss | x best | tuned lr | "
+             "speed-up vs tuned Adam |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lr = "" if r["learning_rate"] == "" else f"{r['learning_rate']:.3g}"
+        if r["lr_at_grid_edge"] is True:
+            lr += " (edge)"
+        diverged = f" ({r['diverged_seeds']} diverged)" if r["diverged_seeds"] else ""
+        lines.append(f"| {r['task']} | {'yes' if r['held_out'] else 'no'} | {r['optimizer']} | "
+                     f"{r['final_loss']:.4g} ± {r['final_loss_std']:.2g}{diverged} | "
+                     f"{r['vs_best']:.2f} | {lr} | {format_speedup(r)} |")
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray]:
+    """``(tasks, optimizers, final_losses (tasks, optimizers))`` from :func:`result_rows` rows."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    losses = np.full((len(tasks), len(names)), np.inf)
+    for r in rows:
+        losses[tasks.index(r["task"]), names.index(r["optimizer"])] = r["final_loss"]
+    return tasks, names, losses
+
+
+def plot_profile(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Performance profile (:func:`performance_profile`) of the rows' optimizers, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, names, losses = profile_table(rows)
+    taus = np.geomspace(1.0, 10.0, 400)
+    rho = performance_profile(losses, taus)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in zip(names, rho, strict=True):
+        ax.step(taus, curve, where="post", label=name,
+                lw=2.2 if name in LEARNED else 1.2, ls="-" if name in LEARNED else "--")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("τ (final training loss within τ × the best on the task)")
+    ax.set_ylabel(f"fraction of the {len(tasks)} tasks")
+    ax.set_title(title or "performance profile")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows of :func:`result_rows` as CSV (columns in :data:`CSV_COLUMNS` order)."""
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+CSV_COLUMNS = ("task", "held_out", "optimizer", "steps", "seeds", "final_loss", "final_loss_std",
+               "diverged_seeds", "vs_best", "learning_rate", "lr_at_grid_edge", "speedup",
+               "speedup_reached", "adam_steps_to_reach")
+
+
+# --------------------------------------------------------------------------------------------
+# The command-line shell: ``bilevel lopt eval``.
+
+
+def eval_interval(steps: int, evals: int) -> int:
+    """The smallest divisor ``d`` of ``steps`` with at most ``evals`` evaluations (``steps/d``)."""
+    return next(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= evals)
+
+
+def learned_factory(name: str, meta: dict, metadata: dict) -> Callable[[int], Any]:
+    """``make(steps)`` for a learned optimizer from its meta-parameters and their metadata.
+
+    The keyword arguments recorded at meta-training (``metadata["optimizer_kwargs"]``) are
+    passed on; meta-parameters with fraction-of-training inputs are told ``num_steps = steps``
+    (the true horizon), the others get no horizon.
+    """
+    from bilevel import lopt
+    from bilevel.lopt import optimizers
+
+    build = {"mlp_lopt": lopt.mlp_lopt, "star_lopt": lopt.star_lopt}[name]
+    kwargs = {k: v for k, v in dict(metadata.get("optimizer_kwargs", {})).items()
+              if k != "num_steps"}
+    horizon = np.shape(meta["network"]["w0"])[0] == optimizers.NUM_INPUTS_WITH_HORIZON
+
+    def make(steps: int):
+        return build(meta, num_steps=steps if horizon else None, **kwargs)
+
+    make(1)  # fail now (a clear error) rather than after the baselines' runs
+    return make
+
+
+def _comma_names(choices: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+        unknown = [t for t in items if t not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {unknown[0] if unknown else text!r}; choose from "
+                f"{', '.join(choices)}")
+        return items
+    return parse
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of numbers, e.g. 1e-3,1e-2; got {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _meta_params(text: str) -> dict[str, Path]:
+    """``PATH`` (for the one learned optimizer selected) or ``mlp_lopt=PATH,star_lopt=PATH``."""
+    entries = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = "", item
+        elif name not in LEARNED:
+            raise argparse.ArgumentTypeError(
+                f"unknown learned optimizer {name!r} in {item!r}; use NAME=PATH with NAME in "
+                f"{', '.join(LEARNED)}, or a single PATH")
+        entries[name] = Path(path)
+    if not entries or ("" in entries and len(entries) > 1):
+        raise argparse.ArgumentTypeError(f"expected PATH or NAME=PATH[,NAME=PATH], got {text!r}")
+    return entries
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``bilevel lopt eval``."""
+    from bilevel.lopt.tasks import TASKS
+
+    parser.add_argument("--optimizers", type=_comma_names(OPTIMIZERS, "optimizer"),
+                        default=OPTIMIZERS, metavar="LIST",
+                        help=f"comma list from {', '.join(OPTIMIZERS)} (default: all)")
+    parser.add_argument("--tasks", type=_comma_names(tuple(TASKS), "task"), default=None,
+                        metavar="LIST", help="comma list of lopt.TASKS names (default: every "
+                        "task whose data is available: all of them with --data-dir)")
+    parser.add_argument("--meta-params", type=_meta_params, default=None, metavar="PATH",
+                        help="meta-parameter file(s): PATH for the one learned optimizer "
+                        "selected, or mlp_lopt=PATH,star_lopt=PATH (default: the shipped sets, "
+                        "lopt.pretrained)")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="training steps per run (default: each task's horizon)")
+    parser.add_argument("--seeds", type=_positive_int, default=3,
+                        help="seeds per optimizer and learning rate (default: %(default)s)")
+    parser.add_argument("--lrs", type=_float_list, default=DEFAULT_LRS, metavar="LIST",
+                        help="baselines' learning-rate grid (default: 1e-4 ... 1, half-decade, "
+                        "9 values)")
+    parser.add_argument("--evals", type=_positive_int, default=20,
+                        help="full-training-set evaluations per run, at most (default: "
+                        "%(default)s); they resolve the speed-up")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder of the file-based datasets (MNIST, Fashion-MNIST IDX files)")
+    parser.add_argument("--out", type=Path, default=Path("bilevel-lopt-eval"),
+                        help="folder for eval.csv, eval.md, profile.png (default: %(default)s)")
+
+
+def _load_learned(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Callable]:
+    """``{name: make(steps)}``; raises ValueError/OSError with a message for the user."""
+    from bilevel import lopt
+
+    given = dict(args.meta_params or {})
+    if "" in given:
+        if len(names) != 1:
+            raise ValueError(f"--meta-params: a bare PATH needs exactly one learned optimizer "
+                             f"in --optimizers, got {len(names)}; use NAME=PATH")
+        given = {names[0]: given[""]}
+    extra = [n for n in given if n not in names]
+    if extra:
+        raise ValueError(f"--meta-params names {extra[0]}, which is not in --optimizers")
+    makers = {}
+    for name in names:
+        if name in given:
+            meta, metadata = lopt.load_meta_params(given[name])
+        else:
+            meta, metadata = lopt.pretrained(name)
+        makers[name] = learned_factory(name, meta, metadata)
+    return makers
+
+
+def _select_tasks(args: argparse.Namespace) -> list[str]:
+    from bilevel.lopt import tasks
+
+    if args.tasks is not None:
+        missing = [t for t in args.tasks if t in tasks.NEEDS_DATA_DIR and args.data_dir is None]
+        if missing:
+            raise ValueError(f"--tasks: {missing[0]} reads dataset files; pass --data-dir")
+        return list(args.tasks)
+    return [t for t in tasks.TASKS if args.data_dir is not None or t not in tasks.NEEDS_DATA_DIR]
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``bilevel lopt eval``: every optimizer on every task; tables, CSV and the profile plot."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bilevel.lopt.tasks import TASKS
+
+    learned_names = [n for n in args.optimizers if n in LEARNED]
+    baselines = [n for n in args.optimizers if n in BASELINES]
+    try:
+        task_names = _select_tasks(args)
+        makers = _load_learned(args, learned_names)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ".write-test").touch()
+        (args.out / ".write-test").unlink()
+        tasks = [TASKS[name](data_dir=args.data_dir) for name in task_names]
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    stderr = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description:<36}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=stderr, transient=True,
+                        disable=not stderr.is_terminal)
+    start, rows = time.perf_counter(), []
+    with progress:
+        bar = progress.add_task("", total=len(tasks) * len(args.optimizers))
+        for task in tasks:
+            steps = args.steps or task.horizon
+            progress.update(bar, description=f"{task.name} ({steps} steps)")
+            result = evaluate_task(task, makers, baselines, args.lrs, steps, args.seeds,
+                                   eval_every=eval_interval(steps, args.evals),
+                                   on_done=lambda name: progress.advance(bar))
+            rows += result_rows(result, steps)
+    write_csv(rows, args.out / "eval.csv")
+    table = markdown_table(rows)
+    (args.out / "eval.md").write_text(
+        f"# Learned optimizers against tuned baselines\n\n{table}\n\n"
+        f"Seeds {args.seeds}; baselines' grid {', '.join(f'{v:g}' for v in args.lrs)}; "
+        f"final train loss = full-training-set loss after the last step (mean ± std over "
+        f"seeds); speed-up = steps LR-tuned Adam needs to reach the optimizer's final loss / "
+        f"its steps ('>' when no Adam run reached it: a lower bound; < 1: Adam is faster).\n")
+    written = ["eval.csv", "eval.md"]
+    if len(args.optimizers) > 1:
+        plot_profile(rows, args.out / "profile.png")
+        written.append("profile.png")
+    print(table)
+    print(f"wrote {', '.join(written)} to {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
