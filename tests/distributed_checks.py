@@ -300,3 +300,32 @@ def test_pes_population_and_state_stay_on_their_devices(mesh):
     assert sorted({c.op for c in found}) == ["all-gather", "all-reduce"], found
     assert all(max(_sizes(c), default=0) <= population for c in found), found
     assert all(len(shape) <= 1 for c in found for shape in c.shapes), found
+
+
+# --------------------------------------------------------------------------------------------
+# The checks above can fail: a loss that mixes examples across the batch makes XLA gather it,
+# and LiSSA's random minibatches (HessianOperator.subsample) move examples between devices.
+
+
+def test_a_loss_mixing_the_batch_is_caught(mesh):
+    def mixing(params, hparams, x, y):
+        return jnp.mean(jnp.sort(x @ params["w"]) * y)  # a sort across all examples
+
+    fun = jax.jit(lambda p, h, x, y: jax.grad(mixing)(p, h, x, y))
+    sharded = (*distributed.replicate((PARAMS, HPARAMS), mesh),
+               *distributed.shard_batch(TRAIN, mesh))
+    with pytest.raises(AssertionError):
+        _assert_data_parallel(fun.lower(*sharded).compile())
+
+
+def test_lissa_subsampling_moves_examples_between_devices(mesh):
+    def fun(params, gradient, hparams, x, y):
+        operator = hvp.hessian(inner_loss, params, hparams, x, y, batch_argnums=(1, 2),
+                               damping=0.1)
+        return hvp.solve(operator, gradient, hvp.LiSSA(maxiter=4, batch_size=16))
+
+    sharded = (*distributed.replicate((PARAMS, PARAMS, HPARAMS), mesh),
+               *distributed.shard_batch(TRAIN, mesh))
+    # XLA gathers each random minibatch by an all-reduce of the rows every device holds.
+    found = distributed.collectives(jax.jit(fun).lower(*sharded).compile())
+    assert any(shape[-2:] == (16, FEATURES) for c in found for shape in c.shapes), found
