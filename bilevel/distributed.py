@@ -421,12 +421,18 @@ class Collective(NamedTuple):
       shapes: the result's array shapes (several when XLA combined collectives into one).
       dtypes: the result's element types, as HLO spells them (``"f32"``, ...).
       nbytes: bytes of the result, per device, for one execution of the instruction.
+      loop_depth: how many while loops enclose it (0: runs once per call).
+      trips: how many times it runs per call, the product of the enclosing loops' trip counts
+        where XLA knows them (``lax.scan``, ``fori_loop``); None inside a loop that stops on a
+        condition (a CG solve: multiply by its iteration count).
     """
 
     op: str
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
     nbytes: int
+    loop_depth: int
+    trips: int | None
 
 
 _COLLECTIVE = re.compile(
@@ -434,6 +440,11 @@ _COLLECTIVE = re.compile(
     r"collective-permute)(?:-start)?\(")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
 _BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[^\s(]+)\s*\(.*\{\s*$")
+_CALLED = re.compile(r"(?:to_apply|calls|true_computation|false_computation|condition)=%"
+                     r"([^\s,}]+)|branch_computations=\{([^}]*)\}")
+_BODY = re.compile(r"\bbody=%([^\s,}]+)")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -445,12 +456,50 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * (_BITS.get(dtype) or int(dtype[1:])) // 8
 
 
+def _computations(text: str) -> tuple[dict[str, list[str]], str | None]:
+    """Each computation's instruction lines, and the entry computation's name."""
+    bodies, entry, current = {}, None, None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header and not line.startswith(" "):
+            current = header["name"]
+            bodies[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+        elif current is not None and line.startswith(" "):
+            bodies[current].append(line)
+    return bodies, entry
+
+
+def _loop_nesting(bodies: dict[str, list[str]], entry: str | None
+                  ) -> dict[str, tuple[int, int | None]]:
+    """``(loop depth, runs per call)`` of every computation reachable from the entry."""
+    if entry is None:  # a fragment without computations: treat it as straight-line code
+        return {}
+    nesting = {entry: (0, 1)}
+    stack = [entry]
+    while stack:
+        name = stack.pop()
+        depth, runs = nesting[name]
+        for line in bodies.get(name, []):
+            trips = _TRIPS.search(line)
+            loop_runs = None if runs is None or trips is None else runs * int(trips[1])
+            called = [(body, depth + 1, loop_runs) for body in _BODY.findall(line)]
+            for single, group in _CALLED.findall(line):
+                names = [single] if single else [n.strip().lstrip("%") for n in group.split(",")]
+                called += [(n, depth, runs) for n in names if n]
+            for callee, callee_depth, callee_runs in called:
+                if callee not in nesting:
+                    nesting[callee] = (callee_depth, callee_runs)
+                    stack.append(callee)
+    return nesting
+
+
 def collectives(compiled: Any) -> list[Collective]:
     """The collectives of a compiled program: what data parallelism costs in communication.
 
-    An instruction inside a loop (a CG iteration, an unrolled step) appears once but runs once
-    per iteration, so ``sum(c.nbytes for c in collectives(...))`` is the volume of one pass
-    through each loop body plus the straight-line code.
+    The volume one call moves per device is ``sum(c.nbytes * c.trips for c in ...)`` when
+    every ``trips`` is known; an instruction in a loop that stops on a condition has
+    ``trips=None`` and runs once per iteration of that loop.
 
     Args:
       compiled: ``jax.jit(f).lower(*args).compile()``, or its ``as_text()``.
@@ -459,14 +508,18 @@ def collectives(compiled: Any) -> list[Collective]:
       a list of :class:`Collective`, in program order.
     """
     text = compiled if isinstance(compiled, str) else compiled.as_text()
+    bodies, entry = _computations(text)
+    nesting = _loop_nesting(bodies, entry)
     found = []
-    for line in text.splitlines():
-        match = _COLLECTIVE.search(line)
-        if match is None:
-            continue
-        results = _arrays(match["result"])
-        found.append(Collective(
-            op=match["op"], shapes=tuple(s for _, s in results),
-            dtypes=tuple(d for d, _ in results),
-            nbytes=sum(_nbytes(d, s) for d, s in results)))
+    for name, lines in ([(None, text.splitlines())] if entry is None else bodies.items()):
+        depth, trips = nesting.get(name, (0, 1))
+        for line in lines:
+            match = _COLLECTIVE.search(line)
+            if match is None:
+                continue
+            results = _arrays(match["result"])
+            found.append(Collective(
+                op=match["op"], shapes=tuple(s for _, s in results),
+                dtypes=tuple(d for d, _ in results),
+                nbytes=sum(_nbytes(d, s) for d, s in results), loop_depth=depth, trips=trips))
     return found

@@ -101,20 +101,55 @@ def test_data_mesh_refuses_bad_input():
         distributed.data_mesh([])
 
 
-HLO = """
+FRAGMENT = """
   %all-reduce.9 = (f32[5]{0}, f32[]) all-reduce(%bitcast.5, %fusion), channel_id=2, to_apply=%add
   %ag = bf16[64,3]{1,0} all-gather-start(%p), dimensions={0}
   %x = pred[] all-reduce(%y), to_apply=%or
   %not_a_collective = f32[4]{0} add(%a, %b)
 """
 
+MODULE = """HloModule m, num_partitions=8
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %s = f32[] add(%x, %y)
+}
+
+%inner_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %r = f32[4]{0} all-reduce(%v), channel_id=3, to_apply=%add
+}
+
+%outer_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %w = (s32[], f32[4]) while(%t), body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  %g = f32[2,4]{1,0} all-gather(%v), dimensions={0}
+}
+
+%solve_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %r2 = f32[4]{0} all-reduce(%v), channel_id=4, to_apply=%add
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %r0 = f32[] all-reduce(%a), channel_id=1, to_apply=%add
+  %w1 = (s32[], f32[4]) while(%t), body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %w2 = (s32[], f32[4]) while(%t), condition=%cond, body=%solve_body
+}
+"""
+
 
 def test_collectives_reads_ops_shapes_and_bytes():
-    found = distributed.collectives(HLO)
+    found = distributed.collectives(FRAGMENT)
     assert [(c.op, c.shapes, c.dtypes, c.nbytes) for c in found] == [
         ("all-reduce", ((5,), ()), ("f32", "f32"), 24),
         ("all-gather", ((64, 3),), ("bf16",), 384),
         ("all-reduce", ((),), ("pred",), 1)]
+    assert {(c.loop_depth, c.trips) for c in found} == {(0, 1)}
+
+
+def test_collectives_counts_runs_through_nested_loops():
+    found = [(c.op, c.nbytes, c.loop_depth, c.trips) for c in distributed.collectives(MODULE)]
+    assert found == [("all-reduce", 16, 2, 15),  # 3 trips inside 5 trips
+                     ("all-gather", 32, 1, 5),
+                     ("all-reduce", 16, 1, None),  # a loop without a known trip count
+                     ("all-reduce", 4, 0, 1)]
 
 
 def test_collectives_of_a_one_device_program_is_empty():
