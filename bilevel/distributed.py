@@ -15,8 +15,10 @@ gradients, Hessian-vector products and cross products; the batch itself never mo
 This holds for :func:`hvp.hvp`, :func:`hvp.solve` on :func:`hvp.hessian`,
 :func:`bilevel.hypergrad` and :func:`bilevel.unrolled_hypergrad` (both modes; per-step
 minibatches are sharded on axis 1 since axis 0 is the step). The losses must reduce over the
-batch with ``mean``/``sum`` (the usual case); a loss that reshapes the batch axis into another
-or indexes it at random (``HessianOperator.subsample``, used by LiSSA) makes XLA gather it.
+batch with ``mean``/``sum`` (the usual case): a loss that mixes examples (a sort or a reshape
+across the batch) makes XLA gather the batch, and random minibatches
+(``HessianOperator.subsample``, used by LiSSA) are assembled by moving the chosen examples
+between devices. :func:`collectives` shows what a compiled program communicates.
 
 Zeroth-order estimators shard their population instead: :func:`sharded_es_hypergrad` and
 :func:`sharded_pes_hypergrad` give the estimates of :func:`bilevel.es_hypergrad` and

@@ -7,6 +7,7 @@ programs) and ``tests/distributed_multihost.py`` (2 processes of 4 devices joine
 ``jax.distributed``). This file runs them and checks what needs no extra devices.
 """
 
+import csv
 import json
 import os
 import re
@@ -155,3 +156,32 @@ def test_collectives_counts_runs_through_nested_loops():
 def test_collectives_of_a_one_device_program_is_empty():
     compiled = jax.jit(lambda x: x.sum()).lower(np.ones(4)).compile()
     assert distributed.collectives(compiled) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark script.
+
+BENCH = TESTS.parent / "experiments" / "bench_scaling.py"
+
+
+def test_bench_scaling_refuses_bad_arguments_in_one_line():
+    run = subprocess.run([sys.executable, str(BENCH), "--devices", "0"], capture_output=True,
+                         text=True, timeout=120, env=_env(1))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "--devices" in run.stderr, run.stderr
+
+
+@pytest.mark.slow
+def test_bench_scaling_smoke(tmp_path):
+    command = [sys.executable, str(BENCH), "--smoke", "--entries", "hypergrad", "es",
+               "--rounds", "1", "--out", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_env(1))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"scaling.md", "scaling.csv", "scaling.png"}
+    with (tmp_path / "scaling.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["entry"], r["scaling"], r["devices"]) for r in rows} == {
+        (e, s, n) for e in ("hypergrad", "es") for s in ("strong", "weak") for n in ("1", "2")}
+    assert all(float(r["rel_diff_vs_1_device"]) < 1e-5 for r in rows), rows
+    sharded = [r for r in rows if r["entry"] == "hypergrad" and r["devices"] == "2"]
+    assert all(r["all_gathers"] == "0" and int(r["all_reduces"]) > 0 for r in sharded), sharded
