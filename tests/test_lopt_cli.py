@@ -25,7 +25,9 @@ def eval_run(tmp_path_factory):
     meta = folder / "star.npz"
     lopt.save_meta_params(meta, lopt.init_star_lopt(jax.random.key(0)), {})
     out = folder / "out"
-    result = _run("eval", "--tasks", "quadratic", "--optimizers", "star_lopt,adam,sgdm",
+    # mlp_lopt (when shipped) runs with the default, shipped meta-parameters
+    learned = "mlp_lopt,star_lopt" if "mlp_lopt" in lopt.available_pretrained() else "star_lopt"
+    result = _run("eval", "--tasks", "quadratic", "--optimizers", f"{learned},adam,sgdm",
                   "--meta-params", f"star_lopt={meta}", "--steps", "20", "--evals", "4",
                   "--seeds", "2", "--lrs", "0.01,0.1,1", "--out", str(out))
     return result, out
@@ -37,11 +39,15 @@ def test_end_to_end_files_and_columns(eval_run):
     with (out / "eval.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == evaluate.CSV_COLUMNS
-    assert [r["optimizer"] for r in rows] == ["star_lopt", "adam", "sgdm"]
+    names = [r["optimizer"] for r in rows]
+    assert names[-3:] == ["star_lopt", "adam", "sgdm"]
+    assert names[:-3] == (["mlp_lopt"] if "mlp_lopt" in lopt.available_pretrained() else [])
     assert all(r["task"] == "quadratic" and r["steps"] == "20" and r["seeds"] == "2"
                for r in rows)
-    assert rows[0]["learning_rate"] == "" and float(rows[1]["learning_rate"]) in (0.01, 0.1, 1.0)
-    assert rows[0]["speedup"] != "" and rows[1]["speedup"] == ""  # vs tuned Adam
+    star, adam = rows[-3], rows[-2]
+    assert star["learning_rate"] == "" and float(adam["learning_rate"]) in (0.01, 0.1, 1.0)
+    assert star["speedup"] != "" and adam["speedup"] == ""  # vs tuned Adam
+    assert all(r["diverged_seeds"] == "0" for r in rows)
     assert min(float(r["vs_best"]) for r in rows) == pytest.approx(1.0)
     assert (out / "eval.md").is_file() and (out / "profile.png").stat().st_size > 0
     assert "speed-up vs tuned Adam" in result.stdout

@@ -199,3 +199,28 @@ def test_bad_inputs_raise_named_errors():
         evaluate.run_baseline_sweep(task, "adam", (0.1, -1.0), 4, evaluate.seed_keys(1))
     with pytest.raises(ValueError, match="name must be one of"):
         evaluate.baseline("lion", 0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# learned optimizers inside the harness
+
+
+def test_learned_factory_tells_the_true_horizon_and_keeps_kwargs():
+    from bilevel import lopt
+
+    task, keys = quadratic_task(noise=0.1), evaluate.seed_keys(2)
+
+    def run(opt):
+        return evaluate.run_seeds(task, opt, 12, keys, eval_every=6).eval_loss
+
+    meta = lopt.init_mlp_lopt(jax.random.key(0), horizon_features=True, dtype=jnp.float64)
+    make = evaluate.learned_factory("mlp_lopt", meta, {"optimizer_kwargs": {"num_steps": 7}})
+    told_true = run(make(12))
+    np.testing.assert_array_equal(told_true, run(lopt.mlp_lopt(meta, num_steps=12)))
+    assert not np.array_equal(told_true, run(lopt.mlp_lopt(meta, num_steps=7)))
+    star = lopt.init_star_lopt(jax.random.key(0), dtype=jnp.float64)
+    make = evaluate.learned_factory("star_lopt", star, {"optimizer_kwargs": {"nominal_step": 3e-3}})
+    got = run(make(12))
+    np.testing.assert_array_equal(got, run(lopt.star_lopt(star, nominal_step=3e-3)))
+    assert not np.array_equal(got, run(lopt.star_lopt(star)))
+    assert got.shape == (2, 3) and np.all(np.isfinite(got))
