@@ -26,8 +26,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
+import inspect
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -70,6 +73,38 @@ def load_learned(args) -> tuple[dict, dict]:
         makers[name] = evaluate.learned_factory(name, meta, metadata)
         metadatas[name] = metadata
     return makers, metadatas
+
+
+def cached(cache: Path | None, key: tuple, compute):
+    """``compute()``, or its pickled result from an earlier run with the same key.
+
+    The key includes the sources of the task and evaluation modules, so an edited task or
+    harness is never served a stale result. Lets the baselines' sweeps, which do not depend on
+    the meta-parameters, be run before the meta-parameters exist.
+    """
+    if cache is None:
+        return compute()
+    sources = inspect.getsource(lopt.tasks) + inspect.getsource(evaluate)
+    digest = hashlib.sha256(repr((key, sources)).encode()).hexdigest()[:20]
+    path = cache / f"{key[0]}_{key[1]}_{digest}.pkl"
+    if path.is_file():
+        with path.open("rb") as f:
+            return pickle.load(f)
+    value = jax.device_get(compute())
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(value, f)
+    os.replace(tmp, path)
+    return value
+
+
+def tuned_baselines(task, cfg: Config, steps: int, cache: Path | None) -> dict:
+    every = evaluate.eval_interval(steps, cfg.evals)
+    return {name: cached(cache, (task.name, name, steps, cfg.learning_rates, cfg.seeds, every),
+                         lambda name=name: evaluate.tune_baseline(
+                             task, name, cfg.learning_rates, steps, cfg.seeds, eval_every=every))
+            for name in evaluate.BASELINES}
 
 
 def task_names(cfg: Config, data_dir) -> list[str]:
@@ -204,6 +239,10 @@ def parse_args(argv):
     parser.add_argument("--untrained", action="store_true",
                         help="freshly initialised meta-parameters (debugging the harness only)")
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder keeping the baselines' sweeps between runs (default: none)")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="only run (and cache) the baselines' sweeps, write nothing else")
     parser.add_argument("--out", type=Path,
                         default=_common.ROOT / "experiments" / "results" / "lopt")
     return parser.parse_args(argv)
@@ -215,22 +254,29 @@ def main(argv=None) -> int:
     if args.tasks:
         cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
-    makers, metadatas = load_learned(args)
+    makers, metadatas = ({}, {}) if args.baselines_only else load_learned(args)
     load_before, start = os.getloadavg()[0], time.perf_counter()
     rows, results = [], []
     for name in task_names(cfg, args.data_dir):
         task = lopt.TASKS[name](data_dir=args.data_dir)
         steps = cfg.steps or task.horizon
         t0 = time.perf_counter()
-        result = evaluate.evaluate_task(task, makers, evaluate.BASELINES, cfg.learning_rates,
-                                        steps, cfg.seeds,
+        tuned = tuned_baselines(task, cfg, steps, args.cache)
+        if args.baselines_only:
+            print(f"{name:<24} baselines {time.perf_counter() - t0:6.0f} s", file=sys.stderr,
+                  flush=True)
+            continue
+        result = evaluate.evaluate_task(task, makers, (), cfg.learning_rates, steps, cfg.seeds,
                                         eval_every=evaluate.eval_interval(steps, cfg.evals))
+        result = result._replace(tuned=tuned)
         results.append(result)
         new = evaluate.result_rows(result, steps)
         rows += new
         print(f"{name:<24} {steps:>5} steps {time.perf_counter() - t0:6.0f} s  " + "  ".join(
             f"{r['optimizer']} {r['final_loss']:.3g} ({evaluate.format_speedup(r)})"
             for r in new), file=sys.stderr, flush=True)
+    if args.baselines_only:
+        return 0
     info = machine(load_before, time.perf_counter() - start)
     evaluate.write_csv(rows, args.out / "eval.csv")
     evaluate.plot_profile(rows, args.out / "eval_profile.png",

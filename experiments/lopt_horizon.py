@@ -37,6 +37,7 @@ import _common  # noqa: E402  (experiments/ is on sys.path when run as a script)
 import jax
 import numpy as np
 import optax
+from lopt_eval import cached  # noqa: E402  (experiments/ is on sys.path)
 
 from bilevel import lopt
 from bilevel.lopt import evaluate
@@ -85,7 +86,8 @@ def _kind(name: str) -> str:
     return "mlp_lopt" if name.startswith("mlp") else "star_lopt"
 
 
-def part_a(cfg: Config, untrained: bool, data_dir) -> tuple[list[dict], list[str], dict]:
+def part_a(cfg: Config, untrained: bool, data_dir, cache: Path | None
+           ) -> tuple[list[dict], list[str], dict]:
     rows, notes, curves = [], [], {}
     sets = horizon_sets(untrained)
     if not sets:
@@ -98,8 +100,10 @@ def part_a(cfg: Config, untrained: bool, data_dir) -> tuple[list[dict], list[str
     keys = evaluate.seed_keys(cfg.seeds)
     for task_name in cfg.told_tasks:
         task = lopt.TASKS[task_name](data_dir=data_dir)
-        tuned = evaluate.tune_baseline(task, "adam", cfg.learning_rates, steps, cfg.seeds,
-                                       eval_every=every, schedule_steps=steps)
+        tuned = cached(cache, (task_name, "adam-cosine", steps, cfg.learning_rates, cfg.seeds,
+                               every), lambda task=task: evaluate.tune_baseline(
+            task, "adam", cfg.learning_rates, steps, cfg.seeds, eval_every=every,
+            schedule_steps=steps))
         candidates = {f"adam_cosine (lr {tuned.learning_rate:g})": lambda told, lr=tuned.
                       learning_rate: evaluate.baseline("adam", lr, schedule_steps=told)}
         for name, (meta, metadata) in sets.items():
@@ -127,7 +131,8 @@ def part_a(cfg: Config, untrained: bool, data_dir) -> tuple[list[dict], list[str
     return rows, notes, curves
 
 
-def part_b(cfg: Config, untrained: bool, data_dir) -> tuple[list[dict], list[str], dict]:
+def part_b(cfg: Config, untrained: bool, data_dir, cache: Path | None
+           ) -> tuple[list[dict], list[str], dict]:
     rows, notes, curves = [], [], {}
     makers, horizons = {}, {}
     for name in evaluate.LEARNED:
@@ -154,8 +159,10 @@ def part_b(cfg: Config, untrained: bool, data_dir) -> tuple[list[dict], list[str
             rows.append(_long_row(task_name, name, curve, steps, horizon))
         steps = cfg.long_factor * max(horizons.values() or [task.horizon])
         every = evaluate.eval_interval(steps, cfg.evals)
-        tuned = evaluate.tune_baseline(task, "adam", cfg.learning_rates, steps, cfg.seeds,
-                                       eval_every=every)
+        tuned = cached(cache, (task_name, "adam", steps, cfg.learning_rates, cfg.seeds, every),
+                       lambda task=task, steps=steps, every=every: evaluate.tune_baseline(
+                           task, "adam", cfg.learning_rates, steps, cfg.seeds,
+                           eval_every=every))
         curves[(task_name, "adam")] = jax.device_get(tuned.best)
         rows.append(_long_row(task_name, f"adam (lr {tuned.learning_rate:g})", tuned.best,
                               steps, steps // cfg.long_factor))
@@ -279,6 +286,8 @@ def main(argv=None) -> int:
                         help="freshly initialised meta-parameters (debugging the script only)")
     parser.add_argument("--parts", default="A,B", help="comma list of A, B (default: both)")
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder keeping Adam's sweeps between runs (default: none)")
     parser.add_argument("--out", type=Path,
                         default=_common.ROOT / "experiments" / "results" / "lopt")
     args = parser.parse_args(argv)
@@ -287,11 +296,11 @@ def main(argv=None) -> int:
     load_before, start = os.getloadavg()[0], time.perf_counter()
     rows, notes, curves_b = [], [], {}
     if "A" in args.parts:
-        new, note, _ = part_a(cfg, args.untrained, args.data_dir)
+        new, note, _ = part_a(cfg, args.untrained, args.data_dir, args.cache)
         rows, notes = rows + new, notes + note
         print(f"part A done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     if "B" in args.parts:
-        new, note, curves_b = part_b(cfg, args.untrained, args.data_dir)
+        new, note, curves_b = part_b(cfg, args.untrained, args.data_dir, args.cache)
         rows, notes = rows + new, notes + note
         print(f"part B done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     info = machine(load_before, time.perf_counter() - start)
