@@ -183,7 +183,7 @@ def cnn_task(dataset: str = "digits", channels: tuple[int, ...] = (8, 16), batch
         return params
 
     def loss(params, batch):
-        h = batch["x"]
+        h = batch["x"].astype(params["conv0"].dtype)
         for i in range(len(channels)):
             stride = 1 if i == 0 else 2
             h = jax.lax.conv_general_dilated(h, params[f"conv{i}"], (stride, stride), "SAME",
