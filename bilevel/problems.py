@@ -651,6 +651,15 @@ def _mlp_inner(params: PyTree, hparams: PyTree, x: jax.Array, labels: jax.Array)
     return _cross_entropy(params, None, x, labels) + decay
 
 
+def _mlp_inner_per_parameter(params: PyTree, hparams: PyTree, x: jax.Array,
+                             labels: jax.Array) -> jax.Array:
+    """Cross-entropy + ``Σ_i ½ e^{λ_i} θ_i²``, one log decay per parameter (``hparams`` has the
+    structure of ``params``)."""
+    decay = jax.tree_util.tree_map(lambda p, h: 0.5 * jnp.sum(jnp.exp(h) * p**2), params,
+                                   hparams)
+    return _cross_entropy(params, None, x, labels) + sum(jax.tree_util.tree_leaves(decay))
+
+
 def _lbfgs(loss: Callable[[PyTree], jax.Array], params: PyTree, steps: int,
            memory_size: int) -> PyTree:
     optimizer = optax.lbfgs(memory_size=memory_size)
@@ -677,12 +686,13 @@ def _lbfgs_solver(inner_loss: Callable, steps: int, memory_size: int) -> Callabl
 
 
 def digits_mlp(key: jax.Array, hidden: int = 16, n_train: int = 256, n_val: int = 256, *,
-               log_reg: float = -4.0, lbfgs_steps: int = 500, memory_size: int = 20,
-               dtype: Any = jnp.float32) -> BilevelProblem:
+               log_reg: float = -4.0, per_parameter: bool = False, lbfgs_steps: int = 500,
+               memory_size: int = 20, dtype: Any = jnp.float32) -> BilevelProblem:
     """A 64 → hidden → 10 tanh MLP on scikit-learn's 8×8 digits, weight decay tuned per layer.
 
     Inner: mean cross-entropy + ``Σ_l ½ e^{λ_l} ‖θ_l‖²`` over the weights and biases of
-    ``l ∈ {layer1, layer2}``; outer: validation cross-entropy. Features are standardised with
+    ``l ∈ {layer1, layer2}`` (with ``per_parameter=True``: ``Σ_i ½ e^{λ_i} θ_i²``, one λ per
+    weight and bias); outer: validation cross-entropy. Features are standardised with
     the training split's statistics. Nonconvex, so θ* is the local minimiser that
     ``solve_inner`` reaches from ``params_init`` (optax L-BFGS with its zoom line search,
     ``lbfgs_steps`` steps, in a ``lax.fori_loop``); at the defaults it reaches an inner gradient
@@ -694,13 +704,15 @@ def digits_mlp(key: jax.Array, hidden: int = 16, n_train: int = 256, n_val: int 
       key: PRNG key for the train/validation split and the initial weights.
       hidden: hidden units.
       n_train, n_val: sizes (together at most 1,797).
-      log_reg: the initial λ of both layers.
+      log_reg: the initial λ of both layers (of every parameter with ``per_parameter``).
+      per_parameter: one log decay per parameter instead of one per layer.
       lbfgs_steps, memory_size: the inner solver's budget and L-BFGS history.
       dtype: floating dtype of every array.
 
     Returns:
       A :class:`BilevelProblem` named ``"digits_mlp"``; params ``{layer: {"w", "b"}}``,
-      hparams ``{"layer1": λ₁, "layer2": λ₂}`` (scalars).
+      hparams ``{"layer1": λ₁, "layer2": λ₂}`` (scalars), or with ``per_parameter`` a pytree
+      like params.
     """
     where = "bilevel.problems.digits_mlp"
     dtype = _check_dtype(where, dtype)
@@ -710,14 +722,20 @@ def digits_mlp(key: jax.Array, hidden: int = 16, n_train: int = 256, n_val: int 
     rng = _rng(key)
     x, labels, x_val, labels_val = _digits_split(where, rng, n_train, n_val, None)
     params = _mlp_init(rng, hidden, dtype)
+    if per_parameter:
+        inner = _mlp_inner_per_parameter
+        hparams = jax.tree_util.tree_map(lambda p: jnp.full_like(p, log_reg), params)
+    else:
+        inner = _mlp_inner
+        hparams = {name: jnp.asarray(log_reg, dtype) for name in _LAYERS}
     return BilevelProblem(
-        name="digits_mlp", inner_loss=_mlp_inner, outer_loss=_cross_entropy, params=params,
-        hparams={name: jnp.asarray(log_reg, dtype) for name in _LAYERS},
-        inner_args=(jnp.asarray(x, dtype), jnp.asarray(labels)),
+        name="digits_mlp", inner_loss=inner, outer_loss=_cross_entropy, params=params,
+        hparams=hparams, inner_args=(jnp.asarray(x, dtype), jnp.asarray(labels)),
         outer_args=(jnp.asarray(x_val, dtype), jnp.asarray(labels_val)),
-        solve_inner=_lbfgs_solver(_mlp_inner, lbfgs_steps, memory_size), exact_hypergrad=None,
+        solve_inner=_lbfgs_solver(inner, lbfgs_steps, memory_size), exact_hypergrad=None,
         batch_argnums=(1, 2),
-        metadata={"convex": False, "num_params": 64 * hidden + hidden + hidden * 10 + 10},
+        metadata={"convex": False, "num_params": 64 * hidden + hidden + hidden * 10 + 10,
+                  "per_parameter": per_parameter},
     )
 
 

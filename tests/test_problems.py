@@ -405,6 +405,40 @@ def test_batch_argnums_sizes_must_agree():
         dataclasses.replace(problem, inner_args=(x, y[:-1]))
 
 
+def test_digits_mlp_per_parameter_decay_agrees_with_per_layer():
+    # With every λ_i of a layer equal to that layer's λ_l the two inner losses are one function
+    # of θ, so H and v = H⁻¹∇L_out are shared, and the chain rule gives the IFT's cross term
+    # ∂_{λ_l}(∇_θL · v) = Σ_{i in l} ∂_{λ_i}(∇_θL · v) for any v: checked for a random v.
+    layer = problems.digits_mlp(jax.random.key(3), hidden=4, dtype=jnp.float64)
+    each = problems.digits_mlp(jax.random.key(3), hidden=4, per_parameter=True,
+                               dtype=jnp.float64)
+    assert jax.tree_util.tree_structure(each.hparams) == jax.tree_util.tree_structure(
+        each.params)
+    assert each.batch_argnums == layer.batch_argnums == (1, 2)
+    flat, unravel = ravel_pytree(layer.params)
+    rng = np.random.default_rng(0)
+    theta = unravel(jnp.asarray(rng.normal(size=flat.shape)))
+    v = unravel(jnp.asarray(rng.normal(size=flat.shape)))
+    np.testing.assert_allclose(each.inner_loss(theta, each.hparams, *each.inner_args),
+                               layer.inner_loss(theta, layer.hparams, *layer.inner_args),
+                               rtol=1e-13)
+
+    def cross(problem, hparams):
+        grad = jax.grad(problem.inner_loss)(theta, hparams, *problem.inner_args)
+        return jnp.vdot(_flat(grad), _flat(v))
+
+    per_layer = jax.grad(functools.partial(cross, layer))(layer.hparams)
+    per_parameter = jax.grad(functools.partial(cross, each))(each.hparams)
+    for name in ("layer1", "layer2"):
+        summed = sum(float(jnp.sum(g)) for g in jax.tree_util.tree_leaves(per_parameter[name]))
+        np.testing.assert_allclose(summed, float(per_layer[name]), rtol=1e-10)
+        # Closed form of each term: ∂_{λ_i}(e^{λ_i} θ_i v_i) = e^{λ_i} θ_i v_i.
+        for key in ("w", "b"):
+            np.testing.assert_allclose(
+                per_parameter[name][key],
+                jnp.exp(each.hparams[name][key]) * theta[name][key] * v[name][key], rtol=1e-12)
+
+
 def test_hyperobjective_is_outer_at_the_solution():
     problem = _build("ridge-per-feature")
     hparams = _generic_hparams(problem)
