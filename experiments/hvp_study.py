@@ -1,24 +1,31 @@
 """Inverse-HVP approximations inside implicit meta-learning: accuracy, failure modes, remedies.
 
-Four parts, each writing a CSV under ``--out`` (default ``experiments/results/hvp_study``):
+Every part runs for each seed of ``--seeds`` (default 0, 1, 2: data, initial weights and the
+randomised solvers) and its tables report mean ± std over them. Parts, each writing a CSV (one
+row per seed) and a JSON copy of its rows under ``--out`` (default
+``experiments/results/hvp_study``):
 
-a. ``a_accuracy_cost.csv``: on ridge, logistic_l2 and digits_mlp, every approximation (CG, MINRES,
-   Neumann, Nyström, LiSSA, Identity) at a few HVP budgets against the float64 Dense
-   hypergradient at θ*: relative error, cosine, HVP count, wall time. This is the measuring core
-   of ``bilevel compare-hvp`` (:func:`bilevel.cli.prepare` and :func:`bilevel.cli.compare_hvp`),
-   called as is.
+a. ``a_accuracy_cost.csv``: on ridge, logistic_l2 and digits_mlp, every approximation (CG,
+   MINRES, GMRES, Neumann, Nyström, LiSSA, Identity, the unrolled MixFlow meta-gradient) at a
+   few HVP budgets against the float64 Dense hypergradient at θ*: relative error, cosine, HVP
+   count, wall time. This is the measuring core of ``bilevel compare-hvp``
+   (:func:`bilevel.cli.prepare` and :func:`bilevel.cli.compare_hvp`), called as is; on
+   digits_mlp also a damping sweep at one budget.
 b. ``b_near_far.csv`` / ``b_spectra.csv``: the same comparison at points partway through inner
    training (k Adam steps from the initial parameters) and at θ*, each against the Dense solve
    at that point, with Lanczos extreme eigenvalues of the inner Hessian (and the exact ones from
-   the dense Hessian, to check Lanczos). :func:`bilevel.cli.compare_hvp` is reused with a
-   :class:`bilevel.cli.Setup` built at each point.
+   the dense Hessian, to check Lanczos); on digits_mlp also larger dampings.
 c. ``c_training.csv`` (one row per outer step) and ``c_summary.csv`` (one row per run):
    ``bilevel.train`` on data reweighting and per-layer L2 of the digits MLP under Identity,
-   Neumann and CG, then each remedy (damping, GGN curvature, warm starts, hypergradient
-   clipping) against the unremedied run.
-d. ``README.md``: the conclusion, every number filled in from this run, plus the machine.
+   Neumann and CG, then each remedy (damping at three strengths, GGN curvature, warm starts,
+   hypergradient clipping) against the unremedied run.
+f. ``f_training.csv`` / ``f_summary.csv``: the setting where validation accuracy collapses
+   (digits MLP, plain SGD on λ): each approximation, then each remedy on CG.
+d. ``README.md``: the conclusion, every number filled in from the CSVs, plus the machine.
 
-Run ``python experiments/hvp_study.py`` (about 10 minutes on 2 CPU cores) or ``--smoke``.
+``--parts`` runs some parts only; the README is always rewritten from the JSON rows of every
+part found under ``--out``, so parts can be run one at a time. Run
+``python experiments/hvp_study.py`` (about 30 minutes on 2 idle CPU cores) or ``--smoke``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -48,21 +56,32 @@ import bilevel  # noqa: E402
 import hvp  # noqa: E402
 from bilevel import cli  # noqa: E402
 
-SOLVERS = ("cg", "minres", "neumann", "nystrom", "lissa", "identity")
+SOLVERS = ("cg", "minres", "gmres", "neumann", "nystrom", "lissa", "identity", "unrolled-mixflow")
+SEEDS = (0, 1, 2)
 #: HVP budgets per problem (ridge and logistic_l2 have 10 parameters: Nyström's rank <= 10).
 BUDGETS = {"ridge": (2, 5, 10), "logistic_l2": (2, 5, 10), "digits_mlp": (5, 20, 50)}
 SMOKE_BUDGETS = {"ridge": (2, 5), "logistic_l2": (2, 5)}
+#: Part a: dampings besides compare-hvp's default, on digits_mlp at one budget.
+SWEEP_PROBLEM, SWEEP_BUDGET, DAMPING_SWEEP_A = "digits_mlp", 20, (0.0, 1e-3, 1e-2)
 #: Part b: inner Adam steps from the initial parameters, then θ* (from problem.solve_inner).
-NEAR_FAR_STEPS = (0, 1, 10, 100, 1000)
+NEAR_FAR_STEPS = (0, 10, 100, 1000)
 NEAR_FAR_LR = 1e-2
 NEAR_FAR_BUDGET = 20
 LANCZOS_ITERS = 60
-#: Part c: a run "forgot" when its validation accuracy ends this far below its best.
+#: Part b: larger dampings at every point of digits_mlp (first seed only).
+DAMPING_SWEEP_B = (1e-2, 1e-1)
+#: Part c: a run "forgot" when its validation accuracy ends this far below its best, and
+#: "collapsed" when at some step it fell this far below its best so far.
 FORGETTING_DROP = 0.05
+COLLAPSE_DROP = 0.10
 #: Part c: relative residual at which CG and Neumann stop (and count as converged).
 TRAIN_TOL = 1e-4
 TRAIN_BUDGET = 20
-TRAIN_DAMPING = 1e-2
+TRAIN_DAMPINGS = (1e-3, 1e-2, 1e-1)
+#: Part f: plain SGD on λ with this learning rate, this many outer steps (found by a search
+#: over outer optimizers and learning rates, reported in the README).
+FORGET_LR = 10.0
+FORGET_STEPS = 60
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,20 +133,33 @@ def library_commit() -> str:
 # a. Accuracy against cost at θ*
 
 
-def part_a(problems: dict, seed: int, repeats: int) -> tuple[list[dict], dict]:
+def part_a(problems: dict, seeds: tuple[int, ...], repeats: int,
+           sweep: bool) -> tuple[list[dict], dict]:
+    """Every solver at every budget at θ*, per seed; on digits_mlp also a damping sweep."""
     rows, setups = [], {}
-    for problem, budgets in problems.items():
-        config = cli.CompareHvpConfig(problem=problem, solvers=SOLVERS, budgets=budgets,
-                                      seed=seed, repeats=repeats, jobs=os.cpu_count() or 1)
-        begin = time.perf_counter()
-        setup = cli.prepare(config)
-        found, metadata = cli.compare_hvp(config, setup)
-        print(f"[a] {problem}: {len(found)} variants in {time.perf_counter() - begin:.1f} s")
-        for row in found:
-            rows.append({"problem": problem, **row, "num_params": setup.num_params,
-                         "lambda_max": setup.lambda_max, "damping": config.damping,
-                         "damping_floor": setup.damping_floor})
-        setups[problem] = (config, setup)
+    for seed in seeds:
+        for problem, budgets in problems.items():
+            config = cli.CompareHvpConfig(problem=problem, solvers=SOLVERS, budgets=budgets,
+                                          seed=seed, repeats=repeats, jobs=os.cpu_count() or 1)
+            dampings = [config.damping]
+            if sweep and problem == SWEEP_PROBLEM:
+                dampings += [d for d in DAMPING_SWEEP_A if d != config.damping]
+            for damping in dampings:
+                begin = time.perf_counter()
+                current = dataclasses.replace(
+                    config, damping=damping,
+                    budgets=config.budgets if damping == config.damping else (SWEEP_BUDGET,))
+                setup = cli.prepare(current)
+                found, _ = cli.compare_hvp(current, setup)
+                print(f"[a] seed {seed} {problem} damping {damping:g}: {len(found)} variants in "
+                      f"{time.perf_counter() - begin:.1f} s", flush=True)
+                for row in found:
+                    rows.append({"problem": problem, "seed": seed, **row,
+                                 "num_params": setup.num_params, "lambda_max": setup.lambda_max,
+                                 "damping": damping, "damping_floor": setup.damping_floor,
+                                 "sweep": damping != config.damping})
+                if damping == config.damping:
+                    setups[problem, seed] = (config, setup)
     return rows, setups
 
 
@@ -214,25 +246,47 @@ def setup_at(config: cli.CompareHvpConfig, base: cli.Setup, params) -> tuple[cli
     return setup, info
 
 
-def part_b(setups: dict, problems: tuple[str, ...], steps: tuple[int, ...], budget: int,
-           repeats: int) -> tuple[list[dict], list[dict]]:
+def base_setup(setups: dict, problem: str, seed: int, budgets: tuple[int, ...],
+               repeats: int) -> tuple[cli.CompareHvpConfig, cli.Setup]:
+    """Part a's (config, setup) for ``(problem, seed)``, built here when part a did not run."""
+    if (problem, seed) not in setups:
+        config = cli.CompareHvpConfig(problem=problem, solvers=SOLVERS, budgets=budgets,
+                                      seed=seed, repeats=repeats, jobs=os.cpu_count() or 1)
+        setups[problem, seed] = (config, cli.prepare(config))
+    return setups[problem, seed]
+
+
+def part_b(setups: dict, problems: tuple[str, ...], seeds: tuple[int, ...],
+           steps: tuple[int, ...], budget: int, repeats: int,
+           sweep: bool) -> tuple[list[dict], list[dict]]:
+    """Each solver at points along inner training and at θ*, against Dense at each point."""
     rows, spectra = [], []
-    for name in problems:
-        base_config, base = setups[name]
-        # Nyström's rank is the budget and cannot exceed the parameter count.
-        config = dataclasses.replace(base_config, budgets=(min(budget, base.num_params),),
-                                     repeats=repeats)
-        for point, params in adam_points(base.problem, steps, NEAR_FAR_LR).items():
-            begin = time.perf_counter()
-            setup, info = setup_at(config, base, params)
-            found, _ = cli.compare_hvp(config, setup)
-            spectra.append({"problem": name, "point": point, **info,
-                             "damping": config.damping, "damping_floor": setup.damping_floor})
-            for row in found:
-                rows.append({"problem": name, "point": point, **row, **info})
-            spectra[-1]["budget"] = config.budgets[0]
-            print(f"[b] {name} {point}: lambda in [{info['exact_min']:.3g}, "
-                  f"{info['exact_max']:.3g}], {time.perf_counter() - begin:.1f} s")
+    for seed in seeds:
+        for name in problems:
+            base_config, base = base_setup(setups, name, seed, BUDGETS[name], repeats)
+            # Nyström's rank is the budget and cannot exceed the parameter count.
+            config = dataclasses.replace(base_config, budgets=(min(budget, base.num_params),),
+                                         repeats=repeats)
+            dampings = [config.damping]
+            if sweep and name == SWEEP_PROBLEM and seed == seeds[0]:
+                dampings += list(DAMPING_SWEEP_B)
+            for point, params in adam_points(base.problem, steps, NEAR_FAR_LR).items():
+                for damping in dampings:
+                    begin = time.perf_counter()
+                    current = dataclasses.replace(config, damping=damping)
+                    setup, info = setup_at(current, base, params)
+                    found, _ = cli.compare_hvp(current, setup)
+                    common = {"problem": name, "seed": seed, "point": point}
+                    spectra.append({**common, **info, "damping": damping,
+                                    "damping_floor": setup.damping_floor,
+                                    "budget": config.budgets[0],
+                                    "sweep": damping != config.damping})
+                    for row in found:
+                        rows.append({**common, **row, **info, "damping": damping,
+                                     "sweep": damping != config.damping})
+                    print(f"[b] seed {seed} {name} {point} damping {damping:g}: lambda in "
+                          f"[{info['exact_min']:.3g}, {info['exact_max']:.3g}], "
+                          f"{time.perf_counter() - begin:.1f} s", flush=True)
     return rows, spectra
 
 
@@ -275,6 +329,8 @@ class Task:
     outer_lr: float
     metrics: object
     ggn: object | None  # curvature= builder, or None where GGN equals the Hessian
+    outer: str = "adam"  # "adam" or "sgd" (plain gradient descent on λ)
+    seed: int = 0
 
 
 def reweighting_task(seed: int) -> Task:
@@ -290,7 +346,7 @@ def reweighting_task(seed: int) -> Task:
                 "weight_clean": float(weights[~flipped].mean())}
 
     # Linear model, squared loss: the GGN is the Hessian, so the GGN remedy does not apply.
-    return Task("reweighting", problem, 10, 0.1, 0.3, metrics, None)
+    return Task("reweighting", problem, 10, 0.1, 0.3, metrics, None, seed=seed)
 
 
 def digits_task(seed: int) -> Task:
@@ -308,7 +364,7 @@ def digits_task(seed: int) -> Task:
                                           == labels_val)),
                 **{f"log_decay_{k}": float(v) for k, v in hparams.items()}}
 
-    return Task("digits_mlp", problem, 10, 1e-2, 0.3, metrics, mlp_ggn)
+    return Task("digits_mlp", problem, 10, 1e-2, 0.3, metrics, mlp_ggn, seed=seed)
 
 
 def far_task(task: Task) -> Task:
@@ -318,15 +374,21 @@ def far_task(task: Task) -> Task:
                                outer_lr=3 * task.outer_lr)
 
 
-def train_run(task: Task, method, outer_steps: int, clip: float | None, seed: int):
+def sgd_task(task: Task) -> Task:
+    """The digits task with plain SGD on λ (learning rate :data:`FORGET_LR`): the outer step is
+    proportional to the hypergradient, so one huge hypergradient moves λ far."""
+    return dataclasses.replace(task, name=f"{task.name}-sgd", outer="sgd", outer_lr=FORGET_LR)
+
+
+def train_run(task: Task, method, outer_steps: int, clip: float | None):
+    outer = (optax.adam if task.outer == "adam" else optax.sgd)(task.outer_lr)
     config = bilevel.TrainerConfig(outer_steps=outer_steps, inner_steps=task.inner_steps,
                                    inner_optimizer=optax.adam(task.inner_lr),
-                                   outer_optimizer=optax.adam(task.outer_lr), method=method,
-                                   hypergrad_clip=clip, seed=seed)
+                                   outer_optimizer=outer, method=method,
+                                   hypergrad_clip=clip, seed=task.seed)
     begin = time.perf_counter()
-    import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # skipped steps are counted instead
         result = bilevel.train_problem(task.problem, config, metrics=task.metrics, progress=False)
     return result, time.perf_counter() - begin
 
@@ -339,7 +401,14 @@ def summarise(history: list[dict], budget_iterations: int) -> dict:
     steps = np.diff(loss[np.isfinite(loss)])
     signs = np.sign(steps[steps != 0])
     best = int(np.nanargmax(acc))
+    running_best = np.maximum.accumulate(np.nan_to_num(acc, nan=0.0))
+    drawdown = running_best - np.nan_to_num(acc, nan=0.0)
+    decays = [np.array([r[k] for r in history], float) for k in history[0]
+              if k.startswith("log_decay_")]
     return {
+        "max_drawdown": float(drawdown.max()), "drawdown_step": int(drawdown.argmax()) + 1,
+        "collapsed": bool(drawdown.max() >= COLLAPSE_DROP),
+        "max_log_decay": float(max(np.nanmax(d) for d in decays)) if decays else None,
         "initial_outer_loss": loss[0], "final_outer_loss": loss[-1],
         "min_outer_loss": float(np.nanmin(loss)),
         "initial_val_acc": acc[0], "best_val_acc": acc[best], "best_step": best + 1,
@@ -365,42 +434,76 @@ def summarise(history: list[dict], budget_iterations: int) -> dict:
     }
 
 
-def part_c(tasks: list[Task], setups: dict, outer_steps: int, budget: int, damping: float,
-           seed: int) -> tuple[list[dict], list[dict]]:
+def part_c(builders: list, seeds: tuple[int, ...], outer_steps: int, budget: int,
+           dampings: tuple[float, ...]) -> tuple[list[dict], list[dict]]:
+    """Per seed and task: Identity, Neumann and CG, then each remedy on Neumann and CG."""
     curves, summary = [], []
-    for task in tasks:
-        # α = 1/λ̂_max at the initial λ's θ*, as in part a (from cli.prepare's power iteration).
+    for seed in seeds:
+        for build in builders:
+            task = build(seed)
+            # α = 1/λ̂_max at the initial λ's θ*, as in part a (cli.prepare's power iteration).
+            alpha = _alpha_at_optimum(task.problem, seed)
+            baselines = {
+                "identity": hvp.Identity(scale=alpha),
+                "neumann": hvp.Neumann(maxiter=budget - 1, alpha=alpha, tol=TRAIN_TOL),
+                "cg": hvp.CG(maxiter=budget - 1, tol=TRAIN_TOL),
+            }
+            runs = [(name, "none", bilevel.ImplicitMethod(solver=solver))
+                    for name, solver in baselines.items()]
+            for name in ("neumann", "cg"):
+                runs += _remedies(name, baselines[name], task, dampings)
+            _run_all(task, runs, baselines, outer_steps, budget, curves, summary)
+    return curves, summary
+
+
+def _remedies(name: str, solver, task: Task, dampings: tuple[float, ...]) -> list[tuple]:
+    runs = [(name, f"damping={d:g}", bilevel.ImplicitMethod(solver=solver, damping=d))
+            for d in dampings]
+    if task.ggn is not None:
+        runs.append((name, "ggn", bilevel.ImplicitMethod(solver=solver, curvature=task.ggn)))
+    runs.append((name, "warm_start", bilevel.ImplicitMethod(solver=solver, warm_start=True)))
+    return runs
+
+
+def _run_all(task: Task, runs: list[tuple], clip_for: dict, outer_steps: int, budget: int,
+             curves: list, summary: list) -> None:
+    """The runs, then one clipped run per solver of ``clip_for`` (clipped at its unremedied
+    run's median hypergradient norm)."""
+    base_norms = {}
+    for solver_name, remedy, method in runs:
+        result, seconds = train_run(task, method, outer_steps, None)
+        _record(task, solver_name, remedy, result, seconds, None, curves, summary, budget)
+        if remedy == "none":
+            base_norms[solver_name] = summary[-1]["median_hypergrad_norm"]
+    for solver_name, solver in clip_for.items():
+        clip = base_norms.get(solver_name, math.nan)
+        if not (math.isfinite(clip) and clip > 0):
+            continue
+        result, seconds = train_run(task, bilevel.ImplicitMethod(solver=solver), outer_steps,
+                                    clip)
+        _record(task, solver_name, "clip", result, seconds, clip, curves, summary, budget)
+
+
+def part_f(seeds: tuple[int, ...], outer_steps: int, budget: int,
+           dampings: tuple[float, ...]) -> tuple[list[dict], list[dict]]:
+    """Validation-accuracy collapse: digits MLP with SGD on λ, each approximation undamped,
+    then each remedy on CG (the one that collapses)."""
+    curves, summary = [], []
+    for seed in seeds:
+        task = sgd_task(digits_task(seed))
         alpha = _alpha_at_optimum(task.problem, seed)
-        baselines = {
-            "identity": hvp.Identity(scale=alpha),
-            "neumann": hvp.Neumann(maxiter=budget - 1, alpha=alpha, tol=TRAIN_TOL),
+        n = sum(x.size for x in jax.tree_util.tree_leaves(task.problem.params))
+        solvers = {
             "cg": hvp.CG(maxiter=budget - 1, tol=TRAIN_TOL),
+            "minres": hvp.MINRES(maxiter=budget - 1, tol=TRAIN_TOL),
+            "neumann": hvp.Neumann(maxiter=budget - 1, alpha=alpha, tol=TRAIN_TOL),
+            "identity": hvp.Identity(scale=alpha),
+            "dense": hvp.Dense(max_size=n),
         }
-        runs = []
-        for solver_name, solver in baselines.items():
-            runs.append((solver_name, "none", bilevel.ImplicitMethod(solver=solver), "base"))
-        for solver_name in ("neumann", "cg"):
-            solver = baselines[solver_name]
-            runs.append((solver_name, "damping", bilevel.ImplicitMethod(solver=solver,
-                                                                        damping=damping), None))
-            if task.ggn is not None:
-                runs.append((solver_name, "ggn", bilevel.ImplicitMethod(solver=solver,
-                                                                        curvature=task.ggn), None))
-            runs.append((solver_name, "warm_start",
-                         bilevel.ImplicitMethod(solver=solver, warm_start=True), None))
-        base_norms = {}
-        for solver_name, remedy, method, _ in runs:
-            result, seconds = train_run(task, method, outer_steps, None, seed)
-            _record(task, solver_name, remedy, result, seconds, None, curves, summary)
-            if remedy == "none":
-                base_norms[solver_name] = summary[-1]["median_hypergrad_norm"]
-        for solver_name in baselines:
-            clip = base_norms[solver_name]
-            if not (math.isfinite(clip) and clip > 0):
-                continue
-            method = bilevel.ImplicitMethod(solver=baselines[solver_name])
-            result, seconds = train_run(task, method, outer_steps, clip, seed)
-            _record(task, solver_name, "clip", result, seconds, clip, curves, summary)
+        runs = [(name, "none", bilevel.ImplicitMethod(solver=solver))
+                for name, solver in solvers.items()]
+        runs += _remedies("cg", solvers["cg"], task, dampings)
+        _run_all(task, runs, {"cg": solvers["cg"]}, outer_steps, budget, curves, summary)
     return curves, summary
 
 
@@ -411,78 +514,148 @@ def _alpha_at_optimum(problem, seed: int) -> float:
     return 1.0 / abs(float(top))
 
 
-def _record(task, solver_name, remedy, result, seconds, clip, curves, summary):
+def _record(task, solver_name, remedy, result, seconds, clip, curves, summary, budget):
+    common = {"task": task.name, "seed": task.seed, "solver": solver_name, "remedy": remedy}
     for row in result.history:
-        curves.append({"task": task.name, "solver": solver_name, "remedy": remedy,
-                       **{k: v for k, v in row.items() if k != "wall_time"}})
-    summary.append({"task": task.name, "solver": solver_name, "remedy": remedy,
-                    "clip": clip, **summarise(result.history, TRAIN_BUDGET - 1),
-                    "seconds": seconds,
-                    "compile_s": result.compile_time})
+        curves.append({**common, **{k: v for k, v in row.items() if k != "wall_time"}})
+    summary.append({**common, "clip": clip, **summarise(result.history, budget - 1),
+                    "seconds": seconds, "compile_s": result.compile_time})
     s = summary[-1]
-    if solver_name == "identity":  # Identity never iterates: these columns say nothing about it
+    if solver_name in ("identity", "dense"):  # no iterations: these columns say nothing
         s["zero_iteration_solves"] = s["early_stops"] = None
-    print(f"[c] {task.name} {solver_name:8s} {remedy:10s} loss {s['initial_outer_loss']:.4g}"
-          f" -> {s['final_outer_loss']:.4g}, acc best {s['best_val_acc']:.3f} final "
-          f"{s['final_val_acc']:.3f}, skipped {s['skipped_steps']}, {seconds:.1f} s")
+    print(f"[c] seed {task.seed} {task.name} {solver_name:8s} {remedy:13s} loss "
+          f"{s['initial_outer_loss']:.4g} -> {s['final_outer_loss']:.4g}, acc best "
+          f"{s['best_val_acc']:.3f} final {s['final_val_acc']:.3f} drawdown "
+          f"{s['max_drawdown']:.3f}, skipped {s['skipped_steps']}, {seconds:.1f} s", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation over seeds
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and not isinstance(v, str)
+            and math.isfinite(float(v))]
+
+
+def aggregate(rows: list[dict], keys: tuple[str, ...], values: tuple[str, ...],
+              counts: tuple[str, ...] = ()) -> list[dict]:
+    """One dict per distinct ``keys`` (first-seen order): for each of ``values`` its mean over
+    the group's finite entries (``v``), standard deviation (``v_std``, population) and count
+    (``v_n``); for each of ``counts`` how often each value occurred, e.g. ``"converged 3/3"``."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+    out = []
+    for key, members in groups.items():
+        entry = dict(zip(keys, key, strict=True))
+        entry["n"] = len(members)
+        for name in values:
+            found = _finite(r.get(name) for r in members)
+            entry[name] = float(np.mean(found)) if found else math.nan
+            entry[f"{name}_std"] = float(np.std(found)) if found else math.nan
+            entry[f"{name}_n"] = len(found)
+        for name in counts:
+            tally: dict[str, int] = {}
+            for r in members:
+                label = str(r.get(name)).lower()
+                tally[label] = tally.get(label, 0) + 1
+            entry[name] = ", ".join(f"{k} {v}/{len(members)}" if len(tally) > 1 or v > 1 else k
+                                    for k, v in tally.items())
+        out.append(entry)
+    return out
+
+
+def _pm(entry: dict, name: str, digits: int = 3) -> str:
+    """``mean ± std`` of an aggregated value (``n/a`` when no seed gave a finite one)."""
+    mean, std = entry.get(name), entry.get(f"{name}_std")
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    missing = entry["n"] - entry.get(f"{name}_n", entry["n"])
+    tail = f" ({missing} non-finite)" if missing else ""
+    return f"{_fmt(mean, digits)} ± {_fmt(std, 2)}{tail}"
+
+
+def _pm_table(rows: list[dict], columns: list[str], spread: set[str]) -> str:
+    """A Markdown table; the columns in ``spread`` are shown as mean ± std."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = []
+        for c in columns:
+            value = r.get(c)
+            cells.append(_pm(r, c) if c in spread else value if isinstance(value, str)
+                         else _fmt(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
 # Plots
 
 
-def plot_a(rows: list[dict], path: Path) -> None:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_a(rows: list[dict], path: Path) -> None:
+    """Mean relative error (error bars: std over seeds) against HVP count, per problem."""
+    plt = _pyplot()
+    rows = [r for r in rows if not r["sweep"]]
     problems = list(dict.fromkeys(r["problem"] for r in rows))
     fig, axes = plt.subplots(1, len(problems), figsize=(5 * len(problems), 4),
                              constrained_layout=True, squeeze=False)
+    stats = aggregate(rows, ("problem", "solver", "budget"),
+                      ("hvp_count", "rel_error", "damping_floor"))
     for ax, problem in zip(axes[0], problems, strict=True):
-        mine = [r for r in rows if r["problem"] == problem]
+        mine = [r for r in stats if r["problem"] == problem]
         for solver in SOLVERS:
-            pts = [(r["hvp_count"], r["rel_error"]) for r in mine
-                   if r["solver"] == solver and math.isfinite(r["rel_error"])]
+            pts = [r for r in mine if r["solver"] == solver and math.isfinite(r["rel_error"])]
             if pts:
-                ax.plot(*zip(*pts, strict=False), marker="o", label=solver,
-                        linestyle="-" if len(pts) > 1 else "none")
+                ax.errorbar([r["hvp_count"] for r in pts], [r["rel_error"] for r in pts],
+                            yerr=[r["rel_error_std"] for r in pts], marker="o", capsize=2,
+                            label=solver, linestyle="-" if len(pts) > 1 else "none")
         ax.axhline(mine[0]["damping_floor"], color="grey", linestyle=":", label="damping floor")
-        ax.set(xscale="log", yscale="log", title=problem, xlabel="HVPs",
-               ylabel="relative error vs Dense f64")
+        ax.set(xscale="log", yscale="log", title=f"{problem} (mean ± std over seeds)",
+               xlabel="HVPs", ylabel="relative error vs Dense f64")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_b(rows: list[dict], spectra: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
+    rows = [r for r in rows if not r["sweep"]]
+    spectra = [s for s in spectra if not s["sweep"]]
     problems = list(dict.fromkeys(r["problem"] for r in rows))
+    errors = aggregate(rows, ("problem", "point", "solver"), ("rel_error",))
+    eig = aggregate(spectra, ("problem", "point"), ("exact_min", "exact_max", "lanczos_min"))
     fig, axes = plt.subplots(2, len(problems), figsize=(6 * len(problems), 7),
                              constrained_layout=True, squeeze=False)
     for col, problem in enumerate(problems):
-        points = [s["point"] for s in spectra if s["problem"] == problem]
+        mine = [e for e in eig if e["problem"] == problem]
+        points = [e["point"] for e in mine]
         ax = axes[0][col]
         for solver in SOLVERS:
-            ys = [next((r["rel_error"] for r in rows if r["problem"] == problem
-                        and r["point"] == p and r["solver"] == solver), math.nan)
-                  for p in points]
-            ys = [y if math.isfinite(y) else np.nan for y in ys]
-            ax.plot(points, ys, marker="o", label=solver)
-        ax.set(yscale="log", title=f"{problem}: error vs Dense at the same point",
+            found = [next((r for r in errors if r["problem"] == problem and r["point"] == p
+                           and r["solver"] == solver), None) for p in points]
+            ys = [np.nan if f is None or not math.isfinite(f["rel_error"]) else f["rel_error"]
+                  for f in found]
+            if not all(np.isnan(ys)):
+                ax.plot(points, ys, marker="o", label=solver)
+        ax.set(yscale="log", title=f"{problem}: error vs Dense at the same point (mean)",
                ylabel="relative error")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         ax = axes[1][col]
-        mine = [s for s in spectra if s["problem"] == problem]
-        ax.plot(points, [s["exact_max"] for s in mine], marker="o", label="lambda_max (exact)")
-        ax.plot(points, [s["exact_min"] for s in mine], marker="o", label="lambda_min (exact)")
-        ax.plot(points, [s["lanczos_min"] for s in mine], marker="x", linestyle="--",
-                label=f"lambda_min (Lanczos {LANCZOS_ITERS})")
+        for name, style, label in (("exact_max", "o-", "lambda_max (exact)"),
+                                   ("exact_min", "o-", "lambda_min (exact)"),
+                                   ("lanczos_min", "x--", f"lambda_min (Lanczos {LANCZOS_ITERS})")):
+            ax.errorbar(points, [e[name] for e in mine], yerr=[e[f"{name}_std"] for e in mine],
+                        fmt=style, capsize=2, label=label)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set(title="inner Hessian spectrum (symlog, linear within ±1e-3)", xlabel="point")
         ax.axhline(0, color="k", linewidth=0.5)
@@ -492,13 +665,13 @@ def plot_b(rows: list[dict], spectra: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_c(curves: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_c(curves: list[dict], path: Path, seed: int, panels=("outer_loss", "val_acc")) -> None:
+    """Per task (columns): outer loss and validation accuracy against the outer step, one line
+    per run of ``seed``."""
+    plt = _pyplot()
+    curves = [r for r in curves if r["seed"] == seed]
     tasks = list(dict.fromkeys(r["task"] for r in curves))
-    fig, axes = plt.subplots(2, len(tasks), figsize=(7 * len(tasks), 8),
+    fig, axes = plt.subplots(len(panels), len(tasks), figsize=(7 * len(tasks), 4 * len(panels)),
                              constrained_layout=True, squeeze=False)
     for col, task in enumerate(tasks):
         runs = list(dict.fromkeys((r["solver"], r["remedy"]) for r in curves
@@ -508,15 +681,46 @@ def plot_c(curves: list[dict], path: Path) -> None:
                     and r["remedy"] == remedy]
             style = "-" if remedy == "none" else "--"
             label = f"{solver}+{remedy}" if remedy != "none" else solver
-            axes[0][col].plot([r["step"] for r in mine], [r["outer_loss"] for r in mine], style,
-                              label=label)
-            axes[1][col].plot([r["step"] for r in mine], [r["val_acc"] for r in mine], style,
-                              label=label)
-        axes[0][col].set(title=f"{task}: outer loss", yscale="log")
-        axes[1][col].set(title=f"{task}: validation accuracy", xlabel="outer step")
+            for row, panel in enumerate(panels):
+                axes[row][col].plot([r["step"] for r in mine],
+                                    [r.get(panel, math.nan) for r in mine], style, label=label)
+        for row, panel in enumerate(panels):
+            axes[row][col].set(title=f"{task} (seed {seed}): {panel}", xlabel="outer step")
+            axes[row][col].grid(True, alpha=0.3)
+            if panel in ("outer_loss", "hypergrad_norm"):
+                axes[row][col].set_yscale("log")
+        axes[0][col].legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_f(curves: list[dict], path: Path) -> None:
+    """Validation accuracy against the outer step for every seed (the collapse), the undamped
+    approximations on top, CG's remedies below."""
+    plt = _pyplot()
+    seeds = sorted({r["seed"] for r in curves})
+    fig, axes = plt.subplots(2, len(seeds), figsize=(6 * len(seeds), 8), constrained_layout=True,
+                             squeeze=False, sharey=True)
+    for col, seed in enumerate(seeds):
+        mine = [r for r in curves if r["seed"] == seed]
+        for (solver, remedy) in dict.fromkeys((r["solver"], r["remedy"]) for r in mine):
+            run = [r for r in mine if r["solver"] == solver and r["remedy"] == remedy]
+            row = 0 if remedy == "none" else 1
+            if row == 1 and solver == "cg":
+                base = [r for r in mine if r["solver"] == "cg" and r["remedy"] == "none"]
+                if remedy == "damping=" + format(TRAIN_DAMPINGS[0], "g"):
+                    axes[1][col].plot([r["step"] for r in base], [r["val_acc"] for r in base],
+                                      "k-", linewidth=2.5, alpha=0.3, label="cg (no remedy)")
+            label = solver if remedy == "none" else f"{solver}+{remedy}"
+            axes[row][col].plot([r["step"] for r in run], [r["val_acc"] for r in run],
+                                "-" if row == 0 else "--", label=label)
+        axes[0][col].set(title=f"seed {seed}: undamped approximations, SGD lr {FORGET_LR:g} "
+                               f"on λ", ylabel="validation accuracy")
+        axes[1][col].set(title=f"seed {seed}: remedies on CG", xlabel="outer step",
+                         ylabel="validation accuracy")
         for ax in axes[:, col]:
             ax.grid(True, alpha=0.3)
-        axes[0][col].legend(fontsize=7, ncol=2)
+            ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -530,51 +734,13 @@ def _fmt(x, digits=3) -> str:
         return "n/a"
     if isinstance(x, bool):
         return "yes" if x else "no"
-    if isinstance(x, int):
+    if isinstance(x, int | np.integer):
         return str(x)
     return f"{x:.{digits}g}"
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) if not isinstance(r.get(c), str)
-                                       else r[c] for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def best_at_budget(rows: list[dict], problem: str) -> list[dict]:
-    """For each solver, its row with the smallest error on ``problem``."""
-    out = []
-    for solver in SOLVERS:
-        mine = [r for r in rows if r["problem"] == problem and r["solver"] == solver]
-        if mine:
-            out.append(min(mine, key=lambda r: r["rel_error"] if math.isfinite(r["rel_error"])
-                           else math.inf))
-    return out
-
-
-def write_readme(out: Path, a_rows, b_rows, spectra, c_summary, meta: dict) -> None:
-    text = [f"# Inverse-HVP approximations in implicit meta-learning ({meta['variant']} run)", "",
-            f"Generated by `experiments/hvp_study.py --seed {meta['seed']}"
-            f"{' --smoke' if meta['variant'] == 'smoke' else ''}` on {meta['date']} in "
-            f"{meta['seconds']:.0f} s. Every number below comes from this run's CSVs.", "",
-            f"Machine: {meta['machine']['platform']}, CPU {meta['machine']['cpu_model']}, "
-            f"{meta['machine']['cores']} cores, JAX {meta['machine']['jax']} on "
-            f"{meta['machine']['device']}, Python {meta['machine']['python']}, library at commit "
-            f"{meta['machine']['library_commit']}. Times are "
-            f"medians of repeated calls on a shared machine: treat them as rough.", ""]
-    text += _section_a(a_rows)
-    text += _section_b(b_rows, spectra)
-    text += _section_c(c_summary, meta)
-    text += _section_recommendation(a_rows, spectra, b_rows, c_summary)
-    text += _section_conclusion(a_rows, b_rows, spectra, c_summary)
-    text += issues_section()
-    text += ["## Files", "",
-             "`a_accuracy_cost.csv`, `b_near_far.csv`, `b_spectra.csv`, `c_training.csv`, "
-             "`c_summary.csv`, `a_accuracy_cost.png`, `b_near_far.png`, `c_training.png`, "
-             "`run.json` (settings and machine).", ""]
-    (out / "README.md").write_text("\n".join(text))
+def _row_of(rows, **match):
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
 NEUMANN_REPRO = """import jax.numpy as jnp, hvp
@@ -622,30 +788,94 @@ def issues_section() -> list[str]:
             "counts 'early stops' as unconverged solves with `iterations < maxiter`.", ""]
 
 
+def write_readme(out: Path, parts: dict, meta: dict) -> None:
+    a_rows, b_rows, spectra = parts.get("a", []), parts.get("b", []), parts.get("spectra", [])
+    c_summary, f_summary = parts.get("c", []), parts.get("f", [])
+    machine = meta["machine"]
+    text = [f"# Inverse-HVP approximations in implicit meta-learning ({meta['variant']} run)", "",
+            f"Generated by `experiments/hvp_study.py --seeds {','.join(map(str, meta['seeds']))}"
+            f"{' --smoke' if meta['variant'] == 'smoke' else ''}`"
+            f"; parts run on {meta['dates']} ({meta['seconds']}). Every number below comes from "
+            f"this run's CSVs; 'a ± b' is the mean and standard deviation over the "
+            f"{len(meta['seeds'])} seeds (data split, initial weights, randomised solvers).", "",
+            f"Machine: {machine['platform']}, CPU {machine['cpu_model']}, {machine['cores']} "
+            f"cores, JAX {machine['jax']} on {machine['device']}, Python {machine['python']}, "
+            f"library at commit {machine['library_commit']}. Times are medians of repeated calls "
+            f"on a machine shared with other jobs (load average {meta['load']}): treat them as "
+            f"rough.", ""]
+    text += _section_a(a_rows) if a_rows else []
+    text += _section_b(b_rows, spectra) if b_rows else []
+    text += _section_c(c_summary, meta) if c_summary else []
+    text += _section_f(f_summary, c_summary) if f_summary else []
+    text += _section_conclusion(a_rows, b_rows, spectra, c_summary, f_summary)
+    text += issues_section()
+    text += ["## Files", "",
+             "`a_accuracy_cost.csv`, `b_near_far.csv`, `b_spectra.csv`, `c_training.csv`, "
+             "`c_summary.csv`, `f_training.csv`, `f_summary.csv` (one row per seed; the `.json` "
+             "files hold the same rows for `--parts`), `a_accuracy_cost.png`, `b_near_far.png`, "
+             "`c_training.png`, `f_forgetting.png`, `run.json` (settings and machine).", ""]
+    (out / "README.md").write_text("\n".join(text))
+
+
 def _section_a(rows) -> list[str]:
+    base = [r for r in rows if not r["sweep"]]
     text = ["## a. Accuracy against cost at the inner optimum", "",
             "Reference: `bilevel.hypergrad` with `hvp.Dense()` in float64, undamped, at θ* from "
             "`problem.solve_inner`. Approximations run in float32 on `H + δI` with the settings "
-            "of `bilevel compare-hvp` (Krylov `maxiter = budget − 1`, `tol = 0`; Neumann/LiSSA "
-            "terms = budget with α = 1/λ̂_max; Nyström rank = budget, ρ = λ̂_max/10; Identity "
-            "scale α). 'floor' is the error of the exact damped solve. ridge has one scalar λ, "
-            "so its cosine is only the sign of the hypergradient.", ""]
-    for problem in dict.fromkeys(r["problem"] for r in rows):
-        mine = [r for r in rows if r["problem"] == problem]
-        first = mine[0]
-        text += [f"### {problem} ({first['num_params']} parameters, λ̂_max "
-                 f"{_fmt(first['lambda_max'])}, δ {_fmt(first['damping'])}, floor "
-                 f"{_fmt(first['damping_floor'])})", "",
-                 _table(mine, ["solver", "budget", "hvp_count", "rel_error", "cosine", "status",
-                               "time_ms", "time_ratio"]), ""]
+            "of `bilevel compare-hvp` (Krylov `maxiter = budget − 1`, `tol = 0`, GMRES in "
+            "restart cycles of at most 20; Neumann/LiSSA terms = budget with α = 1/λ̂_max; "
+            "Nyström rank = budget, ρ = λ̂_max/10; Identity scale α; `unrolled-mixflow` = "
+            "budget SGD steps of size α from θ*, differentiated by MixFlow-MG). 'floor' is the "
+            "error of the exact damped solve. ridge has one scalar λ, so its cosine is only "
+            "the sign of the hypergradient. `status` counts the seeds.", ""]
+    for problem in dict.fromkeys(r["problem"] for r in base):
+        mine = [r for r in base if r["problem"] == problem]
+        head = aggregate(mine, ("problem",), ("num_params", "lambda_max", "damping",
+                                              "damping_floor"))[0]
+        stats = aggregate(mine, ("solver", "budget"), ("hvp_count", "rel_error", "cosine",
+                                                       "time_ms", "time_ratio"), ("status",))
+        text += [f"### {problem} ({_fmt(head['num_params'])} parameters, λ̂_max "
+                 f"{_pm(head, 'lambda_max')}, δ {_fmt(head['damping'])}, floor "
+                 f"{_pm(head, 'damping_floor')})", "",
+                 _pm_table(stats, ["solver", "budget", "hvp_count", "rel_error", "cosine",
+                                   "status", "time_ms", "time_ratio"],
+                           {"rel_error", "cosine", "time_ratio"}), ""]
+    sweep = [r for r in rows if r["problem"] == SWEEP_PROBLEM
+             and (r["sweep"] or r["budget"] in (SWEEP_BUDGET, None))]
+    if any(r["sweep"] for r in sweep):
+        text += _damping_table(sweep, f"### Damping sweep ({SWEEP_PROBLEM}, budget "
+                               f"{SWEEP_BUDGET}; Identity has no budget)",
+                               "Relative error against the undamped reference; the last row is "
+                               "the floor (the exact damped solve's error).")
     return text
 
 
+def _damping_table(rows, title, note) -> list[str]:
+    dampings = sorted({r["damping"] for r in rows})
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    stats = aggregate(rows, ("solver", "damping"), ("rel_error", "damping_floor"))
+    header = ["solver"] + [f"δ = {_fmt(d)}" for d in dampings]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for solver in solvers:
+        cells = [solver]
+        for d in dampings:
+            entry = _row_of(stats, solver=solver, damping=d)
+            cells.append("" if entry is None else _pm(entry, "rel_error"))
+        lines.append("| " + " | ".join(cells) + " |")
+    floors = [_pm(_row_of(stats, damping=d), "damping_floor") for d in dampings]
+    lines.append("| floor | " + " | ".join(floors) + " |")
+    return [title, "", note, ""] + lines + [""]
+
+
 def _section_b(rows, spectra) -> list[str]:
-    if not rows:
-        return []
+    base_spectra = [s for s in spectra if not s["sweep"]]
+    base = [r for r in rows if not r["sweep"]]
     budgets = ", ".join(f"{b} ({p})" for p, b in
-                        dict.fromkeys((s["problem"], s["budget"]) for s in spectra))
+                        dict.fromkeys((s["problem"], s["budget"]) for s in base_spectra))
+    eig = aggregate(base_spectra, ("problem", "point"),
+                    ("inner_grad_norm", "lanczos_min", "lanczos_max", "exact_min", "exact_max",
+                     "negative_eigenvalues", "neumann_contraction", "ift_error_vs_optimum",
+                     "ift_cosine_vs_optimum"))
     text = ["## b. Near vs far from the inner optimum", "",
             f"Points: `adamK` = K Adam steps (lr {NEAR_FAR_LR}) from the problem's initial "
             f"parameters at the initial λ; `optimum` = θ*. At each point the reference is the "
@@ -655,245 +885,216 @@ def _section_b(rows, spectra) -> list[str]:
             f"HVPs; α = 1/|λ̂| from power iteration at each point. Spectra: Lanczos "
             f"({LANCZOS_ITERS} products) and, for checking, `eigvalsh` of the dense Hessian. "
             f"`neumann_contraction` = max |1 − α(λ+δ)| over the exact spectrum: the Neumann "
-            f"series diverges when it exceeds 1 and converges slowly when it is near 1.", "",
-            _table(spectra, ["problem", "point", "inner_grad_norm", "lanczos_min",
-                             "lanczos_max", "exact_min", "exact_max", "negative_eigenvalues",
-                             "neumann_contraction", "ift_error_vs_optimum"]), "",
-            "Relative error of each solver against the Dense solve at the same point "
-            "(status in brackets):", ""]
-    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+            f"series diverges when it exceeds 1 and converges slowly when it is near 1. The "
+            f"unrolled row starts its SGD steps at the point, so away from a stationary point "
+            f"it differentiates a different quantity (where θ goes next) than the IFT.", "",
+            _pm_table(eig, ["problem", "point", "inner_grad_norm", "lanczos_min", "exact_min",
+                            "exact_max", "negative_eigenvalues", "neumann_contraction",
+                            "ift_error_vs_optimum", "ift_cosine_vs_optimum"],
+                      {"inner_grad_norm", "lanczos_min", "exact_min", "exact_max",
+                       "negative_eigenvalues", "neumann_contraction", "ift_error_vs_optimum",
+                       "ift_cosine_vs_optimum"}), "",
+            "Relative error of each solver against the Dense solve at the same point (mean ± "
+            "std; statuses over the seeds in brackets):", ""]
+    errors = aggregate(base, ("problem", "point", "solver"), ("rel_error",), ("status",))
+    solvers = list(dict.fromkeys(r["solver"] for r in base))
     header = ["problem", "point"] + solvers
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for s in spectra:
-        cells = [s["problem"], s["point"]]
+    for e in eig:
+        cells = [e["problem"], e["point"]]
         for solver in solvers:
-            r = next((r for r in rows if r["problem"] == s["problem"]
-                      and r["point"] == s["point"] and r["solver"] == solver), None)
-            cells.append("" if r is None else f"{_fmt(r['rel_error'])} ({r['status'].lower()})")
+            r = _row_of(errors, problem=e["problem"], point=e["point"], solver=solver)
+            cells.append("" if r is None else f"{_pm(r, 'rel_error')} ({r['status']})")
         lines.append("| " + " | ".join(cells) + " |")
-    return text + lines + [""]
+    text += lines + [""]
+    sweep = [r for r in rows if r["problem"] == SWEEP_PROBLEM
+             and r["seed"] == min(x["seed"] for x in rows)]
+    if any(r["sweep"] for r in sweep):
+        dampings = sorted({r["damping"] for r in sweep})
+        text += [f"### Damping at each point ({SWEEP_PROBLEM}, seed {sweep[0]['seed']})", "",
+                 "Relative error against the *undamped* Dense solve at the point (the floor is "
+                 "the exact damped solve's); `λ_min + δ` > 0 makes the damped operator positive "
+                 "definite.", ""]
+        header = ["point", "δ", "λ_min + δ", "floor"] + solvers
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for point in dict.fromkeys(r["point"] for r in sweep):
+            for d in dampings:
+                spec = _row_of(spectra, problem=SWEEP_PROBLEM, seed=sweep[0]["seed"],
+                               point=point, damping=d)
+                cells = [point, _fmt(d), _fmt(spec["exact_min"] + d), _fmt(spec["damping_floor"])]
+                for solver in solvers:
+                    r = _row_of(sweep, point=point, damping=d, solver=solver)
+                    cells.append("" if r is None else
+                                 f"{_fmt(r['rel_error'])} ({r['status'].lower()})")
+                lines.append("| " + " | ".join(cells) + " |")
+        text += lines + [""]
+    return text
+
+
+SUMMARY_VALUES = ("final_outer_loss", "min_outer_loss", "best_val_acc", "final_val_acc",
+                  "max_drawdown", "forgot", "collapsed", "early_stops", "skipped_steps",
+                  "max_hypergrad_norm", "oscillation", "total_hvps", "max_log_decay", "seconds")
+
+
+def _summary_table(summary, columns) -> str:
+    stats = aggregate(summary, ("task", "solver", "remedy"), SUMMARY_VALUES)
+    for entry in stats:
+        for name in ("forgot", "collapsed"):
+            entry[name] = f"{round(entry[name] * entry['n'])}/{entry['n']}"
+    spread = set(SUMMARY_VALUES) - {"forgot", "collapsed"}
+    return _pm_table(stats, columns, spread)
 
 
 def _section_c(summary, meta) -> list[str]:
-    if not summary:
-        return []
-    text = ["## c. Implicit meta-learning runs and remedies", "",
+    return ["## c. Implicit meta-learning runs and remedies", "",
             f"`bilevel.train`, {meta['outer_steps']} outer steps, each after "
             f"{meta['inner_steps']} warm-started inner Adam steps (the `-far` task: 1 inner step "
             f"and 3× the outer learning rate, so θ stays far from θ* where the Hessian is "
             f"indefinite), outer Adam; solvers at "
             f"{meta['train_budget']} HVPs at most (stopping at relative residual {TRAIN_TOL}; "
             f"Identity: 0), α = 1/λ̂_max at the initial θ*. "
-            f"Remedies: `damping` δ = {meta['train_damping']}; `ggn` = `curvature=` a "
+            f"Remedies: `damping=δ` for δ in {', '.join(map(str, meta['train_dampings']))}; "
+            f"`ggn` = `curvature=` a "
             f"Gauss-Newton operator (`hvp.ggn` on (logits, params) so the decay's Hessian is "
             f"kept; data reweighting is a linear least-squares model whose GGN *is* its "
             f"Hessian, so it is skipped there); `warm_start=True`; `clip` = `hypergrad_clip` "
             f"at the unremedied run's median hypergradient norm. 'forgot' = validation "
-            f"accuracy ends at least {FORGETTING_DROP} below its best; 'oscillation' = "
-            f"fraction of sign changes of successive outer-loss differences; 'norm_growth' = "
-            f"mean hypergradient norm of the last 5 steps over the first 5; 'early_stops' = "
-            f"unconverged solves that stopped before their budget (CG: negative curvature; "
-            f"Neumann: divergence).", "",
-            _table(summary, ["task", "solver", "remedy", "initial_outer_loss",
-                             "final_outer_loss", "min_outer_loss", "best_val_acc",
-                             "final_val_acc", "forgot", "skipped_steps", "unconverged_steps",
-                             "early_stops",
-                             "clipped_steps", "max_hypergrad_norm", "norm_growth",
-                             "oscillation", "total_hvps", "max_residual_norm",
-                             "zero_iteration_solves", "seconds"]), ""]
-    return text
+            f"accuracy ends at least {FORGETTING_DROP} below its best (seeds that did); "
+            f"'collapsed' = at some step it is at least {COLLAPSE_DROP} below its best so far; "
+            f"'max_drawdown' = the largest such fall; 'oscillation' = fraction of sign changes "
+            f"of successive outer-loss differences; 'early_stops' = unconverged solves that "
+            f"stopped before their budget (CG: negative curvature; Neumann: divergence); "
+            f"'max_log_decay' = the largest per-layer log weight decay reached.", "",
+            _summary_table(summary, ["task", "solver", "remedy", "final_outer_loss",
+                                     "best_val_acc", "final_val_acc", "max_drawdown", "forgot",
+                                     "collapsed", "early_stops", "max_hypergrad_norm",
+                                     "oscillation", "total_hvps", "seconds"]), ""]
 
 
-def _effect(summary, task, solver, remedy):
-    base = next((s for s in summary if s["task"] == task and s["solver"] == solver
-                 and s["remedy"] == "none"), None)
-    fixed = next((s for s in summary if s["task"] == task and s["solver"] == solver
-                  and s["remedy"] == remedy), None)
-    return base, fixed
+def _section_f(summary, c_summary) -> list[str]:
+    base = [s for s in summary if s["remedy"] == "none"]
+    per_seed = ["| seed | solver | best_val_acc | max_drawdown | at step | final_val_acc | "
+                "max_log_decay | max_hypergrad_norm | early_stops | skipped |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in base:
+        per_seed.append(f"| {s['seed']} | {s['solver']} | {_fmt(s['best_val_acc'])} | "
+                        f"{_fmt(s['max_drawdown'])} | {s['drawdown_step']} | "
+                        f"{_fmt(s['final_val_acc'])} | {_fmt(s['max_log_decay'])} | "
+                        f"{_fmt(s['max_hypergrad_norm'])} | {_fmt(s['early_stops'])} | "
+                        f"{s['skipped_steps']} |")
+    return ["## c (continued). Catastrophic forgetting: validation accuracy collapsing", "",
+            f"Part c's runs move λ with Adam, whose step is at most about its learning rate "
+            f"whatever the hypergradient's size; {sum(s['collapsed'] for s in c_summary)} of "
+            f"its {len(c_summary)} runs collapsed (table above). Here "
+            f"the digits MLP's per-layer log weight decay is trained with plain SGD "
+            f"(learning rate {FORGET_LR:g}, {FORGET_STEPS} outer steps, each after 10 inner "
+            f"Adam steps), so one outsized hypergradient moves λ by as much. Every solver runs "
+            f"undamped at {TRAIN_BUDGET} HVPs at most (Dense: the exact solve of the same "
+            f"undamped Hessian); the remedies are applied to CG. `f_forgetting.png` plots the "
+            f"validation accuracy of every run against the outer step.", "",
+            _summary_table(summary, ["task", "solver", "remedy", "best_val_acc",
+                                     "final_val_acc", "max_drawdown", "collapsed", "forgot",
+                                     "max_log_decay", "max_hypergrad_norm", "early_stops",
+                                     "skipped_steps", "final_outer_loss"]), "",
+            "Unremedied runs, per seed:", ""] + per_seed + [""]
 
 
-def _row_of(rows, **match):
-    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+def _mean_of(rows, name, **match):
+    found = _finite(r.get(name) for r in rows if all(r.get(k) == v for k, v in match.items()))
+    return (float(np.mean(found)), float(np.std(found)), len(found)) if found else (
+        math.nan, math.nan, 0)
 
 
-def _section_recommendation(a_rows, spectra, b_rows, summary) -> list[str]:
-    """Which approximation to use when, each rule with the measurements behind it."""
-    text = ["## Which approximation to use when", ""]
-    problem = "digits_mlp" if any(r["problem"] == "digits_mlp" for r in a_rows) else a_rows[-1][
-        "problem"]
-    mine = [r for r in a_rows if r["problem"] == problem]
-    budgets = sorted({r["budget"] for r in mine if r["budget"] is not None})
-    mid = budgets[len(budgets) // 2]
-    get = lambda solver, budget=mid: _row_of(mine, solver=solver, budget=budget)  # noqa: E731
-    cg, minres, neumann = get("cg"), get("minres"), get("neumann")
-    nystrom, lissa, identity = get("nystrom"), get("lissa"), get("identity", None)
-    text.append(
-        f"1. **At (or near) the inner optimum with a positive-definite Hessian: CG** (MINRES "
-        f"{'is as accurate' if minres['rel_error'] <= 2 * cg['rel_error'] else 'is worse'} "
-        f"there). On {problem} at {mid} HVPs: CG {_fmt(cg['rel_error'])}, MINRES "
-        f"{_fmt(minres['rel_error'])}, Neumann {_fmt(neumann['rel_error'])}, LiSSA "
-        f"{_fmt(lissa['rel_error'])}, Nyström {_fmt(nystrom['rel_error'])} relative error; "
-        f"Identity {_fmt(identity['rel_error'])} (cosine {_fmt(identity['cosine'])}). At the "
-        f"same budget CG took {_fmt(cg['time_ms'])} ms and Neumann {_fmt(neumann['time_ms'])} "
-        f"ms ({_fmt(cg['time_ms'] / neumann['time_ms'])}×).")
-    optimum = _row_of(spectra, problem=problem, point="optimum")
-    if optimum is not None:
-        contraction = optimum["neumann_contraction"]
-        terms = math.log(0.1) / math.log(contraction) if 0 < contraction < 1 else math.inf
-        text.append(
-            f"2. **Neumann and Identity misjudge small curvature.** At θ* the spectrum is "
-            f"[{_fmt(optimum['exact_min'])}, {_fmt(optimum['exact_max'])}]: with α = 1/λ_max "
-            f"the slowest Neumann component contracts by {_fmt(optimum['neumann_contraction'])} "
-            f"per term, so about {_fmt(terms)} terms shrink it tenfold (Neumann's error "
-            f"{_fmt(neumann['rel_error'])} at {mid} HVPs), while Identity scales every "
-            f"direction by 1/λ_max instead of 1/λ: the flattest by up to "
-            f"{_fmt(optimum['exact_max'] / optimum['exact_min'])}× too little. Identity's "
-            f"direction has cosine {_fmt(identity['cosine'])} with the truth, its magnitude is "
-            f"off (error {_fmt(identity['rel_error'])}): usable at most as a cheap direction "
-            f"under an outer optimizer that normalises the step (Adam).")
-    indefinite = [s for s in spectra if s["negative_eigenvalues"] > 0]
-    if indefinite:
-        worst = min(indefinite, key=lambda s: s["exact_min"])
-        rows = {r["solver"]: r for r in b_rows if r["problem"] == worst["problem"]
-                and r["point"] == worst["point"]}
-        text.append(
-            f"3. **Away from the optimum the Hessian is indefinite and no solver's answer is "
-            f"useful.** At {worst['problem']} {worst['point']} (λ_min {_fmt(worst['exact_min'])}"
-            f", {worst['negative_eigenvalues']} negative eigenvalues) CG stops with "
-            f"{rows['cg']['status'].lower()}, Neumann ends {rows['neumann']['status'].lower()} "
-            f"(|1 − αλ| up to {_fmt(worst['neumann_contraction'])}), and even the exact solve "
-            f"there is {_fmt(worst['ift_error_vs_optimum'])} (relative) from the θ* "
-            f"hypergradient. Check `hvp.extreme_eigenvalues` (Lanczos matched the exact λ_min "
-            f"to {_fmt(abs(worst['lanczos_min'] - worst['exact_min']))} here) and converge the "
-            f"inner problem further before trusting any hypergradient; MINRES at least returns "
-            f"a finite minimum-residual answer (error {_fmt(rows['minres']['rel_error'])}).")
-    text += _remedy_lines(summary)
-    text.append(
-        f"5. **Nyström** with ρ = λ̂_max/10 (the CLI default) was never better than "
-        f"{_fmt(min(r['rel_error'] for r in a_rows if r['solver'] == 'nystrom'))} relative "
-        f"error here: the directions the sketch misses get 1/ρ, wrong whenever ρ is not "
-        f"close to their curvature. **LiSSA** adds minibatch noise to Neumann's bias.")
-    text.append("")
-    return text
+def _ms(rows, name, **match) -> str:
+    mean, std, n = _mean_of(rows, name, **match)
+    return "n/a" if not n else f"{_fmt(mean)} ± {_fmt(std, 2)}"
 
 
-def _remedy_lines(summary) -> list[str]:
-    lines = []
-    forgot = [s for s in summary if s["forgot"]]
-    drop = max(s["acc_drop_from_best"] for s in summary)
-    lines.append(
-        f"4. **Catastrophic forgetting** (validation accuracy ending ≥ {FORGETTING_DROP} below "
-        f"its best): {len(forgot)} of {len(summary)} runs"
-        + (f" ({', '.join(s['task'] + ' ' + s['solver'] + '+' + s['remedy'] for s in forgot)})"
-           if forgot else "") + f"; the largest drop from best to final was {_fmt(drop)}."
-        + ("" if forgot else " These runs are small and short: they do not reproduce the "
-           "collapse reported for large models."))
-    for task in dict.fromkeys(s["task"] for s in summary):
-        for solver in ("cg", "neumann"):
-            base, warm = _effect(summary, task, solver, "warm_start")
-            _, ggn = _effect(summary, task, solver, "ggn")
-            _, damped = _effect(summary, task, solver, "damping")
-            if base is None or warm is None:
-                continue
-            parts = [f"warm starts: max hypergradient norm {_fmt(warm['max_hypergrad_norm'])} "
-                     f"(unremedied {_fmt(base['max_hypergrad_norm'])}), max residual "
-                     f"{_fmt(warm['max_residual_norm'])} (vs {_fmt(base['max_residual_norm'])}),"
-                     f" {warm['zero_iteration_solves']} solves returned the warm start "
-                     f"untouched, {warm['skipped_steps']} skipped steps, {warm['total_hvps']} "
-                     f"HVPs (vs {base['total_hvps']})"]
-            if damped is not None:
-                parts.append(f"damping: early stops {damped['early_stops']} (vs "
-                             f"{base['early_stops']}), final outer loss "
-                             f"{_fmt(damped['final_outer_loss'])} (vs "
-                             f"{_fmt(base['final_outer_loss'])})")
-            if ggn is not None:
-                parts.append(f"GGN: early stops {ggn['early_stops']} (vs {base['early_stops']}),"
-                             f" final outer loss {_fmt(ggn['final_outer_loss'])}")
-            lines.append(f"   - {task}, {solver}: " + "; ".join(parts) + ".")
-    ggn_runs = [s for s in summary if s["remedy"] == "ggn"]
-    lines.append(
-        "   Why: on an indefinite operator the previous step's vector can be a poor start "
-        "that a budget-limited solve extends further (see the warm-start section); warm "
-        "starts are only safe on a positive-definite operator."
-        + (f" The GGN is positive semi-definite: its {len(ggn_runs)} runs had "
-           f"{sum(s['early_stops'] for s in ggn_runs)} early-stopped solves in all."
-           if ggn_runs else ""))
-    return lines
+def _count(rows, name, **match) -> str:
+    mine = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return f"{sum(bool(r[name]) for r in mine)}/{len(mine)}"
 
 
-def _section_conclusion(a_rows, b_rows, spectra, summary) -> list[str]:
-    text = ["## Conclusions (numbers from this run)", ""]
-    # a: cheapest solver that reaches 10x the floor, per problem.
-    for problem in dict.fromkeys(r["problem"] for r in a_rows):
-        mine = [r for r in a_rows if r["problem"] == problem]
-        floor = mine[0]["damping_floor"]
+def _section_conclusion(a_rows, b_rows, spectra, c_summary, f_summary) -> list[str]:
+    text = ["## d. Which approximation to use when (numbers from this run)", ""]
+    base = [r for r in a_rows if not r.get("sweep")]
+    for problem in dict.fromkeys(r["problem"] for r in base):
+        mine = [r for r in base if r["problem"] == problem]
+        stats = aggregate(mine, ("solver", "budget"), ("hvp_count", "rel_error",
+                                                       "damping_floor"))
+        floor = float(np.mean([r["damping_floor"] for r in mine]))
         target = max(10 * floor, 1e-2)
-        good = sorted((r for r in mine if r["rel_error"] <= target),
+        good = sorted((r for r in stats if r["rel_error"] <= target),
                       key=lambda r: (r["hvp_count"], r["rel_error"]))
-        best = {r["solver"]: r for r in best_at_budget(a_rows, problem)}
-        parts = ", ".join(f"{s} {_fmt(best[s]['rel_error'])} (at {best[s]['hvp_count']} HVPs)"
-                          for s in best)
-        reach = (f"the cheapest variant within {_fmt(target)} relative error is "
-                 f"{good[0]['solver']} at {good[0]['hvp_count']} HVPs"
-                 if good else f"no variant reached {_fmt(target)} relative error")
-        text.append(f"- **{problem}** at θ*: {reach}. Best error per solver: {parts}.")
-    if spectra:
-        for s in spectra:
-            if s["negative_eigenvalues"] > 0:
-                r = {x["solver"]: x for x in b_rows if x["problem"] == s["problem"]
-                     and x["point"] == s["point"]}
-                text.append(
-                    f"- **{s['problem']} at {s['point']}** the Hessian is indefinite "
-                    f"(exact λ_min {_fmt(s['exact_min'])}, Lanczos {_fmt(s['lanczos_min'])}, "
-                    f"{s['negative_eigenvalues']} negative eigenvalues): CG "
-                    f"{r['cg']['status'].lower()} (error {_fmt(r['cg']['rel_error'])}), "
-                    f"Neumann {r['neumann']['status'].lower()} (contraction "
-                    f"{_fmt(s['neumann_contraction'])}, error {_fmt(r['neumann']['rel_error'])}), "
-                    f"MINRES error {_fmt(r['minres']['rel_error'])}; and the exact IFT there is "
-                    f"{_fmt(s['ift_error_vs_optimum'])} (relative) from the θ* hypergradient, "
-                    f"cosine {_fmt(s['ift_cosine_vs_optimum'])}.")
-        for s in spectra:
-            if s["point"] == "optimum":
-                r = {x["solver"]: x for x in b_rows if x["problem"] == s["problem"]
-                     and x["point"] == "optimum"}
-                ratio = s["exact_max"] / s["exact_min"] if s["exact_min"] > 0 else math.inf
-                needed = (math.log(0.1) / math.log(s["neumann_contraction"])
-                          if 0 < s["neumann_contraction"] < 1 else math.inf)
-                text.append(
-                    f"- **{s['problem']} at θ***: condition number {_fmt(ratio)} (λ in "
-                    f"[{_fmt(s['exact_min'])}, {_fmt(s['exact_max'])}]). Identity (α = "
-                    f"1/λ_max) treats every direction as if its curvature were λ_max, so "
-                    f"directions of curvature λ_min are under-weighted by up to {_fmt(ratio)}×: "
-                    f"error {_fmt(r['identity']['rel_error'])}. Neumann's contraction "
-                    f"{_fmt(s['neumann_contraction'])} needs about {_fmt(needed)} terms to "
-                    f"shrink the slowest component tenfold; at {s['budget']} terms its error "
-                    f"is {_fmt(r['neumann']['rel_error'])}, CG's "
-                    f"{_fmt(r['cg']['rel_error'])}.")
-    for task in dict.fromkeys(s["task"] for s in summary):
-        for s in summary:
-            if s["task"] == task and s["remedy"] == "none":
-                text.append(
-                    f"- **{task}, {s['solver']}** (no remedy): outer loss "
-                    f"{_fmt(s['initial_outer_loss'])} → {_fmt(s['final_outer_loss'])} (min "
-                    f"{_fmt(s['min_outer_loss'])}), validation accuracy best "
-                    f"{_fmt(s['best_val_acc'])} at step {s['best_step']}, final "
-                    f"{_fmt(s['final_val_acc'])} ({'forgot' if s['forgot'] else 'no collapse'}),"
-                    f" {s['skipped_steps']} skipped, {s['unconverged_steps']} unconverged and "
-                    f"{_fmt(s['early_stops'])} early-stopped solves, hypergradient norm growth "
-                    f"{_fmt(s['norm_growth'])}.")
-        for s in summary:
-            if s["task"] == task and s["remedy"] != "none":
-                base, _ = _effect(summary, task, s["solver"], s["remedy"])
-                if base is None:
-                    continue
-                text.append(
-                    f"  - {task} {s['solver']} + {s['remedy']}: final outer loss "
-                    f"{_fmt(s['final_outer_loss'])} (vs {_fmt(base['final_outer_loss'])}), "
-                    f"final accuracy {_fmt(s['final_val_acc'])} (vs "
-                    f"{_fmt(base['final_val_acc'])}), skipped {s['skipped_steps']} (vs "
-                    f"{base['skipped_steps']}), unconverged {s['unconverged_steps']} (vs "
-                    f"{base['unconverged_steps']}), oscillation {_fmt(s['oscillation'])} (vs "
-                    f"{_fmt(base['oscillation'])}).")
+        best = {}
+        for r in stats:
+            if math.isfinite(r["rel_error"]) and (r["solver"] not in best or r["rel_error"]
+                                                   < best[r["solver"]]["rel_error"]):
+                best[r["solver"]] = r
+        reach = (f"the cheapest variant within {_fmt(target)} mean relative error is "
+                 f"{good[0]['solver']} at {_fmt(good[0]['hvp_count'])} HVPs"
+                 if good else f"no variant reached {_fmt(target)} mean relative error")
+        parts = ", ".join(f"{s} {_pm(r, 'rel_error')} ({_fmt(r['hvp_count'])} HVPs)"
+                          for s, r in best.items())
+        text.append(f"- **{problem} at θ***: {reach}. Best per solver: {parts}.")
+    if base:
+        mid = SWEEP_BUDGET
+        d = [r for r in base if r["problem"] == SWEEP_PROBLEM]
+        if d:
+            text.append(
+                f"- **Same budget, {SWEEP_PROBLEM}, {mid} HVPs**: CG "
+                f"{_ms(d, 'rel_error', solver='cg', budget=mid)}, "
+                f"MINRES {_ms(d, 'rel_error', solver='minres', budget=mid)}, GMRES "
+                f"{_ms(d, 'rel_error', solver='gmres', budget=mid)}, Neumann "
+                f"{_ms(d, 'rel_error', solver='neumann', budget=mid)}, unrolled MixFlow "
+                f"{_ms(d, 'rel_error', solver='unrolled-mixflow', budget=mid)}, LiSSA "
+                f"{_ms(d, 'rel_error', solver='lissa', budget=mid)}, Nyström "
+                f"{_ms(d, 'rel_error', solver='nystrom', budget=mid)}, Identity "
+                f"{_ms(d, 'rel_error', solver='identity')} (cosine "
+                f"{_ms(d, 'cosine', solver='identity')}). Time over the Identity baseline: CG "
+                f"{_ms(d, 'time_ratio', solver='cg', budget=mid)}, Neumann "
+                f"{_ms(d, 'time_ratio', solver='neumann', budget=mid)}, unrolled "
+                f"{_ms(d, 'time_ratio', solver='unrolled-mixflow', budget=mid)}.")
+    sweep = [r for r in a_rows if r["problem"] == SWEEP_PROBLEM
+             and r["budget"] in (SWEEP_BUDGET,) and r["solver"] == "cg"]
+    if any(r.get("sweep") for r in sweep):
+        cells = ", ".join(f"δ = {_fmt(dd)}: {_ms(sweep, 'rel_error', damping=dd)} (floor "
+                          f"{_ms(sweep, 'damping_floor', damping=dd)})"
+                          for dd in sorted({r['damping'] for r in sweep}))
+        text.append(f"- **Damping at θ*** ({SWEEP_PROBLEM}, CG at {SWEEP_BUDGET} HVPs): "
+                    f"{cells}.")
+    for s in aggregate([s for s in spectra if not s.get("sweep")], ("problem", "point"),
+                       ("exact_min", "exact_max", "negative_eigenvalues",
+                        "ift_error_vs_optimum", "neumann_contraction")):
+        if s["negative_eigenvalues"] > 0:
+            rows = [r for r in b_rows if r["problem"] == s["problem"]
+                    and r["point"] == s["point"] and not r.get("sweep")]
+            cg = aggregate([r for r in rows if r["solver"] == "cg"], ("solver",), (),
+                           ("status",))[0]["status"]
+            text.append(
+                f"- **{s['problem']} at {s['point']}**: indefinite (λ_min {_pm(s, 'exact_min')}, "
+                f"{_pm(s, 'negative_eigenvalues')} negative eigenvalues); CG {cg}, error "
+                f"{_ms(rows, 'rel_error', solver='cg')}; MINRES "
+                f"{_ms(rows, 'rel_error', solver='minres')}; Neumann "
+                f"{_ms(rows, 'rel_error', solver='neumann')} (contraction "
+                f"{_pm(s, 'neumann_contraction')}); and the exact IFT there is "
+                f"{_pm(s, 'ift_error_vs_optimum')} (relative) from the θ* hypergradient.")
+    for task in dict.fromkeys(s["task"] for s in c_summary):
+        mine = [s for s in c_summary if s["task"] == task]
+        parts = "; ".join(f"{solver}: final outer loss "
+                          f"{_ms(mine, 'final_outer_loss', solver=solver, remedy='none')}, "
+                          f"collapsed {_count(mine, 'collapsed', solver=solver, remedy='none')}"
+                          for solver in dict.fromkeys(s["solver"] for s in mine))
+        text.append(f"- **Training, {task} (Adam on λ)**: {parts}; all runs with a remedy "
+                    f"collapsed {sum(s['collapsed'] for s in mine if s['remedy'] != 'none')}"
+                    f"/{sum(s['remedy'] != 'none' for s in mine)}.")
+    if f_summary:
+        runs = list(dict.fromkeys((s["solver"], s["remedy"]) for s in f_summary))
+        parts = "; ".join(f"{solver}{'' if remedy == 'none' else '+' + remedy}: collapsed "
+                          f"{_count(f_summary, 'collapsed', solver=solver, remedy=remedy)}, "
+                          f"drawdown {_ms(f_summary, 'max_drawdown', solver=solver, remedy=remedy)}"
+                          for solver, remedy in runs)
+        text.append(f"- **Training with SGD on λ (forgetting)**: {parts}.")
     text.append("")
     return text
 
@@ -901,50 +1102,113 @@ def _section_conclusion(a_rows, b_rows, spectra, summary) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Main
 
+#: Part -> the row lists it writes (CSV and JSON files of the same stem).
+PART_FILES = {"a": ("a_accuracy_cost",), "b": ("b_near_far", "b_spectra"),
+              "c": ("c_training", "c_summary"), "f": ("f_training", "f_summary")}
+
+
+def _save(out: Path, stem: str, rows: list[dict]) -> None:
+    write_csv(rows, out / f"{stem}.csv")
+    (out / f"{stem}.json").write_text(json.dumps(rows, allow_nan=True) + "\n")
+
+
+def _load(out: Path, stem: str) -> list[dict]:
+    path = out / f"{stem}.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") \
+            from None
+    if not seeds or any(x < 0 for x in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be integers >= 0, got {text!r}")
+    return seeds
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(x for x in text.split(",") if x)
+    if not parts or any(x not in PART_FILES for x in parts):
+        raise argparse.ArgumentTypeError(f"parts must be a comma list from "
+                                         f"{','.join(PART_FILES)}, got {text!r}")
+    return parts
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/results/hvp_study"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=_seeds, default=SEEDS,
+                        help="comma list of seeds (default: 0,1,2)")
+    parser.add_argument("--parts", type=_parts, default=tuple(PART_FILES),
+                        help="comma list of parts to run (default: a,b,c,f); the README is "
+                        "rebuilt from every part's rows found under --out")
     parser.add_argument("--smoke", action="store_true", help="a tiny fast variant")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    begin = time.perf_counter()
+    run_path = args.out / "run.json"
+    meta = json.loads(run_path.read_text()) if run_path.exists() else {}
+    variant = "smoke" if args.smoke else "full"
+    if meta.get("seeds") != list(args.seeds) or meta.get("variant") != variant:
+        meta = {}  # another run's parts do not belong to this one
+        for stems in PART_FILES.values():
+            for stem in stems:
+                (args.out / f"{stem}.json").unlink(missing_ok=True)
+    seeds = args.seeds
     if args.smoke:
         problems_a, near_far, steps = SMOKE_BUDGETS, ("logistic_l2",), (1, 10)
-        budget, repeats = 5, 1
-        outer_steps, tasks = 4, [reweighting_task(args.seed)]
+        budget, repeats, outer_steps, forget_steps = 5, 1, 4, 4
+        builders, dampings, sweep = [reweighting_task], TRAIN_DAMPINGS[1:2], False
     else:
         problems_a, near_far, steps, budget, repeats = (BUDGETS, ("logistic_l2", "digits_mlp"),
                                                         NEAR_FAR_STEPS, NEAR_FAR_BUDGET, 3)
-        digits = digits_task(args.seed)
-        outer_steps, tasks = 40, [reweighting_task(args.seed), digits, far_task(digits)]
-    train_budget, train_damping = TRAIN_BUDGET, TRAIN_DAMPING
-
-    a_rows, setups = part_a(problems_a, args.seed, repeats)
-    write_csv(a_rows, args.out / "a_accuracy_cost.csv")
-    plot_a(a_rows, args.out / "a_accuracy_cost.png")
-
-    b_rows, spectra = part_b(setups, near_far, steps, budget, repeats)
-    write_csv(b_rows, args.out / "b_near_far.csv")
-    write_csv(spectra, args.out / "b_spectra.csv")
-    plot_b(b_rows, spectra, args.out / "b_near_far.png")
-
-    curves, summary = part_c(tasks, setups, outer_steps, train_budget, train_damping, args.seed)
-    write_csv(curves, args.out / "c_training.csv")
-    write_csv(summary, args.out / "c_summary.csv")
-    plot_c(curves, args.out / "c_training.png")
-
-    meta = {"variant": "smoke" if args.smoke else "full", "seed": args.seed,
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "seconds": time.perf_counter() - begin, "machine": machine(),
-            "outer_steps": outer_steps, "inner_steps": tasks[0].inner_steps,
-            "train_budget": train_budget, "train_damping": train_damping,
-            "budgets": {k: list(v) for k, v in problems_a.items()}, "near_far_steps": steps,
-            "near_far_budget": budget}
-    (args.out / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-    write_readme(args.out, a_rows, b_rows, spectra, summary, meta)
-    print(f"wrote {args.out} in {meta['seconds']:.0f} s")
+        outer_steps, forget_steps, dampings, sweep = 40, FORGET_STEPS, TRAIN_DAMPINGS, True
+        builders = [reweighting_task, digits_task, lambda seed: far_task(digits_task(seed))]
+    setups: dict = {}
+    timing = meta.setdefault("parts", {})
+    for part in args.parts:
+        begin = time.perf_counter()
+        if part == "a":
+            rows, setups = part_a(problems_a, seeds, repeats, sweep)
+            _save(args.out, "a_accuracy_cost", rows)
+            plot_a(rows, args.out / "a_accuracy_cost.png")
+        elif part == "b":
+            rows, spectra = part_b(setups, near_far, seeds, steps, budget, repeats, sweep)
+            _save(args.out, "b_near_far", rows)
+            _save(args.out, "b_spectra", spectra)
+            plot_b(rows, spectra, args.out / "b_near_far.png")
+        elif part == "c":
+            curves, summary = part_c(builders, seeds, outer_steps, TRAIN_BUDGET, dampings)
+            _save(args.out, "c_training", curves)
+            _save(args.out, "c_summary", summary)
+            plot_c(curves, args.out / "c_training.png", seeds[0])
+        elif part == "f":
+            curves, summary = part_f(seeds[:1] if args.smoke else seeds, forget_steps,
+                                     TRAIN_BUDGET, dampings)
+            _save(args.out, "f_training", curves)
+            _save(args.out, "f_summary", summary)
+            plot_f(curves, args.out / "f_forgetting.png")
+        timing[part] = {"date": datetime.datetime.now(datetime.UTC).strftime(
+            "%Y-%m-%d %H:%M UTC"), "seconds": round(time.perf_counter() - begin),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+        print(f"part {part}: {timing[part]['seconds']} s", flush=True)
+        meta.update({
+            "variant": variant, "seeds": list(seeds), "machine": machine(),
+            "outer_steps": outer_steps, "inner_steps": 10, "train_budget": TRAIN_BUDGET,
+            "train_dampings": list(dampings), "forget_lr": FORGET_LR,
+            "forget_steps": forget_steps, "budgets": {k: list(v) for k, v in problems_a.items()},
+            "near_far_steps": list(steps), "near_far_budget": budget})
+        run_path.write_text(json.dumps(meta, indent=2) + "\n")
+    loaded = {part: _load(args.out, stem) for part, stem in
+              (("a", "a_accuracy_cost"), ("b", "b_near_far"), ("spectra", "b_spectra"),
+               ("c", "c_summary"), ("f", "f_summary"))}
+    parts = meta.get("parts", {})
+    meta_text = dict(meta, dates=", ".join(f"{k}: {v['date']}" for k, v in parts.items()),
+                     seconds=", ".join(f"{k}: {v['seconds']} s" for k, v in parts.items()),
+                     load="; ".join(f"{k}: {v['load_average'][0]}" for k, v in parts.items()))
+    write_readme(args.out, loaded, meta_text)
+    print(f"wrote {args.out}/README.md")
     return 0
 
 
