@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 from distributed_checks import HPARAMS, PARAMS, TRAIN, VALID, inner_loss, outer_loss
+from jax.experimental import multihost_utils
 
 import bilevel
 import hvp
@@ -33,9 +34,12 @@ def main(process_id: int, num_processes: int, port: int) -> None:
     inner = distributed.global_batch(tuple(mine(a) for a in TRAIN), mesh, name="inner_args")
     outer = distributed.global_batch(tuple(mine(a) for a in VALID), mesh, name="outer_args")
     grad = jax.jit(fun)(*distributed.replicate((PARAMS, HPARAMS), mesh), inner, outer)
+    # The global batch holds the processes' parts in process order.
+    gathered = multihost_utils.process_allgather(inner[0], tiled=True)
     result = {"started": started, "processes": jax.process_count(),
               "devices": jax.device_count(), "local_devices": jax.local_device_count(),
               "global_batch": int(inner[0].shape[0]),
+              "in_process_order": bool(np.array_equal(gathered, TRAIN[0])),
               "sharded": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), grad)}
     if process_id == 0:
         local = jax.local_devices()[0]

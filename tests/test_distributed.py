@@ -73,6 +73,7 @@ def test_two_processes_agree_with_one_device():
     result = json.loads(outputs[0][0].strip().splitlines()[-1])
     assert result["started"] and result["processes"] == 2
     assert (result["devices"], result["local_devices"], result["global_batch"]) == (8, 4, 64)
+    assert result["in_process_order"]
     for key in ("log_l2", "offset"):  # float32, partial sums in another order: 1e-5
         np.testing.assert_allclose(result["sharded"][key], result["single"][key], rtol=1e-5,
                                    atol=1e-6)
