@@ -56,8 +56,8 @@ def test_loss_buffer_matches_numpy_recurrence():
 
 
 def test_untrained_step_is_the_mean_bank_mlp_scaled_by_rms():
-    """At initialisation the controls mix the bank's mean with step multiplier 1; the first
-    update of a matrix is -0.001·d·exp(0.001·a)·RMS(p) with (d, a) from that MLP."""
+    """At initialisation the controls mix the bank's mean with step multiplier 10; the first
+    update of a matrix is -0.001·d·exp(0.001·a)·RMS(p)·10 with (d, a) from that MLP."""
     meta = velo.init_velo_lopt(jax.random.key(0), lstm_width=8, bank_size=5, dtype=jnp.float64)
     params = _params(jnp.float64)
     grads = jax.grad(_loss)(params)
@@ -77,7 +77,7 @@ def test_untrained_step_is_the_mean_bank_mlp_scaled_by_rms():
     h = jax.nn.relu(x @ mean_bank["w0"] + mean_bank["b0"])
     h = jax.nn.relu(h @ mean_bank["w1"] + mean_bank["b1"])
     out = h @ mean_bank["w2"] + mean_bank["b2"]
-    expected = -0.001 * out[..., 0] * jnp.exp(0.001 * out[..., 1]) * jnp.sqrt(
+    expected = -0.01 * out[..., 0] * jnp.exp(0.001 * out[..., 1]) * jnp.sqrt(
         jnp.mean(p ** 2) + 1e-9)
     np.testing.assert_allclose(updates["w"], expected, rtol=1e-10, atol=1e-15)
     assert int(state.accumulators.iteration) == 1
@@ -145,7 +145,7 @@ def test_jit_traced_horizon_no_recompile_and_float32():
 def test_horizon_changes_the_step(small_meta):
     params = _params(jnp.float64)
     meta = jax.tree_util.tree_map(lambda x: x, small_meta)
-    meta["step_size"]["w"] = jnp.ones_like(meta["step_size"]["w"])
+    meta["step_size"]["w"] = 0.1 * jnp.ones_like(meta["step_size"]["w"])
     assert float(_unroll(meta, params, 5.0)) != pytest.approx(float(_unroll(meta, params, 500.0)),
                                                               rel=1e-12)
 
@@ -165,3 +165,20 @@ def test_errors(small_meta):
         velo.velo_lopt({"network": {}}, 10)
     with pytest.raises(ValueError, match="bank_size must be a positive int"):
         velo.init_velo_lopt(jax.random.key(0), bank_size=0)
+
+
+def test_untrained_optimizer_descends_like_normalised_adam():
+    """The nominal start: on a quadratic the first step points along -g (m/√v = sign-like g)."""
+    meta = velo.init_velo_lopt(jax.random.key(0), lstm_width=4, bank_size=3)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+    quadratic = lambda p: 0.5 * jnp.sum(p["w"] ** 2)  # noqa: E731
+    opt = velo.velo_lopt(meta, 100)
+    state = opt.init(params)
+    losses = []
+    for _ in range(20):
+        value, grads = jax.value_and_grad(quadratic)(params)
+        updates, state = jax.jit(opt.update)(grads, state, params, loss=value)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(value))
+    assert losses[-1] < 0.9 * losses[0]
+    assert np.all(np.diff(losses) < 0)

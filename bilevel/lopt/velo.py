@@ -3,7 +3,8 @@ Learned Optimizers by Scaling Up", ``HyperV2`` in learned_optimization).
 
 Two levels. Once per step and per parameter *tensor*, a small LSTM reads the tensor's summary
 features and emits (a) mixing coefficients ``c`` over a bank of ``K`` per-parameter MLPs and
-(b) a step multiplier ``s``. The tensor's own MLP is the mixture ``(100/K) Σ_k c_k W_k`` of the
+(b) a step multiplier ``s = exp(linear(h))`` (positive; VeLO's is linear). The tensor's own
+MLP is the mixture ``(100/K) Σ_k c_k W_k`` of the
 bank; it is applied to every scalar of the tensor, reading the same 28 accumulator features as
 :func:`bilevel.lopt.mlp_lopt` plus the clipped gradient and ``g/√(v+1e-6)`` (30 inputs, each
 normalised per tensor), and outputs a direction ``d`` and magnitude ``a``:
@@ -87,14 +88,49 @@ def _apply_linear(layer: dict, x: jax.Array) -> jax.Array:
     return x @ layer["w"] + layer["b"]
 
 
+#: Index of ``m/√(v+1e-6)`` for the fastest momentum (0.9) among the per-parameter inputs.
+NOMINAL_FEATURE = 6
+#: The untrained optimizer's step multiplier: steps of 1% of the tensor's RMS.
+INITIAL_STEP_MULT = 10.0
+#: Scale of each bank member's random deviation from the nominal network.
+BANK_NOISE = 0.1
+
+
+def _nominal_bank(key: jax.Array, bank_size: int, hidden: tuple[int, ...], dtype) -> dict:
+    """Bank members = the nominal network + ``BANK_NOISE``·(random network, std 1/√fan_in).
+
+    The nominal network outputs ``d = x_6`` (the normalised ``m/√(v+1e-6)``, an Adam direction
+    with momentum 0.9) and ``a = 0``: its first layer holds ``relu(x_6)`` and ``relu(−x_6)``,
+    the hidden layers pass them on and the output layer takes their difference.
+    """
+    sizes = (NUM_PARAM_INPUTS, *hidden, 2)
+    bank = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        k = jax.random.fold_in(key, i)
+        noise = jax.random.truncated_normal(k, -2.0, 2.0, (bank_size, fan_in, fan_out))
+        nominal = np.zeros((fan_in, fan_out))
+        if i == 0:
+            nominal[NOMINAL_FEATURE, 0], nominal[NOMINAL_FEATURE, 1] = 1.0, -1.0
+        elif i < len(sizes) - 2:
+            nominal[0, 0] = nominal[1, 1] = 1.0
+        else:
+            nominal[0, 0], nominal[1, 0] = 1.0, -1.0
+        bank[f"w{i}"] = (nominal + BANK_NOISE * noise / np.sqrt(fan_in)).astype(dtype)
+        bank[f"b{i}"] = jnp.zeros((bank_size, fan_out), dtype)
+    return bank
+
+
 def init_velo_lopt(key: jax.Array, lstm_width: int = 32, bank_size: int = 16,
                    hidden: tuple[int, ...] = (4, 4), dtype=jnp.float32) -> dict:
     """Meta-parameters of :func:`velo_lopt`.
 
-    The controller starts so that the untrained optimizer is the *mean* of the weight bank with
-    step multiplier 1: the control head's weights are zero with biases ``1/100`` and the
-    step-size head has weight zero and bias 1. The bank is drawn like :func:`init_mlp_lopt`'s
-    network (truncated normal, std ``1/√fan_in``).
+    The untrained optimizer is a working one. The controller starts at the *mean* of the
+    weight bank with step multiplier ``INITIAL_STEP_MULT``: the control head's weights are zero
+    with biases ``1/100``, the step-size head's weights zero. Every bank member is a nominal
+    network computing an Adam direction (see :func:`_nominal_bank`) plus its own small random
+    deviation, so the untrained step is about ``0.01·RMS(θ)·m̂/√v̂`` per tensor. (VeLO starts
+    its bank at random and pays for it with thousands of accelerator-months of ES; a nominal
+    start is what STAR's nominal term and this project's CPU budget call for.)
 
     Args:
       key: PRNG key.
@@ -121,20 +157,15 @@ def init_velo_lopt(key: jax.Array, lstm_width: int = 32, bank_size: int = 16,
             "wh": _linear(jax.random.fold_in(keys[2], 1), width, 4 * width, dtype)["w"],
             # forget-gate bias 1: the usual LSTM initialisation, so the memory starts open
             "b": jnp.zeros((4 * width,), dtype).at[width:2 * width].set(1.0)}
-    sizes = (NUM_PARAM_INPUTS, *hidden, 2)
-    bank = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        k = jax.random.fold_in(keys[4], i)
-        w = jax.random.truncated_normal(k, -2.0, 2.0, (bank_size, fan_in, fan_out))
-        bank[f"w{i}"] = (w / np.sqrt(fan_in)).astype(dtype)
-        bank[f"b{i}"] = jnp.zeros((bank_size, fan_out), dtype)
+    bank = _nominal_bank(keys[4], bank_size, hidden, dtype)
     return {
         "mix_in": _linear(keys[0], NUM_TENSOR_INPUTS, width, dtype),
         "mix_max": _linear(keys[1], NUM_TENSOR_INPUTS, width, dtype),
         "lstm": lstm,
         "controls": {"w": jnp.zeros((width, bank_size), dtype),
                      "b": jnp.full((bank_size,), 0.01, dtype)},
-        "step_size": {"w": jnp.zeros((width, 1), dtype), "b": jnp.ones((1,), dtype)},
+        "step_size": {"w": jnp.zeros((width, 1), dtype),
+                      "b": jnp.full((1,), np.log(INITIAL_STEP_MULT), dtype)},
         "bank": bank,
         "momentum_decays": jnp.zeros((len(MOMENTUM_DECAYS),), dtype),
         "rms_decays": jnp.zeros((len(RMS_DECAYS),), dtype),
@@ -222,7 +253,7 @@ def controller(meta: dict, features: jax.Array, hidden: jax.Array, cell: jax.Arr
     x = _apply_linear(meta["mix_in"], features) + shared
     hidden, cell = _lstm(meta["lstm"], x, hidden, cell)
     controls = _apply_linear(meta["controls"], hidden)
-    step = _apply_linear(meta["step_size"], hidden)[:, 0]
+    step = jnp.exp(_apply_linear(meta["step_size"], hidden)[:, 0])
     return controls, step, hidden, cell
 
 
