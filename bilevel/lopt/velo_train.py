@@ -322,3 +322,96 @@ def final_metadata(state: VeLOTrainState) -> dict:
                    f"({os.cpu_count()} CPUs), jax {jax.__version__}".strip(),
         "num_meta_params": optimizers.num_meta_params(state.meta),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: ``bilevel lopt train --optimizer velo`` (options shared with the other
+# optimizers; ``--slots`` is the number of tasks per outer step).
+
+
+def config_from_args(args) -> VeLOTrainConfig:
+    return VeLOTrainConfig(
+        steps=args.steps, population=args.population, sigma=args.sigma,
+        tasks_per_step=args.slots, horizon_start=args.horizon_start, horizon=args.horizon,
+        learning_rate=args.learning_rate, clip_norm=args.clip_norm, pool=args.pool,
+        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed)
+
+
+def write_outputs(out: Path, state: VeLOTrainState) -> None:
+    """The meta-loss log (CSV), its plot (PNG) and the meta-parameters (``.npz``)."""
+    import csv
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "meta_loss.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "meta_loss", "skipped", "max_horizon", "horizons"])
+        for r in state.history:
+            writer.writerow([r["step"], r["meta_loss"], r["skipped"], r["max_horizon"],
+                             " ".join(map(str, r["horizons"]))])
+    metadata = final_metadata(state)
+    optimizers.save_meta_params(out / "meta_params.npz", state.meta, metadata)
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    losses = np.asarray([r["meta_loss"] for r in state.history], float)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, lw=0.6, alpha=0.5, label="per step")
+    window = min(10, max(1, len(losses) // 5))
+    if len(losses) >= window:
+        ax.plot(np.arange(window - 1, len(losses)),
+                np.convolve(losses, np.ones(window) / window, mode="valid"), lw=1.5,
+                label=f"mean of {window}")
+    ax.set(xlabel="outer step", ylabel="meta-loss (final / initial loss)",
+           title=f"velo_lopt, antithetic ES, population {state.config.population}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "meta_loss.png", dpi=120)
+    plt.close(fig)
+
+
+def run(args, parser) -> int:
+    """``bilevel lopt train --optimizer velo``: ES meta-training with a progress bar,
+    checkpoints and resume."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    out: Path = args.out
+    checkpoint = out / CHECKPOINT_NAME
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.resume:
+        if not checkpoint.is_file():
+            parser.error(f"--resume: no checkpoint at {checkpoint}")
+        state = load_checkpoint(checkpoint)
+        if state.config != dataclasses.replace(config, steps=state.config.steps):
+            parser.error(f"--resume: the checkpoint at {checkpoint} was made with different "
+                         f"options ({state.config})")
+        state = state._replace(config=dataclasses.replace(state.config, steps=config.steps))
+    else:
+        state = init_velo_train(config)
+    columns = (TextColumn("[bold]meta-train velo[/]"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
+               TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        bar = progress.add_task("meta", total=config.steps, completed=state.step, loss="")
+
+        def on_step(state, record):
+            progress.update(bar, completed=state.step,
+                            loss=f"meta-loss {record['meta_loss']:.4f}")
+            if state.step % args.checkpoint_every == 0 or state.step == config.steps:
+                save_checkpoint(checkpoint, state)
+
+        state = velo_train(state, on_step)
+    save_checkpoint(checkpoint, state)
+    write_outputs(out, state)
+    metadata = final_metadata(state)
+    print(f"meta-trained velo_lopt for {state.step} outer steps in {state.seconds:.0f} s; "
+          f"meta-loss {metadata['first_meta_loss']:.4f} (first) -> "
+          f"{metadata['final_meta_loss_last20_mean']:.4f} (mean of last 20); "
+          f"wrote {out / 'meta_params.npz'}")
+    return 0
