@@ -369,11 +369,16 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             label = f"{entry}, {scaling}"
             speed.plot(n, [r["throughput_ratio"] for r in mine], style, color=colors[entry],
                        label=label)
-            comm.plot(n, [max(r["wire_bytes_per_call"], 1) for r in mine], style,
-                      color=colors[entry], label=label)
+            several = [r for r in mine if r["devices"] > 1]  # one device sends nothing
+            comm.plot([r["devices"] for r in several],
+                      [r["wire_bytes_per_call"] for r in several], style, color=colors[entry],
+                      label=label)
             memory.plot(n, [(r["argument_bytes"] + r["temp_bytes"]) / MiB for r in mine], style,
                         color=colors[entry], label=label)
     speed.plot(counts, [c / counts[0] for c in counts], ":", color="0.4", label="ideal")
+    if jax.default_backend() == "cpu":
+        speed.axhline(os.cpu_count() or 1, color="tab:red", ls="--", lw=1,
+                      label=f"{os.cpu_count()} cores: the most forced devices can give")
     for axis, label in ((speed, "throughput vs 1 device"),
                         (comm, "bytes sent per call per device (ring estimate)"),
                         (memory, "arguments + temp MiB per device")):
@@ -416,8 +421,9 @@ def findings(rows: list[dict[str, Any]], es_float64: float | None) -> str:
     if jax.default_backend() == "cpu" and ratios:
         lines.append(f"- Throughput vs one device at n > 1: {min(ratios):.2f}x to "
                      f"{max(ratios):.2f}x, against an ideal of n: forced CPU devices share "
-                     f"{os.cpu_count()} cores (here with other jobs), so these ratios are "
-                     f"noise around no speed-up and say nothing about real devices.")
+                     f"{os.cpu_count()} cores (here with other jobs), so at most about "
+                     f"{os.cpu_count()}x is possible whatever n; these ratios say nothing "
+                     f"about real devices.")
     if any(r["entry"] != "es" for r in rows):
         lines.append(f"- All-gather instructions in the data-parallel programs (hypergrad, "
                      f"unrolled) over all device counts: {gathers}.")
@@ -437,9 +443,10 @@ def report(cfg: Config, rows: list[dict[str, Any]], info: dict[str, str], second
            n_params: int, es_float64: float | None) -> str:
     command = "python experiments/bench_scaling.py " + " ".join(sys.argv[1:])
     cpu_note = ("**On the CPU these devices are forced host devices that share the machine's "
-                f"{info['cores']} cores**, so a mesh of n of them has no more compute than one: "
-                "throughput cannot grow with n, and the throughput column measures the cost of "
-                "partitioning and of the collectives, not speed-up. What this run establishes "
+                f"{info['cores']} cores**, so a mesh of n of them has the compute of at most "
+                f"{info['cores']} cores whatever n (one device's program already uses some of "
+                "them), and other jobs on the machine add noise: the throughput column says "
+                "nothing about real devices. What this run establishes "
                 "is correctness (the rel. diff column), the communication volume (read off the "
                 "compiled programs) and the per-device memory. Run with `--platform gpu` on a "
                 "machine with several GPUs for real scaling numbers."

@@ -298,6 +298,7 @@ def test_pes_population_and_state_stay_on_their_devices(mesh):
         _close((grad, info.loss, state_sharded), (grad_ref, info_ref.loss, state_ref))
         w = state_sharded.inner_state["w"]
         assert {s.data.shape for s in w.addressable_shards} == {(population // DEVICES, hidden)}
+    assert sharded._cache_size() == 1  # the new state comes back placed as the old: no recompile
     args = (hparams_sharded, state_sharded, jax.random.key(0), *valid)
     # The losses (all-gather) and the estimate's partial sums (all-reduce of hparams-sized
     # arrays) cross devices; the particles' states and perturbation sums never do.
