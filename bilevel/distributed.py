@@ -156,9 +156,13 @@ def _check_mesh(where: str, mesh: Any) -> None:
                         f"bilevel.distributed.data_mesh), got {type(mesh).__name__}")
 
 
-def _batch_spec(mesh: Mesh, ndim: int, axis: int) -> P:
-    """Axis ``axis`` split over every mesh axis, the others replicated."""
-    return P(*([None] * axis), tuple(mesh.axis_names), *([None] * (ndim - axis - 1)))
+def _batch_spec(mesh: Mesh, axis: int) -> P:
+    """Axis ``axis`` split over every mesh axis, the others replicated.
+
+    No trailing ``None``s: ``P("batch", None)`` and the ``P("batch")`` that jit gives its
+    outputs are the same layout but not equal objects, and jit would compile again for it.
+    """
+    return P(*([None] * axis), tuple(mesh.axis_names))
 
 
 def _check_axis(where: str, axis: Any) -> None:
@@ -208,7 +212,7 @@ def shard_batch(tree: PyTree, mesh: Mesh, axis: int = 0, name: str = "tree") -> 
         shape = np.shape(leaf)
         _check_batch_leaf(where, name, jax.tree_util.keystr(path) or "<root>", shape, axis,
                           mesh.size, "devices of the mesh")
-        return jax.device_put(leaf, NamedSharding(mesh, _batch_spec(mesh, len(shape), axis)))
+        return jax.device_put(leaf, NamedSharding(mesh, _batch_spec(mesh, axis)))
 
     return jax.tree_util.tree_map_with_path(place, tree)
 
@@ -253,7 +257,7 @@ def global_batch(local_tree: PyTree, mesh: Mesh, axis: int = 0, name: str = "loc
         shape = np.shape(leaf)
         _check_batch_leaf(where, name, jax.tree_util.keystr(path) or "<root>", shape, axis,
                           local_devices, "devices this process holds in the mesh")
-        sharding = NamedSharding(mesh, _batch_spec(mesh, len(shape), axis))
+        sharding = NamedSharding(mesh, _batch_spec(mesh, axis))
         global_shape = (*shape[:axis], shape[axis] * mesh.size // local_devices,
                         *shape[axis + 1:])
         return jax.make_array_from_process_local_data(sharding, np.asarray(leaf), global_shape)

@@ -185,7 +185,7 @@ def test_unrolled_hypergrad(mesh, mode):
 def test_per_step_args_stay_sharded_on_the_batch_axis(mesh):
     placed = distributed.shard_batch(MINIBATCHES, mesh, axis=1)
     x = placed[0]
-    assert x.sharding.spec == jax.sharding.PartitionSpec(None, ("batch",), None)
+    assert x.sharding.spec == jax.sharding.PartitionSpec(None, "batch")
     assert {s.data.shape for s in x.addressable_shards} == {(STEPS, BATCH // DEVICES, FEATURES)}
 
 
