@@ -207,6 +207,10 @@ def test_indivisible_batch_names_the_leaf_and_sizes(mesh):
             "shard_batch: inner_args leaf [1] has batch size 60 on axis 0, not divisible by "
             "the 8 devices")):
         distributed.shard_batch((TRAIN[0], y), mesh, name="inner_args")
+    with pytest.raises(ValueError, match=re.escape(
+            "global_batch: local_tree leaf [1] has batch size 60 on axis 0, not divisible by "
+            "the 8 devices this process holds in the mesh")):
+        distributed.global_batch((TRAIN[0], y), mesh)
 
 
 def test_leaf_without_batch_axis_is_refused(mesh):
