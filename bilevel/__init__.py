@@ -3,6 +3,7 @@
 The public API is what this module exports; everything else may change.
 """
 
+from bilevel import distributed
 from bilevel.es import ESInfo, PESState, es_hypergrad, pes_hypergrad, pes_init
 from bilevel.implicit import HypergradInfo, hypergrad, implicit
 from bilevel.problems import (
@@ -42,6 +43,7 @@ __all__ = [
     "UnrolledMethod",
     "data_reweighting",
     "digits_mlp",
+    "distributed",
     "es_hypergrad",
     "hypergrad",
     "implicit",
