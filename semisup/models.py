@@ -1,0 +1,87 @@
+"""The classifier and the confidence network (Flax), as pure ``apply`` functions over pytrees.
+
+The classifier is split into a convolutional *body* and a linear *head* so that the implicit
+hypergradient can take its curvature over the head alone (the body's features held fixed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Body(nn.Module):
+    """Conv-ReLU-Conv-ReLU-AvgPool blocks, then a ReLU dense layer: the classifier's features."""
+
+    widths: Sequence[int] = (16, 32)
+    hidden: int = 64
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.widths:
+            x = nn.relu(nn.Conv(width, (3, 3))(x))
+            x = nn.relu(nn.Conv(width, (3, 3))(x))
+            if min(x.shape[-3:-1]) >= 2:
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[:-3] + (-1,))
+        return nn.relu(nn.Dense(self.hidden)(x))
+
+
+class ConfidenceNet(nn.Module):
+    """A small CNN mapping an image to a weight ``2·sigmoid(z)`` in (0, 2).
+
+    The last layer starts at zero, so every weight starts at exactly 1 (plain FixMatch).
+    """
+
+    widths: Sequence[int] = (8, 16)
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.widths:
+            x = nn.relu(nn.Conv(width, (3, 3))(x))
+            if min(x.shape[-3:-1]) >= 2:
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = jnp.mean(x, axis=(-3, -2))
+        z = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)(x)
+        return 2.0 * jax.nn.sigmoid(z[..., 0])
+
+
+def init_classifier(key: jax.Array, image_shape: tuple[int, int, int], num_classes: int,
+                    widths: Sequence[int] = (16, 32), hidden: int = 64) -> dict:
+    """Parameters ``{"body": ..., "head": {"kernel", "bias"}}`` of the classifier."""
+    key_body, key_head = jax.random.split(key)
+    body = Body(tuple(widths), hidden).init(key_body, jnp.zeros((1, *image_shape)))["params"]
+    kernel = nn.initializers.lecun_normal()(key_head, (hidden, num_classes))
+    return {"body": body, "head": {"kernel": kernel, "bias": jnp.zeros((num_classes,))}}
+
+
+def features(body_params: dict, images: jax.Array, widths: Sequence[int] = (16, 32),
+             hidden: int = 64) -> jax.Array:
+    """The body's features ``(N, hidden)``."""
+    return Body(tuple(widths), hidden).apply({"params": body_params}, images)
+
+
+def head(head_params: dict, feats: jax.Array) -> jax.Array:
+    """Logits of the linear head."""
+    return feats @ head_params["kernel"] + head_params["bias"]
+
+
+def logits(params: dict, images: jax.Array, widths: Sequence[int] = (16, 32),
+           hidden: int = 64) -> jax.Array:
+    """Classifier logits ``(N, num_classes)``."""
+    return head(params["head"], features(params["body"], images, widths, hidden))
+
+
+def init_confidence(key: jax.Array, image_shape: tuple[int, int, int],
+                    widths: Sequence[int] = (8, 16)) -> dict:
+    """Parameters of the :class:`ConfidenceNet`."""
+    return ConfidenceNet(tuple(widths)).init(key, jnp.zeros((1, *image_shape)))["params"]
+
+
+def confidence(conf_params: dict, images: jax.Array, widths: Sequence[int] = (8, 16)
+               ) -> jax.Array:
+    """Raw (unnormalised) weights ``(N,)`` in (0, 2)."""
+    return ConfidenceNet(tuple(widths)).apply({"params": conf_params}, images)

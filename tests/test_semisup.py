@@ -1,0 +1,377 @@
+"""semisup: augmentation, FixMatch's loss, the confidence network's meta-gradient, the protocol,
+checkpoint/resume and the ``bilevel ssl`` command line."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import bilevel
+import hvp
+import semisup
+from bilevel import datasets
+from bilevel.cli import main as bilevel_main
+from semisup import augment, fixmatch, models
+
+# --------------------------------------------------------------------------------------------
+# Augmentation (float32 images, exact comparisons where the operation is a permutation).
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.uniform(jax.random.key(3), (6, 8, 8, 1), jnp.float32)
+
+
+def test_flip_and_translate_on_a_constructed_image():
+    image = jnp.zeros((8, 8, 1)).at[2, 1, 0].set(1.0)
+    assert jnp.array_equal(augment.flip(image, True), image[:, ::-1])
+    assert jnp.array_equal(augment.flip(image, False), image)
+    shifted = augment.translate(image, 1, -1, pad=1)
+    assert float(shifted[3, 0, 0]) == 1.0 and float(shifted.sum()) == 1.0
+    # The border is reflected: shifting right by one copies column 1 into column 0.
+    right = augment.translate(image, 0, 1, pad=1)
+    assert float(right[2, 2, 0]) == 1.0 and float(right[2, 0, 0]) == 1.0
+
+
+def test_weak_augment_is_a_flip_and_translation_of_its_input(images):
+    out = augment.weak_augment(jax.random.key(0), images, flip_images=True)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    for image, result in zip(images, out, strict=True):
+        candidates = [augment.translate(augment.flip(image, f), dy, dx, 1)
+                      for f in (False, True) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        assert any(jnp.array_equal(result, c) for c in candidates)
+
+
+def test_weak_augment_without_flip_never_mirrors():
+    image = jnp.zeros((1, 8, 8, 1)).at[0, 4, 0, 0].set(1.0)
+    batch = jnp.repeat(image, 32, axis=0)
+    out = augment.weak_augment(jax.random.key(1), batch, flip_images=False)
+    columns = jnp.argmax(out[:, 4, :, 0].max(axis=0) > 0)
+    assert int(columns) <= 1  # the bright pixel stays at the left border (0 or 1)
+
+
+def test_augmentations_are_deterministic_per_key_and_stay_in_range(images):
+    strong = jax.jit(lambda k, x: augment.strong_augment(k, x, flip_images=False))
+    a, b = strong(jax.random.key(5), images), strong(jax.random.key(5), images)
+    c = strong(jax.random.key(6), images)
+    assert jnp.array_equal(a, b) and not jnp.array_equal(a, c)
+    assert a.shape == images.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(augment.OPERATIONS))
+def test_each_operation_keeps_shape_and_range(images, name):
+    out = augment.apply_operation(name, images[0], 0.7, -1.0)
+    assert out.shape == images[0].shape
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_operations_against_closed_forms(images):
+    image = images[0]
+    assert jnp.allclose(augment.apply_operation("solarize", image, 0.0), image)
+    assert jnp.allclose(augment.apply_operation("solarize", image, 1.0), 1.0 - image)
+    equalized = augment.apply_operation("equalize", image, 0.5)
+    ranks = np.argsort(np.argsort(np.asarray(image).ravel())) / 63.0
+    assert np.allclose(np.asarray(equalized).ravel(), ranks, atol=1e-6)
+    assert jnp.allclose(augment.apply_operation("rotate", image, 0.0), image, atol=1e-6)
+
+
+def test_cutout_fills_an_exact_square():
+    out = augment.cutout(jnp.zeros((8, 8, 1)), 4, 4, 4)
+    assert float(out.sum()) == pytest.approx(16 * augment.FILL)
+    assert jnp.all(out[2:6, 2:6] == augment.FILL)
+
+
+def test_augment_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"semisup.weak_augment: images must have shape"):
+        augment.weak_augment(jax.random.key(0), jnp.zeros((8, 8, 1)))
+    with pytest.raises(ValueError, match="num_ops"):
+        augment.strong_augment(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), num_ops=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses and weights.
+
+
+def test_fixmatch_loss_matches_a_hand_computation():
+    rng = np.random.default_rng(0)
+    lab, strong = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
+    weak = rng.normal(size=(5, 4)) * 4
+    labels = np.array([0, 3, 1])
+    weights = np.array([0.5, 1.0, 2.0, 1.5, 1.0])
+    pseudo, mask = fixmatch.pseudo_labels(jnp.asarray(weak), 0.8)
+    loss, (lx, lu) = fixmatch.fixmatch_loss(jnp.asarray(lab), jnp.asarray(labels),
+                                            jnp.asarray(strong), pseudo, mask,
+                                            jnp.asarray(weights), 2.0)
+
+    def ce(logits, y):
+        return -(logits[y] - np.log(np.exp(logits).sum()))
+    p_weak = np.exp(weak) / np.exp(weak).sum(1, keepdims=True)
+    hand_mask = (p_weak.max(1) >= 0.8).astype(float)
+    hand_lx = np.mean([ce(lab[i], labels[i]) for i in range(3)])
+    hand_lu = np.mean([weights[i] * hand_mask[i] * ce(strong[i], p_weak[i].argmax())
+                       for i in range(5)])
+    assert np.array_equal(np.asarray(mask), hand_mask)
+    assert float(lx) == pytest.approx(hand_lx, abs=1e-12)
+    assert float(lu) == pytest.approx(hand_lu, abs=1e-12)
+    assert float(loss) == pytest.approx(hand_lx + 2.0 * hand_lu, abs=1e-12)
+
+
+def test_normalise_gives_mean_one_over_the_mask():
+    weights = jnp.array([0.2, 3.0, 1.0, 0.5])
+    mask = jnp.array([1.0, 0.0, 1.0, 1.0])
+    out = fixmatch.normalise(weights, mask)
+    assert float(jnp.sum(out * mask) / jnp.sum(mask)) == pytest.approx(1.0, abs=1e-12)
+    assert jnp.all(fixmatch.normalise(jnp.zeros(4), mask) == 0)
+
+
+def test_confidence_network_starts_at_weight_one(images):
+    conf = models.init_confidence(jax.random.key(0), (8, 8, 1), (2,))
+    assert jnp.array_equal(jax.jit(models.confidence, static_argnums=2)(conf, images, (2,)),
+                           jnp.ones(len(images)))
+
+
+def test_auroc_and_paired_difference_against_closed_forms():
+    assert semisup.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == 0.75
+    assert semisup.auroc(np.array([1.0, 1.0]), np.array([True, False])) == 0.5
+    mean, low, high = semisup.paired_difference(np.array([1.0, 2.0, 3.0]), np.zeros(3))
+    half = 4.302652729911275 * 1.0 / np.sqrt(3)  # t_{0.975, 2} · s / √n
+    assert mean == 2.0 and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+
+
+# --------------------------------------------------------------------------------------------
+# The meta-gradient against finite differences of the exactly solved inner problem (float64).
+
+
+def test_meta_gradient_with_dense_solve_matches_finite_differences():
+    config = fixmatch.Config(method="confnet", widths=(), hidden=3, weight_decay=0.05,
+                             lambda_u=1.0, conf_widths=(2,), curvature="last")
+    rng = np.random.default_rng(1)
+    num_classes, shape = 3, (4, 4, 1)
+    params = models.init_classifier(jax.random.key(0), shape, num_classes, (), 3)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    conf = models.init_confidence(jax.random.key(1), shape, (2,))
+    conf = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5), conf)
+    x_l, x_s, x_v = (jnp.asarray(rng.uniform(size=(n, *shape))) for n in (4, 6, 5))
+    weak = jnp.asarray(rng.uniform(size=(6, *shape)))
+    y_l, y_v = jnp.asarray([0, 1, 2, 0]), jnp.asarray([2, 1, 0, 1, 2])
+    pseudo = jnp.asarray([0, 1, 2, 2, 1, 0])
+    mask = jnp.asarray([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    batch = (x_l, y_l, weak, x_s, pseudo, mask, x_v, y_v)
+    inner, outer, split = fixmatch.meta_losses(config)
+    theta0, inner_args, outer_args = split(params, batch)
+    flat0, unravel = ravel_pytree(theta0)
+
+    @jax.jit
+    def solve(phi):  # Newton's method on the strictly convex head problem, to round-off
+        def loss(flat):
+            return inner(unravel(flat), phi, *inner_args)
+
+        def newton(flat, _):
+            return flat - jnp.linalg.solve(jax.hessian(loss)(flat), jax.grad(loss)(flat)), None
+        return unravel(jax.lax.scan(newton, flat0, None, length=20)[0])
+
+    theta = solve(conf)
+    grad, info = bilevel.hypergrad(inner, outer, theta, conf, inner_args, outer_args,
+                                   solver=hvp.Dense())
+    assert bool(info.converged)
+    direction = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)), conf)
+    eps = 1e-5
+
+    def outer_at(t):
+        phi = jax.tree_util.tree_map(lambda c, d: c + t * d, conf, direction)
+        return outer(solve(phi), phi, *outer_args)
+
+    finite_difference = (outer_at(eps) - outer_at(-eps)) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grad),
+                                                   jax.tree_util.tree_leaves(direction),
+                                                   strict=True))
+    assert abs(float(finite_difference)) > 1e-6  # the test can fail: the signal is not zero
+    assert float(analytic) == pytest.approx(float(finite_difference), rel=1e-6, abs=1e-10)
+    # The library entry point gives the same numbers with CG to convergence.
+    config_cg = fixmatch.Config(**{**config.__dict__, "solver": "cg", "solver_iters": 50})
+    grad_cg, _ = fixmatch.meta_gradient(config_cg, {**params, "head": theta}, conf, batch)
+    # (CG stops at a relative residual of 1e-6, hence the looser tolerance.)
+    assert np.allclose(ravel_pytree(grad_cg)[0], ravel_pytree(grad)[0], rtol=1e-4, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol.
+
+
+def _unique_dataset(per_class=20, classes=10, test_per_class=5, shape=(4, 4, 1)):
+    """Images whose first pixel is their index, so overlap between sets is detectable."""
+    n = per_class * classes
+    x = np.zeros((n + test_per_class * classes, *shape), np.float32)
+    x[:, 0, 0, 0] = np.arange(len(x))
+    y = np.concatenate([np.repeat(np.arange(classes), per_class),
+                        np.repeat(np.arange(classes), test_per_class)]).astype(np.int32)
+    return datasets.Dataset(x[:n], y[:n], x[n:], y[n:], classes, "unique")
+
+
+@pytest.mark.parametrize("design,ratio", [("add", 0.0), ("add", 0.25), ("add", 0.5),
+                                          ("add", 1.0), ("swap", 0.5)])
+def test_split_counts_disjointness_and_ood_fractions(design, ratio):
+    data = _unique_dataset()
+    split = semisup.make_split(data, labelled_per_class=2, validation_per_class=3,
+                               num_unlabelled=40, ood_ratio=ratio, design=design, seed=4)
+    num_id, num_ood = semisup.ood_count(40, ratio, design)
+    assert (len(split.y_labelled), len(split.y_validation)) == (12, 18)
+    assert np.bincount(split.y_labelled).tolist() == [2] * 6
+    assert len(split.x_unlabelled) == num_id + num_ood
+    assert int(split.unlabelled_ood.sum()) == num_ood == round(ratio * 40)
+    ids = [s[:, 0, 0, 0].astype(int) for s in (split.x_labelled, split.x_validation,
+                                               split.x_unlabelled, split.x_test)]
+    everything = np.concatenate(ids)
+    assert len(np.unique(everything)) == len(everything)
+    original = np.concatenate([data.y_train, data.y_test])
+    assert np.all(original[ids[2][split.unlabelled_ood]] >= 6)
+    assert np.all(original[ids[2][~split.unlabelled_ood]] < 6)
+    assert np.all(split.unlabelled_label[split.unlabelled_ood] == -1)
+    assert set(np.unique(split.y_test)) == set(range(6)) and len(split.y_test) == 30
+    again = semisup.make_split(data, labelled_per_class=2, validation_per_class=3,
+                               num_unlabelled=40, ood_ratio=ratio, design=design, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(split, again, strict=True))
+
+
+def test_split_far_ood_and_errors():
+    data = _unique_dataset()
+    split = semisup.make_split(data, labelled_per_class=1, validation_per_class=1,
+                               num_unlabelled=10, ood_ratio=0.5, ood="far")
+    assert split.x_unlabelled.shape == (15, 4, 4, 1) and int(split.unlabelled_ood.sum()) == 5
+    with pytest.raises(ValueError, match="only"):
+        semisup.make_split(data, labelled_per_class=2, validation_per_class=3,
+                           num_unlabelled=200, ood_ratio=0.0)
+    with pytest.raises(ValueError, match="ood_ratio"):
+        semisup.make_split(data, labelled_per_class=2, validation_per_class=3,
+                           num_unlabelled=10, ood_ratio=1.5, design="swap")
+    with pytest.raises(ValueError, match="ood_dataset"):
+        semisup.make_split(data, labelled_per_class=2, validation_per_class=3,
+                           num_unlabelled=10, ood_ratio=0.5, ood="other")
+
+
+# --------------------------------------------------------------------------------------------
+# Training: every method runs; resuming from a checkpoint changes nothing.
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    data = datasets.load("digits")
+    return semisup.make_split(data, labelled_per_class=2, validation_per_class=2,
+                              num_unlabelled=30, ood_ratio=1.0, seed=0)
+
+
+def _tiny(method, **kw):
+    # The configuration `bilevel ssl train` builds from TRAIN below, so jits are shared.
+    return fixmatch.Config(method=method, steps=4, batch_size=4, mu=2, widths=(), hidden=64,
+                           flip=False, meta_every=2, solver_iters=3, ema=0.99, meta_lr=3e-3,
+                           **kw)
+
+
+_SLOW = pytest.mark.slow  # compile-bound; confnet and l2rw exercise every code path between them
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=_SLOW) if m not in ("confnet", "l2rw")
+                                    else m for m in fixmatch.METHODS])
+def test_every_method_trains_and_reports(method, digits_split):
+    config = _tiny(method, threshold=0.2)
+    state = fixmatch.init(config, jax.random.key(0), digits_split)
+    state, losses = fixmatch.run_periods(config, state, digits_split, config.periods)
+    assert int(state.step) == 4 and np.all(np.isfinite(losses))
+    result = semisup.evaluate(config, state, digits_split)
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    if method == "confnet":
+        assert int(state.meta_steps) == 2 and result["hvp_per_meta_step"] > 0
+        assert result["meta_failures"] == 0
+
+
+def test_checkpoint_resume_gives_identical_state(digits_split, tmp_path):
+    config = _tiny("confnet", threshold=0.2)
+    start = fixmatch.init(config, jax.random.key(0), digits_split)
+    straight, _ = fixmatch.run_periods(config, start, digits_split, 2)
+    half, _ = fixmatch.run_periods(config, start, digits_split, 1)
+    semisup.save_checkpoint(tmp_path / "c.npz", half)
+    resumed = semisup.load_checkpoint(tmp_path / "c.npz", start)
+    resumed, _ = fixmatch.run_periods(config, resumed, digits_split, 1)
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed),
+                    strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="semisup.Config: method"):
+        fixmatch.Config(method="mixmatch")
+    with pytest.raises(ValueError, match="multiple of meta_every"):
+        fixmatch.Config(steps=7, meta_every=5)
+    with pytest.raises(ValueError, match="threshold"):
+        fixmatch.Config(threshold=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+
+@pytest.mark.parametrize("argv", [
+    ["ssl", "train", "--out", "x", "--method", "mixmatch"],
+    ["ssl", "train", "--out", "x", "--steps", "0"],
+    ["ssl", "train", "--out", "x", "--ood-ratio", "-1"],
+    ["ssl", "train"],
+    ["ssl", "eval"],
+])
+def test_cli_bad_arguments_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bilevel_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0]
+
+
+def test_cli_runtime_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bilevel_main(["ssl", "eval", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        bilevel_main(["ssl", "train", "--out", str(tmp_path), "--dataset", "cifar10",
+                      "--data-dir", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+TRAIN = ["--labels-per-class", "2", "--validation-per-class", "2", "--unlabelled", "30",
+         "--steps", "4", "--batch-size", "4", "--mu", "2", "--meta-every", "2",
+         "--solver-iters", "3", "--threshold", "0.2", "--checkpoint-every", "1"]
+
+
+def test_cli_train_stop_resume_and_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert bilevel_main(["ssl", "train", "--out", str(out), *TRAIN, "--stop-after", "1"]) == 0
+    assert "step 2 of 4" in capsys.readouterr().out
+    assert bilevel_main(["ssl", "train", "--out", str(out), *TRAIN]) == 0
+    assert "step 4 of 4" in capsys.readouterr().out
+    assert bilevel_main(["ssl", "eval", "--out", str(out)]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    straight = tmp_path / "straight"
+    assert bilevel_main(["ssl", "train", "--out", str(straight), *TRAIN]) == 0
+    assert bilevel_main(["ssl", "eval", "--out", str(straight)]) == 0
+    assert json.loads((straight / "metrics.json").read_text()) == resumed
+    with pytest.raises(SystemExit) as exit_info:  # other options into the same folder
+        bilevel_main(["ssl", "train", "--out", str(out), *TRAIN[:-2], "--seed", "3"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_cifar_path_on_tiny_fake_files(tmp_path):
+    from fake_data import write_fake_cifar10, write_fake_cifar100
+    write_fake_cifar10(tmp_path, per_batch=20, n_test=30)
+    write_fake_cifar100(tmp_path, n_train=12)
+    out = tmp_path / "run"
+    argv = ["ssl", "train", "--out", str(out), "--dataset", "cifar10", "--data-dir",
+            str(tmp_path), "--ood", "cifar100", "--ood-ratio", "0.5", "--labels-per-class", "1",
+            "--validation-per-class", "1", "--unlabelled", "6", "--steps", "2", "--batch-size",
+            "2", "--mu", "1", "--meta-every", "2", "--solver-iters", "2", "--threshold", "0.2"]
+    assert bilevel_main(argv) == 0
+    assert bilevel_main(["ssl", "eval", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0
