@@ -477,6 +477,9 @@ def save_meta_params(path: str | os.PathLike, meta: dict, metadata: dict | None 
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **flat)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared files from others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -465,14 +465,25 @@ def final_metadata(state: MetaTrainState) -> dict:
         "config": {k: list(v) if isinstance(v, tuple) else v
                    for k, v in dataclasses.asdict(config).items()},
         "outer_steps": state.step,
-        "meta_training_seconds": round(state.seconds, 1),
+        "meta_training_seconds": round(state.seconds, 1),  # wall clock, compilation included
         "final_meta_loss_last20_mean": float(np.mean(recent)) if recent else None,
         "first_meta_loss": state.history[0]["meta_loss"] if state.history else None,
         "task_pool": [tasks.make_family_task(m).name for m in task_pool(config)],
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-                   f"({os.cpu_count()} CPUs), jax {jax.__version__}".strip(),
+        "machine": f"{_cpu_model()} ({os.cpu_count()} CPUs), {jax.default_backend()}, "
+                   f"jax {jax.__version__}",
         "num_meta_params": optimizers.num_meta_params(state.meta),
     }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------------------------
