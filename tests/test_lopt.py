@@ -104,7 +104,7 @@ def _random_problem(seed, steps=3):
     return params, grads
 
 
-def _run(opt, params, grads_seq, jit=False):
+def _run(opt, params, grads_seq, jit=True):
     params = jax.tree_util.tree_map(jnp.asarray, params)
     state = opt.init(params)
     update = jax.jit(opt.update) if jit else opt.update
@@ -138,11 +138,11 @@ def test_mlp_lopt_matches_numpy_reference(horizon):
             np.testing.assert_allclose(g[k], w[k], rtol=1e-10, atol=1e-15)
 
 
-def test_star_lopt_matches_numpy_reference_under_jit():
+def test_star_lopt_matches_numpy_reference():
     meta = _meta64(lopt.init_star_lopt, 3)
     params, grads = _random_problem(4)
     opt = lopt.star_lopt(meta, nominal_step=1e-2, weight_decay=1e-3)
-    got = _run(opt, params, grads, jit=True)
+    got = _run(opt, params, grads)
     want = _np_run(meta, params, grads, "star", alpha=1e-2, wd=1e-3)
     for g, w in zip(got, want, strict=True):
         for k in params:
@@ -157,7 +157,7 @@ def test_untrained_star_is_aggmo_adam_closed_form():
     p = rng.standard_normal(4)
     gs = [rng.standard_normal(4) for _ in range(3)]
     got = _run(lopt.star_lopt(meta, nominal_step=0.05, weight_decay=0.01), {"p": p},
-               [{"p": g} for g in gs])
+               [{"p": g} for g in gs], jit=False)  # eagerly, once
     m1 = m2 = m3 = v = 0.0
     x = p.copy()
     for g, u in zip(gs, got, strict=True):
@@ -225,22 +225,30 @@ def test_mixflow_meta_gradient_matches_finite_differences(kind):
     def outer(p, h):
         return task.eval_loss(p)
 
-    grad, info = bilevel.unrolled_hypergrad(inner, outer, params0, meta, optimizer=factory,
-                                            steps=4, per_step_args=(batches,), mode="mixflow")
+    grad, info = jax.jit(lambda h: bilevel.unrolled_hypergrad(
+        inner, outer, params0, h, optimizer=factory, steps=4, per_step_args=(batches,),
+        mode="mixflow"))(meta)
     assert bool(info.finite)
 
-    def meta_loss(h):
-        _, info = bilevel.unrolled_hypergrad(inner, outer, params0, h, optimizer=factory,
-                                             steps=4, per_step_args=(batches,))
-        return float(info.outer_loss)
+    @jax.jit
+    def meta_loss(h):  # the unroll written out independently of unrolled_hypergrad
+        opt, params = factory(h), params0
+        state = opt.init(params)
+        for t in range(4):
+            batch = jax.tree_util.tree_map(lambda x: x[t], batches)  # noqa: B023
+            loss, grads = jax.value_and_grad(task.loss)(params, batch)
+            updates, state = opt.update(grads, state, params, loss=loss)
+            params = optax.apply_updates(params, updates)
+        return task.eval_loss(params)
 
+    np.testing.assert_allclose(meta_loss(meta), info.outer_loss, rtol=1e-12)
     rng = np.random.default_rng(0)
     for _ in range(2):
         direction = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape)),
                                            meta)
         plus, minus = (jax.tree_util.tree_map(lambda h, d, s=s: h + s * EPS * d, meta,
                                               direction) for s in (1.0, -1.0))
-        fd = (meta_loss(plus) - meta_loss(minus)) / (2 * EPS)
+        fd = float(meta_loss(plus) - meta_loss(minus)) / (2 * EPS)
         analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(
             jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(direction), strict=True))
         assert abs(analytic - fd) <= 1e-6 * max(1.0, abs(fd)), (analytic, fd)
