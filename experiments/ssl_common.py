@@ -25,9 +25,19 @@ def splits(dataset: datasets.Dataset, seeds: list[int], **kwargs) -> protocol.Sp
     return protocol.stack_splits([protocol.make_split(dataset, seed=s, **kwargs) for s in seeds])
 
 
+def for_method(data: protocol.Split, method: str) -> protocol.Split:
+    """Equal label budgets: methods without a use for the validation set train on it."""
+    if method in fixmatch.USES_VALIDATION:
+        return data
+    merged = [protocol.merge_validation(protocol.Split(*(np.asarray(a)[i] for a in data)))
+              for i in range(np.asarray(data.y_labelled).shape[0])]
+    return protocol.stack_splits(merged)
+
+
 def run_arm(config: fixmatch.Config, data: protocol.Split, seeds: list[int], label: str,
             progress: Progress | None = None) -> tuple[list[dict], fixmatch.State, float]:
     """Train ``config`` on every seed at once (vmapped); metrics per seed, states, seconds."""
+    data = for_method(data, config.method)
     states = fixmatch.init_seeds(config, [jax.random.key(1000 + s) for s in seeds], data)
     task = progress.add_task(label, total=config.periods) if progress else None
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from semisup.fixmatch import (
     CURVATURES,
     METHODS,
     SOLVERS,
+    USES_VALIDATION,
     Config,
     State,
     cross_entropy,
@@ -33,13 +34,14 @@ from semisup.fixmatch import (
     unstack,
 )
 from semisup.metrics import auroc, evaluate, paired_difference
-from semisup.protocol import Split, make_split, ood_count, stack_splits
+from semisup.protocol import Split, make_split, merge_validation, ood_count, stack_splits
 
 __all__ = [
     "CURVATURES",
     "METHODS",
     "OPERATIONS",
     "SOLVERS",
+    "USES_VALIDATION",
     "Config",
     "Split",
     "State",
@@ -55,6 +57,7 @@ __all__ = [
     "make_solver",
     "make_split",
     "meta_gradient",
+    "merge_validation",
     "meta_losses",
     "normalise",
     "ood_count",

@@ -107,18 +107,20 @@ def _config(options: dict):
         meta_every=options["meta_every"], meta_lr=options["meta_lr"])
 
 
-def _split(options: dict):
+def _split(options: dict, method: str):
     from bilevel import datasets
-    from semisup import protocol
+    from semisup import fixmatch, protocol
     dataset = datasets.load(options["dataset"], options["data_dir"])
     ood, other = options["ood"], None
     if ood not in ("near", "far"):
         other, ood = datasets.load(ood, options["data_dir"]), "other"
-    return protocol.make_split(
+    split = protocol.make_split(
         dataset, labelled_per_class=options["labels_per_class"],
         validation_per_class=options["validation_per_class"], num_unlabelled=options["unlabelled"],
         ood_ratio=options["ood_ratio"], ood=ood, design=options["design"], ood_dataset=other,
         seed=options["seed"])
+    # Equal label budgets: a method with no use for the validation set trains on it.
+    return split if method in fixmatch.USES_VALIDATION else protocol.merge_validation(split)
 
 
 def _fail(parser, message: str) -> int:
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                        if not k.startswith("_") and k not in ("ssl_command", "command", "out",
                                                               "stop_after")}
             config = _config(options)
-            split = _split(options)
+            split = _split(options, config.method)
             return _train(parser, out, options, config, split, args.stop_after)
         options_path = out / "options.json"
         if not options_path.exists():
@@ -146,7 +148,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         options = json.loads(options_path.read_text())
         if args.data_dir is not None:
             options["data_dir"] = args.data_dir
-        return _evaluate(out, options, _config(options), _split(options))
+        config = _config(options)
+        return _evaluate(out, options, config, _split(options, config.method))
     except (ValueError, FileNotFoundError, ImportError) as error:
         return _fail(parser, str(error))
 

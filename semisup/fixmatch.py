@@ -40,6 +40,9 @@ from semisup import augment, models
 from semisup.protocol import Split
 
 METHODS = ("supervised", "fixmatch", "oracle", "softmax", "l2rw", "confnet")
+#: Methods whose weights are computed from the validation set; the others should train on it
+#: (:func:`semisup.protocol.merge_validation`) so that label budgets are equal.
+USES_VALIDATION = ("l2rw", "confnet")
 SOLVERS = ("identity", "neumann", "cg", "nystrom")
 CURVATURES = ("last", "all")
 

@@ -152,6 +152,17 @@ def _ood_images(where, rng, dataset, ood, count, in_classes, ood_dataset, seed) 
     return ood_dataset.x_train[_take(where, rng, pool, count, f"{ood_dataset.name} images")]
 
 
+def merge_validation(split: Split) -> Split:
+    """The split with the validation images added to the labelled set.
+
+    For methods that have no use for a held-out set (supervised, FixMatch, the oracle,
+    max-softmax): they train on the validation labels too, so every method spends the same
+    label budget. The validation set stays in place for evaluation only.
+    """
+    return split._replace(x_labelled=np.concatenate([split.x_labelled, split.x_validation]),
+                          y_labelled=np.concatenate([split.y_labelled, split.y_validation]))
+
+
 def stack_splits(splits: list[Split]) -> Split:
     """Stack equally shaped splits along a new leading (seed) axis, for ``vmap``."""
     return Split(*(np.stack(parts) for parts in zip(*splits, strict=True)))

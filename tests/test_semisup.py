@@ -236,6 +236,14 @@ def test_split_counts_disjointness_and_ood_fractions(design, ratio):
     assert all(np.array_equal(a, b) for a, b in zip(split, again, strict=True))
 
 
+def test_merge_validation_spends_the_same_label_budget():
+    split = semisup.make_split(_unique_dataset(), labelled_per_class=2, validation_per_class=3,
+                               num_unlabelled=10, ood_ratio=0.5)
+    merged = semisup.merge_validation(split)
+    assert len(merged.y_labelled) == 30 and np.bincount(merged.y_labelled).tolist() == [5] * 6
+    assert np.array_equal(merged.x_validation, split.x_validation)
+
+
 def test_split_far_ood_and_errors():
     data = _unique_dataset()
     split = semisup.make_split(data, labelled_per_class=1, validation_per_class=1,

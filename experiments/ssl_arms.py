@@ -1,0 +1,214 @@
+"""The class-mismatch comparison: supervised, FixMatch, the oracle filter, max-softmax weighting,
+one-step look-ahead (L2RW) and the confidence network (identity, Neumann, CG inverse-HVP), paired
+over seeds, at several amounts of added OOD data.
+
+    python -m experiments.ssl_arms            # digits, 50 % and 100 % added near OOD, 5 seeds
+    python -m experiments.ssl_arms --smoke    # a tiny configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import jax  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+
+from bilevel import datasets  # noqa: E402
+from experiments import ssl_common as common  # noqa: E402
+from experiments._common import positive_int  # noqa: E402
+from semisup import fixmatch, metrics  # noqa: E402
+
+ARMS = {"supervised": dict(method="supervised"), "fixmatch": dict(method="fixmatch"),
+        "oracle": dict(method="oracle"), "softmax": dict(method="softmax"),
+        "l2rw": dict(method="l2rw"),
+        "confnet-identity": dict(method="confnet", solver="identity"),
+        "confnet-neumann": dict(method="confnet", solver="neumann"),
+        "confnet-cg": dict(method="confnet", solver="cg")}
+MODELS = {"mlp": dict(widths=(), hidden=64), "cnn": dict(widths=(16, 32), hidden=64)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
+    parser.add_argument("--labels", type=positive_int, default=4, help="labelled per class")
+    parser.add_argument("--validation", type=positive_int, default=10)
+    parser.add_argument("--unlabelled", type=positive_int, default=300)
+    parser.add_argument("--ood", default="near")
+    parser.add_argument("--ratios", default="0.5,1.0")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--seeds", type=positive_int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=1000)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--mu", type=positive_int, default=4)
+    parser.add_argument("--meta-every", type=positive_int, default=5)
+    parser.add_argument("--meta-lr", type=float, default=1e-2)
+    parser.add_argument("--solver-iters", type=positive_int, default=10)
+    parser.add_argument("--curvature", default="last")
+    parser.add_argument("--out", default=str(common.RESULTS / "arms"))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.steps, args.ratios = 2, 10, "1.0"
+        args.arms = "fixmatch,oracle,confnet-cg"
+    arms = args.arms.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    seeds = list(range(args.seeds))
+    dataset = datasets.load(args.dataset)
+    rows, timing, pictures = [], {}, {}
+    with Progress() as progress:
+        for ratio in ratios:
+            data = common.splits(dataset, seeds, labelled_per_class=args.labels,
+                                 validation_per_class=args.validation,
+                                 num_unlabelled=args.unlabelled, ood_ratio=ratio, ood=args.ood)
+            for arm in arms:
+                config = fixmatch.Config(steps=args.steps, batch_size=args.batch, mu=args.mu,
+                                         ema=0.99, flip=False, meta_every=args.meta_every,
+                                         meta_lr=args.meta_lr, solver_iters=args.solver_iters,
+                                         curvature=args.curvature, **MODELS[args.model],
+                                         **ARMS[arm])
+                results, states, seconds = common.run_arm(config, data, seeds,
+                                                          f"{ratio:.0%} {arm}", progress)
+                for seed, r in zip(seeds, results, strict=True):
+                    rows.append({"ratio": ratio, "arm": arm, "seed": seed,
+                                 "train_seconds": seconds, **r})
+                if config.method == "confnet":
+                    timing[(ratio, arm)] = _time_meta_step(config, states, data)
+                    pictures[(ratio, arm)] = (config, fixmatch.unstack(states, 0),
+                                              jax.tree_util.tree_map(lambda a: np.asarray(a)[0],
+                                                                     data))
+                progress.console.print(f"{ratio:.0%} {arm}: accuracy "
+                                       f"{common.mean_std([r['test_accuracy'] for r in results])}")
+    for row in rows:
+        row.update(timing.get((row["ratio"], row["arm"]), {}))
+    out = common.Path(args.out)
+    common.write_csv(out.with_suffix(".csv"), rows)
+    text = _markdown(rows, ratios, arms, args)
+    out.with_suffix(".md").write_text(text)
+    common.write_json(out.with_suffix(".json"), common.machine(args=vars(args)))
+    _plot(rows, ratios, arms, out.with_suffix(".png"))
+    for (ratio, arm), picture in pictures.items():
+        _picture(*picture, out.parent / f"{out.name}_weights_{arm}_{int(100 * ratio)}.png",
+                 f"{arm}, {ratio:.0%} added OOD, seed 0")
+    print(text)
+    return 0
+
+
+def _time_meta_step(config, states, data) -> dict:
+    """Median wall time of one inner step and one meta-step (one seed, after a warm-up)."""
+    state = fixmatch.unstack(states, 0)
+    one = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(np.asarray(a)[0]), data)
+
+    def median(fn):
+        jax.block_until_ready(fn(config, state, one))
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(config, state, one))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    inner, meta = median(fixmatch._step_jit), median(fixmatch._meta_jit)
+    return {"inner_step_ms": 1e3 * inner, "meta_step_ms": 1e3 * meta,
+            "meta_over_inner": meta / inner}
+
+
+def _select(rows, ratio, arm, key):
+    return np.array([r[key] for r in rows if r["ratio"] == ratio and r["arm"] == arm])
+
+
+def _markdown(rows, ratios, arms, args) -> str:
+    lines = [f"# Class-mismatch comparison ({args.dataset}, {args.model}, {args.labels} labels "
+             f"per class + {args.validation} validation per class, {args.unlabelled} ID "
+             f"unlabelled, {args.ood} OOD added, {args.seeds} paired seeds, {args.steps} steps)",
+             "", "Accuracy: ID test accuracy of the EMA weights, mean ± std over seeds. "
+             "Δ FixMatch: paired difference with FixMatch, mean [95 % t interval]. Gap closed: "
+             "(arm − FixMatch) / (oracle − FixMatch) of the means. AUROC: of each unlabelled "
+             "image's mean raw weight during training (final: the confidence network's last "
+             "weights), ID against OOD. OOD pass: share of OOD draws passing the 0.95 mask. "
+             "OOD weight: OOD share of the unlabelled loss weight. Meta-step time: median of one "
+             "meta-step (one seed) and its ratio to one inner step measured in the same run.", ""]
+    for ratio in ratios:
+        fix = _select(rows, ratio, "fixmatch", "test_accuracy")
+        oracle = _select(rows, ratio, "oracle", "test_accuracy")
+        gap = oracle.mean() - fix.mean() if len(fix) and len(oracle) else float("nan")
+        lines += [f"## {ratio:.0%} added OOD (oracle − FixMatch = {100 * gap:+.2f} points)", "",
+                  "| arm | accuracy | Δ FixMatch | gap closed | AUROC | final AUROC | OOD pass | "
+                  "OOD weight | HVPs/meta-step | meta-step ms (× inner) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for arm in arms:
+            acc = _select(rows, ratio, arm, "test_accuracy")
+            delta = common.paired(acc, fix) if len(fix) and arm != "fixmatch" else "—"
+            closed = (acc.mean() - fix.mean()) / gap if len(fix) and gap > 0 else float("nan")
+            meta = _select(rows, ratio, arm, "meta_step_ms") if arm.startswith("confnet") else []
+            ratio_inner = (_select(rows, ratio, arm, "meta_over_inner")
+                           if arm.startswith("confnet") else [])
+            hvps = _select(rows, ratio, arm, "hvp_per_meta_step")
+            lines.append(
+                f"| {arm} | {common.mean_std(acc)} | {delta} | "
+                f"{closed:+.2f} | {common.mean_std(_select(rows, ratio, arm, 'weight_auroc'))} | "
+                f"{common.mean_std(_select(rows, ratio, arm, 'final_weight_auroc'))} | "
+                f"{common.mean_std(_select(rows, ratio, arm, 'ood_pass_rate'))} | "
+                f"{common.mean_std(_select(rows, ratio, arm, 'ood_weight_share'))} | "
+                f"{hvps.mean():.1f} | "
+                + (f"{meta[0]:.1f} ({ratio_inner[0]:.1f}×)" if len(meta) else "—") + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(rows, ratios, arms, path):
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(ratios)
+    for j, ratio in enumerate(ratios):
+        means = [100 * _select(rows, ratio, a, "test_accuracy").mean() for a in arms]
+        stds = [100 * _select(rows, ratio, a, "test_accuracy").std(ddof=1) for a in arms]
+        ax.bar(np.arange(len(arms)) + j * width, means, width, yerr=stds,
+               label=f"{ratio:.0%} added OOD", capsize=2)
+    ax.set_xticks(np.arange(len(arms)) + width * (len(ratios) - 1) / 2, arms, rotation=30,
+                  fontsize=8, ha="right")
+    low = min(100 * _select(rows, r, a, "test_accuracy").mean() for r in ratios for a in arms)
+    ax.set_ylim(low - 5, 100)
+    ax.set_ylabel("ID test accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _picture(config, state, data, path, title, per_row=6):
+    """Most and least weighted unlabelled images per predicted class (the final network)."""
+    scores = np.asarray(fixmatch.confidence_scores(config, state.conf_params,
+                                                   data.x_unlabelled))
+    predicted = np.asarray(fixmatch.predict(config, state.ema_params, data.x_unlabelled)
+                           ).argmax(-1)
+    classes = int(predicted.max()) + 1
+    fig, axes = plt.subplots(classes, 2 * per_row, figsize=(2 * per_row * 0.7, classes * 0.8))
+    for c in range(classes):
+        index = np.flatnonzero(predicted == c)
+        order = index[np.argsort(-scores[index])]
+        chosen = list(order[:per_row]) + list(order[::-1][:per_row][::-1])
+        for k in range(2 * per_row):
+            ax = axes[c, k]
+            ax.axis("off")
+            if k < len(chosen) and len(order) >= 2 * per_row:
+                i = chosen[k]
+                ax.imshow(data.x_unlabelled[i].squeeze(), cmap="gray", vmin=0, vmax=1)
+                colour = "red" if data.unlabelled_ood[i] else "green"
+                ax.set_title(f"{scores[i]:.2f}", fontsize=6, color=colour)
+    fig.suptitle(f"{title}: left most, right least weighted per predicted class "
+                 f"(red = OOD)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return metrics.auroc(scores, ~np.asarray(data.unlabelled_ood))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
