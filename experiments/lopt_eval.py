@@ -70,6 +70,8 @@ def load_learned(args) -> tuple[dict, dict]:
             meta, metadata = lopt.load_meta_params(args.meta_dir / f"{name}.npz")
         else:
             meta, metadata = lopt.pretrained(name)
+            path = lopt.optimizers.PRETRAINED_DIR / f"{name}.npz"
+            metadata = {**metadata, "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         makers[name] = evaluate.learned_factory(name, meta, metadata)
         metadatas[name] = metadata
     return makers, metadatas
@@ -218,7 +220,8 @@ def report(cfg: Config, rows, metadatas, info, untrained: bool) -> str:
               " on the task. Speed-up = steps LR-tuned Adam (the rate that gets there first) "
               "needs to reach the optimizer's final loss / the optimizer's steps, interpolated "
               f"between {cfg.evals} evaluations per run; '>' = no Adam run got there (a lower "
-              "bound), below 1 = Adam is faster.", "", evaluate.markdown_table(rows), "",
+              "bound), below 1 = Adam is faster. A learned optimizer with fraction-of-training "
+              "inputs is told the true number of steps.", "", evaluate.markdown_table(rows), "",
               "## Against tuned Adam", ""] + summary(rows) + [""] + verdicts(rows)
     lines += ["", "![performance profile](eval_profile.png)", "",
               "![loss curves](eval_curves.png)", "", "## Meta-parameters", ""]
