@@ -272,10 +272,9 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_shipped_meta_parameters_load_and_give_finite_updates():
-    names = lopt.available_pretrained()
-    assert {"mlp_lopt", "star_lopt"} <= set(names)
+    assert {"mlp_lopt", "star_lopt"} <= set(lopt.available_pretrained())
     task = lopt.tasks.quadratic_task(dim=5)
-    for name in names:
+    for name in ("mlp_lopt", "star_lopt"):
         meta, metadata = lopt.pretrained(name)
         num_steps = 10 if metadata["horizon_features"] else None
         factory = lopt.star_lopt if "star" in metadata["optimizer"] else lopt.mlp_lopt
