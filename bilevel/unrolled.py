@@ -66,10 +66,14 @@ def _mixflow_value_and_grad(inner_loss: Callable) -> Callable:
         # One JVP gives the primal gradients and (H c, ∂²_{λθ}L c) for the cotangent c.
         (grad_p, grad_h), (hessian_c, cross_c) = jax.jvp(
             lambda p: grads(p, hparams), (params,), (grad_cotangent,))
-        params_ct = jax.tree_util.tree_map(lambda g, h: value_cotangent * g + h, grad_p,
-                                           hessian_c)
-        hparams_ct = jax.tree_util.tree_map(lambda g, c: value_cotangent * g + c, grad_h,
-                                            cross_c)
+        # Cotangents take their primal's dtype: value_cotangent has the loss's, which may be
+        # wider (a float64 loss of float32 meta-parameters).
+        params_ct = jax.tree_util.tree_map(
+            lambda g, h, p: (value_cotangent * g + h).astype(jnp.result_type(p)),
+            grad_p, hessian_c, params)
+        hparams_ct = jax.tree_util.tree_map(
+            lambda g, c, h: (value_cotangent * g + c).astype(jnp.result_type(h)),
+            grad_h, cross_c, hparams)
         # The data are not differentiated by unrolled_hypergrad.
         return params_ct, hparams_ct, _common.zeros_cotangent(args)
 
