@@ -484,7 +484,9 @@ def plot_profile(rows: list[dict[str, Any]], path: Path, title: str = "") -> Non
     import matplotlib.pyplot as plt
 
     tasks, names, losses = profile_table(rows)
-    taus = np.geomspace(1.0, 10.0, 400)
+    ratios = losses / losses.min(axis=1, keepdims=True)
+    largest = float(np.max(ratios[np.isfinite(ratios)], initial=1.0))
+    taus = np.geomspace(1.0, max(10.0, 1.5 * largest), 600)  # far enough for every curve
     rho = performance_profile(losses, taus)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in zip(names, rho, strict=True):
