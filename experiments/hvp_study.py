@@ -24,8 +24,9 @@ f. ``f_training.csv`` / ``f_summary.csv``: the setting where validation accuracy
 d. ``README.md``: the conclusion, every number filled in from the CSVs, plus the machine.
 
 ``--parts`` runs some parts only; the README is always rewritten from the JSON rows of every
-part found under ``--out``, so parts can be run one at a time. Run
-``python experiments/hvp_study.py`` (about 30 minutes on 2 idle CPU cores) or ``--smoke``.
+part found under ``--out``, so parts can be run one at a time. Each part's wall time is in
+``run.json``: on 2 CPU cores shared with other jobs at load 15-20, parts a, b and c took 40-55
+minutes each and f 10. Run ``python experiments/hvp_study.py`` or ``--smoke``.
 """
 
 from __future__ import annotations
@@ -1024,13 +1025,30 @@ def _section_advice(a_rows, b_rows, spectra, c_summary, f_summary) -> list[str]:
         ratio = lambda solver, budget=b: _ms(d, "time_ratio", solver=solver,  # noqa: E731
                                              budget=budget)
         floor = _ms(d, "damping_floor")
+        small = min(r["budget"] for r in d if r["budget"] is not None)
+        # Which solver had the smallest mean error at each (problem, budget >= 5)?
+        means = aggregate([r for r in a_rows if not r.get("sweep") and r["budget"]],
+                          ("problem", "budget", "solver"), ("rel_error",))
+        winners = {(m["problem"], m["budget"]): min(
+            (x for x in means if (x["problem"], x["budget"]) == (m["problem"], m["budget"])),
+            key=lambda x: x["rel_error"])["solver"] for m in means if m["budget"] >= 5}
+        others = sorted({f"{p} at {k}: {w}" for (p, k), w in winners.items()
+                         if w not in ("cg", "minres", "gmres")})
+        krylov = ("At every budget of 5 HVPs or more, on all three problems, one of them had "
+                  "the smallest mean error (section a)" if not others else
+                  "They had the smallest mean error at most budgets of 5 HVPs or more; "
+                  f"exceptions: {', '.join(others)}")
         text += [
-            f"1. **Inner problem converged, Hessian positive definite: CG.** It was the most "
-            f"accurate per HVP on all three problems (section d). On {SWEEP_PROBLEM} at {b} "
-            f"HVPs CG's error is {err('cg')} (floor {floor} from δ), MINRES {err('minres')} and "
-            f"GMRES {err('gmres')} match it at {ratio('minres')} and {ratio('gmres')}× the "
-            f"Identity baseline's time against CG's {ratio('cg')}×: use MINRES only where the "
-            f"operator may be indefinite (it does not stop at negative curvature).",
+            f"1. **Inner problem converged, Hessian positive definite: a Krylov solver (CG, "
+            f"or MINRES).** {krylov}. On {SWEEP_PROBLEM} at {b} HVPs CG's error is "
+            f"{err('cg')} (floor {floor} from δ), MINRES {err('minres')}, GMRES "
+            f"{err('gmres')}: equal within the spread over seeds; at {small} HVPs MINRES "
+            f"({err('minres', small)}) beat CG ({err('cg', small)}). Time over the Identity "
+            f"baseline at {b}: CG {ratio('cg')}, MINRES {ratio('minres')}, GMRES "
+            f"{ratio('gmres')} (GMRES re-orthogonalises; every time here was taken on a "
+            f"heavily shared machine). Prefer MINRES where the operator may be indefinite: it "
+            f"does not stop at negative curvature, and it stayed bounded in the collapse runs "
+            f"below (rule 7).",
             f"2. **Neumann and the unrolled meta-gradient are the same truncated series** "
             f"(Neumann {err('neumann')}, unrolled MixFlow {err('unrolled-mixflow')} at {b}; "
             f"identical to the digits shown). Their error falls like (1 − λ_min/λ_max)^k, so on "
@@ -1061,6 +1079,8 @@ def _section_advice(a_rows, b_rows, spectra, c_summary, f_summary) -> list[str]:
     far = [s for s in spectra if not s.get("sweep") and s["negative_eigenvalues"] > 0]
     if far:
         points = ", ".join(dict.fromkeys(f"{s['problem']} {s['point']}" for s in far))
+        lanczos_gap = max(abs(s["lanczos_min"] - s["exact_min"]) / abs(s["exact_min"])
+                          for s in spectra)
         near = [s for s in spectra if not s.get("sweep") and s["point"] == "adam1000"
                 and s["problem"] == SWEEP_PROBLEM]
         text.append(
@@ -1070,9 +1090,10 @@ def _section_advice(a_rows, b_rows, spectra, c_summary, f_summary) -> list[str]:
             f"hypergradient at θ*"
             + (f", against {_ms(near, 'ift_error_vs_optimum')} after 1000 Adam steps"
                if near else "")
-            + ". Check the sign of Lanczos' λ_min (`hvp.extreme_eigenvalues`, which matched "
-            "`eigvalsh` to the digits shown) and converge the inner problem before trusting "
-            "any hypergradient.")
+            + f". Check the sign of Lanczos' λ_min (`hvp.extreme_eigenvalues`, "
+            f"{LANCZOS_ITERS} products, was within {_fmt(100 * lanczos_gap, 2)}% of "
+            f"`eigvalsh`'s at every point of section b) and converge the inner problem before "
+            f"trusting any hypergradient.")
     if f_summary:
         runs = list(dict.fromkeys((s["solver"], s["remedy"]) for s in f_summary))
         collapsed = {run: sum(s["collapsed"] for s in f_summary
@@ -1082,18 +1103,32 @@ def _section_advice(a_rows, b_rows, spectra, c_summary, f_summary) -> list[str]:
         remedied = [f"{rem} {k}/{n}" for (sol, rem), k in collapsed.items()
                     if rem != "none" and sol == "cg"]
         c_collapsed = sum(s["collapsed"] for s in c_summary)
+        c_which = "".join(f" ({s['task']} {s['solver']}+{s['remedy']}, seed {s['seed']}: "
+                          f"validation accuracy {_fmt(s['best_val_acc'])} → "
+                          f"{_fmt(s['final_val_acc'])})" for s in c_summary if s["collapsed"])
+        fixed = [rem for (sol, rem), k in collapsed.items()
+                 if rem != "none" and sol == "cg" and not k]
+        norms = ", ".join(f"{sol}{'' if rem == 'none' else '+' + rem} "
+                          f"{_ms(f_summary, 'max_hypergrad_norm', solver=sol, remedy=rem)}"
+                          for sol, rem in runs)
         text.append(
             f"7. **Catastrophic forgetting comes from an unbounded outer step on a hypergradient "
             f"from an indefinite or nearly singular Hessian.** With Adam on λ (part c) "
-            f"{c_collapsed} of {len(c_summary)} runs collapsed. With plain SGD on λ "
+            f"{c_collapsed} of {len(c_summary)} runs collapsed{c_which}. With plain SGD on λ "
             f"(learning rate {FORGET_LR:g}) the seeds whose validation accuracy collapsed "
             f"were, undamped: {', '.join(undamped)}; CG with each remedy: "
-            f"{', '.join(remedied)}. Undamped CG stops at the first "
-            f"negative-curvature direction with a vector that can be large, and the exact "
-            f"(Dense) undamped solve is no safer, since it inverts the near-zero eigenvalues "
-            f"exactly; MINRES and Neumann (with its divergence stop) returned bounded "
-            f"vectors. In practice: bound the outer step (Adam or `hypergrad_clip`) and make "
-            f"the operator positive definite (damping above |λ_min| or the GGN).")
+            f"{', '.join(remedied)}. No seed collapsed with "
+            f"{', '.join(fixed) if fixed else 'any remedy'}. The largest hypergradient norm "
+            f"per run (before clipping; mean over seeds): {norms}. Undamped CG stops at the "
+            f"first negative-curvature direction with a vector that can be large, and the "
+            f"exact (Dense) undamped solve is no safer, "
+            f"since it inverts the near-zero and negative eigenvalues exactly; MINRES, Neumann "
+            f"(with its divergence stop) and Identity stayed bounded. A damping below |λ_min| "
+            f"leaves the operator indefinite, and a warm start solves the same indefinite "
+            f"system. In practice: bound the outer step (Adam or "
+            f"`hypergrad_clip`) and make the operator positive definite (damping above "
+            f"|λ_min|, or the GGN); far from θ* even that does not make the hypergradient "
+            f"right (rule 6){', as the part c collapse shows' if c_collapsed else ''}.")
     text.append("")
     return text
 
@@ -1299,7 +1334,8 @@ def main(argv=None) -> int:
     parts = meta.get("parts", {})
     meta_text = dict(meta, dates=", ".join(f"{k}: {v['date']}" for k, v in parts.items()),
                      seconds=", ".join(f"{k}: {v['seconds']} s" for k, v in parts.items()),
-                     load="; ".join(f"{k}: {v['load_average'][0]}" for k, v in parts.items()))
+                     load="; ".join(f"{k}: {v['load_average'][0]}" for k, v in parts.items()
+                                    if v.get("load_average")) or "not recorded")
     write_readme(args.out, loaded, meta_text)
     print(f"wrote {args.out}/README.md")
     return 0
