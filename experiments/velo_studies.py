@@ -74,6 +74,17 @@ def _plt():
     return plt
 
 
+def _finite_mean(x: np.ndarray) -> float:
+    """Mean over the finite entries (seeds that diverged are counted in their own column)."""
+    x = np.asarray(x, np.float64)
+    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else math.nan
+
+
+def _finite_std(x: np.ndarray) -> float:
+    x = np.asarray(x, np.float64)
+    return float(x[np.isfinite(x)].std()) if np.isfinite(x).any() else math.nan
+
+
 def _velo_curves(task, meta, told, steps, keys, eval_every):
     return evaluate.run_seeds(task, velo.velo_lopt(meta, float(told)), steps, keys,
                               eval_every=eval_every)
@@ -97,11 +108,13 @@ def horizon_study(meta, seeds: int, out: Path, machine: str) -> None:
                                                        schedule_steps=told), steps, keys,
                                eval_every=every)
         vf, af = np.asarray(v.eval_loss[:, -1]), np.asarray(a.eval_loss[:, -1])
-        curves[factor] = (np.asarray(v.eval_steps[0]), np.asarray(v.eval_loss).mean(0),
-                          np.asarray(a.eval_loss).mean(0))
+        curves[factor] = (np.asarray(v.eval_steps[0]), np.nanmean(np.asarray(v.eval_loss), 0),
+                          np.nanmean(np.asarray(a.eval_loss), 0))
         rows.append({"told/true": factor, "told num_steps": told,
-                     "velo final loss": float(vf.mean()), "velo std": float(vf.std()),
-                     "cosine Adam final loss": float(af.mean()), "Adam std": float(af.std())})
+                     "velo final loss": _finite_mean(vf), "velo std": _finite_std(vf),
+                     "velo diverged seeds": int(np.sum(~np.isfinite(vf))),
+                     "cosine Adam final loss": _finite_mean(af), "Adam std": _finite_std(af),
+                     "Adam diverged seeds": int(np.sum(~np.isfinite(af)))})
     base_v = rows[2]["velo final loss"]
     base_a = rows[2]["cosine Adam final loss"]
     for r in rows:
@@ -109,8 +122,10 @@ def horizon_study(meta, seeds: int, out: Path, machine: str) -> None:
         r["Adam / Adam@1x"] = r["cosine Adam final loss"] / base_a
     _write(rows, out / "horizon", "velo_lopt told the wrong horizon",
            f"Task {task.name}, true length {steps} steps, {seeds} seeds (mean, std of the final "
-           f"full-training-set loss). Adam: cosine decay told the same horizon, peak learning "
-           f"rate tuned at the true one ({adam.learning_rate:.3g}, grid {len(LRS)} values). "
+           f"full-training-set loss over the seeds that did not diverge; a diverged seed ends "
+           f"with a non-finite loss and is counted in its own column). Adam: cosine decay told "
+           f"the same horizon, peak learning rate tuned at the true one "
+           f"({adam.learning_rate:.3g}, grid {len(LRS)} values). "
            f"{machine}")
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -137,25 +152,28 @@ def batch_study(meta, seeds: int, out: Path, machine: str) -> None:
         adam = evaluate.tune_baseline(task, "adam", LRS, steps, seeds, eval_every=every)
         v = _velo_curves(task, meta, steps, steps, keys, every)
         results[b] = (adam, v)
-    # The target: 1.5x the best final loss any optimizer reached at the largest batch.
-    adam_big, v_big = results[sizes[-1]]
-    target = 1.5 * min(float(np.asarray(adam_big.best.eval_loss[:, -1]).mean()),
-                       float(np.asarray(v_big.eval_loss[:, -1]).mean()))
+    # The target: 1.2x the worse of the two optimizers' best mean final loss over batch sizes,
+    # so that both reach it at some batch size.
+    best_adam = min(_finite_mean(results[b][0].best.eval_loss[:, -1]) for b in sizes)
+    best_velo = min(_finite_mean(results[b][1].eval_loss[:, -1]) for b in sizes)
+    target = 1.2 * max(best_adam, best_velo)
     rows = []
     for b in sizes:
         adam, v = results[b]
         s = np.asarray(v.eval_steps[0])
-        velo_steps = evaluate.steps_to_reach(s, np.asarray(v.eval_loss).mean(0), target)
-        adam_steps = evaluate.steps_to_reach(s, np.asarray(adam.best.eval_loss).mean(0), target)
+        velo_steps = evaluate.steps_to_reach(s, np.nanmean(np.asarray(v.eval_loss), 0), target)
+        adam_steps = evaluate.steps_to_reach(s, np.nanmean(np.asarray(adam.best.eval_loss), 0),
+                                             target)
         rows.append({"batch": b, "target loss": target, "velo steps": velo_steps,
                      "Adam steps": adam_steps, "Adam lr": adam.learning_rate,
                      "velo examples": velo_steps * b, "Adam examples": adam_steps * b,
-                     "velo final": float(np.asarray(v.eval_loss[:, -1]).mean()),
-                     "Adam final": float(np.asarray(adam.best.eval_loss[:, -1]).mean())})
+                     "velo final": _finite_mean(v.eval_loss[:, -1]),
+                     "Adam final": _finite_mean(adam.best.eval_loss[:, -1])})
     _write(rows, out / "batch", "Steps to a target loss against the batch size",
            f"Task mlp_digits (64-32-10 ReLU), {steps} steps, {seeds} seeds (mean curve). Adam's "
            f"learning rate tuned per batch size over {len(LRS)} values; velo_lopt told "
-           f"num_steps={steps}. Target = 1.5x the best mean final loss at batch {sizes[-1]}; "
+           f"num_steps={steps}. Target = 1.2x the worse of the two optimizers' best mean final "
+           f"loss over batch sizes; "
            f"inf = not reached in {steps} steps. {machine}")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -263,12 +281,14 @@ def cost_study(meta, repeats: int, out: Path, machine: str) -> None:
     fits = {}
     for name in ("adam", "velo"):
         t = np.asarray([r[f"{name} update ms"] for r in rows])
-        coef, *_ = np.linalg.lstsq(design, t, rcond=None)
+        # relative least squares: times span four decades, each row should count alike
+        coef, *_ = np.linalg.lstsq(design / t[:, None], np.ones_like(t), rcond=None)
         fits[name] = coef
         for r, pred in zip(rows, design @ coef, strict=True):
             r[f"{name} fit ms"] = float(pred)
     note = (f"Update time only (jit, medians of {repeats} calls after a warm-up), float32 MLPs "
-            f"64-(width x depth)-10. Least-squares fit t = a + b*tensors + c*parameters: "
+            f"64-(width x depth)-10. Least-squares fit (relative errors) "
+            f"t = a + b*tensors + c*parameters: "
             + "; ".join(f"{n}: a = {c[0]:.3g} ms, b = {c[1]:.3g} ms/tensor, "
                         f"c = {c[2] * 1e6:.3g} ms per million parameters"
                         for n, c in fits.items())
