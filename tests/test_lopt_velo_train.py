@@ -45,3 +45,20 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 def test_config_errors(field, value, match):
     with pytest.raises(ValueError, match=match):
         vt.VeLOTrainConfig(**{field: value})
+
+
+def test_cli_trains_resumes_and_refuses_bad_options(tmp_path, capsys):
+    from bilevel.cli import main
+
+    base = ["lopt", "train", "--optimizer", "velo", "--population", "2", "--slots", "1",
+            "--horizon-start", "4", "--horizon", "8", "--pool", "1", "--kinds", "quadratic",
+            "--seed", "3", "--out", str(tmp_path)]
+    assert main(base + ["--steps", "1"]) == 0
+    assert (tmp_path / "meta_params.npz").is_file() and (tmp_path / "meta_loss.png").is_file()
+    assert main(base + ["--steps", "2", "--resume"]) == 0
+    meta, metadata = vt.optimizers.load_meta_params(tmp_path / "meta_params.npz")
+    assert metadata["outer_steps"] == 2 and metadata["optimizer"] == "velo_lopt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(base[:-2] + ["--population", "3", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "population must be even" in capsys.readouterr().err

@@ -493,7 +493,10 @@ def _cpu_model() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``bilevel lopt train``."""
     d = MetaTrainConfig()
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS + ("velo",), default=d.optimizer,
+                        help="velo: velo_lopt meta-trained by full-unroll ES "
+                             "(bilevel.lopt.velo_train; --slots tasks per step, --population "
+                             "and --sigma its ES, --estimator and --unroll unused)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator)
     parser.add_argument("--steps", type=_positive_int, default=d.steps, help="outer steps")
     parser.add_argument("--unroll", type=_positive_int, default=d.unroll,
@@ -609,6 +612,9 @@ def plot_meta_loss(path: Path, state: MetaTrainState) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``bilevel lopt train``: meta-train with a progress bar, checkpoints and resume."""
+    if args.optimizer == "velo":
+        from bilevel.lopt import velo_train
+        return velo_train.run(args, parser)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     out: Path = args.out
