@@ -1,6 +1,7 @@
 """The class-mismatch comparison: supervised, FixMatch, the oracle filter, max-softmax weighting,
 one-step look-ahead (L2RW) and the confidence network (identity, Neumann, CG inverse-HVP), paired
-over seeds, at several amounts of added OOD data.
+over seeds, at several amounts of added OOD data. The arms ``fixmatch-heldout`` and
+``oracle-heldout`` train on the labelled set alone, as the meta-learning arms do.
 
     python -m experiments.ssl_arms            # digits, 50 % and 100 % added near OOD, 5 seeds
     python -m experiments.ssl_arms --smoke    # a tiny configuration
@@ -30,7 +31,10 @@ ARMS = {"supervised": dict(method="supervised"), "fixmatch": dict(method="fixmat
         "l2rw": dict(method="l2rw"),
         "confnet-identity": dict(method="confnet", solver="identity"),
         "confnet-neumann": dict(method="confnet", solver="neumann"),
-        "confnet-cg": dict(method="confnet", solver="cg")}
+        "confnet-cg": dict(method="confnet", solver="cg"),
+        # Trained on the labelled set alone, as the meta-learning arms are (the validation set
+        # unused): separates the effect of the weighting from the cost of holding labels out.
+        "fixmatch-heldout": dict(method="fixmatch"), "oracle-heldout": dict(method="oracle")}
 MODELS = {"mlp": dict(widths=(), hidden=64), "cnn": dict(widths=(16, 32), hidden=64)}
 
 
@@ -53,29 +57,42 @@ def main(argv=None) -> int:
     parser.add_argument("--solver-iters", type=positive_int, default=10)
     parser.add_argument("--curvature", default="last")
     parser.add_argument("--out", default=str(common.RESULTS / "arms"))
+    parser.add_argument("--extra-csv", default=None,
+                        help="comma-separated CSVs of earlier runs whose rows join the tables "
+                             "(with --arms '' only the tables are rebuilt)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.ratios = 2, 10, "1.0"
         args.arms = "fixmatch,oracle,confnet-cg"
-    arms = args.arms.split(",")
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = list(range(args.seeds))
     dataset = datasets.load(args.dataset)
     rows, timing, pictures = [], {}, {}
+    run_now = list(arms)
+    if args.extra_csv:
+        rows = [r for path in args.extra_csv.split(",") for r in _read_rows(path)]
+        arms = list(dict.fromkeys([r["arm"] for r in rows] + arms))
     with Progress() as progress:
         for ratio in ratios:
+            if not run_now:
+                continue
             data = common.splits(dataset, seeds, labelled_per_class=args.labels,
                                  validation_per_class=args.validation,
                                  num_unlabelled=args.unlabelled, ood_ratio=ratio, ood=args.ood)
-            for arm in arms:
+            for arm in run_now:
                 config = fixmatch.Config(steps=args.steps, batch_size=args.batch, mu=args.mu,
                                          ema=0.99, flip=False, meta_every=args.meta_every,
                                          meta_lr=args.meta_lr, solver_iters=args.solver_iters,
                                          curvature=args.curvature, **MODELS[args.model],
                                          **ARMS[arm])
-                results, states, seconds = common.run_arm(config, data, seeds,
-                                                          f"{ratio:.0%} {arm}", progress)
+                results, states, seconds = common.run_arm(
+                    config, data, seeds, f"{ratio:.0%} {arm}", progress,
+                    merge=not arm.endswith("-heldout"))
                 for seed, r in zip(seeds, results, strict=True):
                     rows.append({"ratio": ratio, "arm": arm, "seed": seed,
                                  "train_seconds": seconds, **r})
@@ -99,6 +116,18 @@ def main(argv=None) -> int:
                  f"{arm}, {ratio:.0%} added OOD, seed 0")
     print(text)
     return 0
+
+
+def _read_rows(path) -> list[dict]:
+    import csv
+
+    def value(text):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    with open(path) as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _time_meta_step(config, states, data) -> dict:
@@ -130,22 +159,29 @@ def _markdown(rows, ratios, arms, args) -> str:
              f"unlabelled, {args.ood} OOD added, {args.seeds} paired seeds, {args.steps} steps)",
              "", "Accuracy: ID test accuracy of the EMA weights, mean ± std over seeds. "
              "Δ FixMatch: paired difference with FixMatch, mean [95 % t interval]. Gap closed: "
-             "(arm − FixMatch) / (oracle − FixMatch) of the means. AUROC: of each unlabelled "
-             "image's mean raw weight during training (final: the confidence network's last "
-             "weights), ID against OOD. OOD pass: share of OOD draws passing the 0.95 mask. "
-             "OOD weight: OOD share of the unlabelled loss weight. Meta-step time: median of one "
-             "meta-step (one seed) and its ratio to one inner step measured in the same run.", ""]
+             "(arm − FixMatch) / (oracle − FixMatch) of the means. Δ FixMatch-heldout: paired "
+             "difference with FixMatch trained on the labelled set alone (the validation set "
+             "unused), i.e. on the same training labels as l2rw and confnet. AUROC: of each "
+             "unlabelled image's mean raw weight during training (final: the confidence "
+             "network's last weights), ID against OOD. OOD pass: share of OOD draws passing "
+             "the 0.95 mask. OOD weight: OOD share of the unlabelled loss weight. Meta-step "
+             "time: median of one meta-step (one seed) and its ratio to one inner step measured "
+             "in the same run.", ""]
     for ratio in ratios:
         fix = _select(rows, ratio, "fixmatch", "test_accuracy")
+        heldout = _select(rows, ratio, "fixmatch-heldout", "test_accuracy")
         oracle = _select(rows, ratio, "oracle", "test_accuracy")
         gap = oracle.mean() - fix.mean() if len(fix) and len(oracle) else float("nan")
         lines += [f"## {ratio:.0%} added OOD (oracle − FixMatch = {100 * gap:+.2f} points)", "",
-                  "| arm | accuracy | Δ FixMatch | gap closed | AUROC | final AUROC | OOD pass | "
-                  "OOD weight | HVPs/meta-step | meta-step ms (× inner) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arm | accuracy | Δ FixMatch | gap closed | Δ FixMatch-heldout | AUROC | "
+                  "final AUROC | OOD pass | OOD weight | HVPs/meta-step | "
+                  "meta-step ms (× inner) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             acc = _select(rows, ratio, arm, "test_accuracy")
             delta = common.paired(acc, fix) if len(fix) and arm != "fixmatch" else "—"
+            delta_heldout = (common.paired(acc, heldout) if len(heldout)
+                             and arm != "fixmatch-heldout" else "—")
             closed = (acc.mean() - fix.mean()) / gap if len(fix) and gap > 0 else float("nan")
             meta = _select(rows, ratio, arm, "meta_step_ms") if arm.startswith("confnet") else []
             ratio_inner = (_select(rows, ratio, arm, "meta_over_inner")
@@ -153,7 +189,8 @@ def _markdown(rows, ratios, arms, args) -> str:
             hvps = _select(rows, ratio, arm, "hvp_per_meta_step")
             lines.append(
                 f"| {arm} | {common.mean_std(acc)} | {delta} | "
-                f"{closed:+.2f} | {common.mean_std(_select(rows, ratio, arm, 'weight_auroc'))} | "
+                f"{closed:+.2f} | {delta_heldout} | "
+                f"{common.mean_std(_select(rows, ratio, arm, 'weight_auroc'))} | "
                 f"{common.mean_std(_select(rows, ratio, arm, 'final_weight_auroc'))} | "
                 f"{common.mean_std(_select(rows, ratio, arm, 'ood_pass_rate'))} | "
                 f"{common.mean_std(_select(rows, ratio, arm, 'ood_weight_share'))} | "

@@ -35,9 +35,14 @@ def for_method(data: protocol.Split, method: str) -> protocol.Split:
 
 
 def run_arm(config: fixmatch.Config, data: protocol.Split, seeds: list[int], label: str,
-            progress: Progress | None = None) -> tuple[list[dict], fixmatch.State, float]:
-    """Train ``config`` on every seed at once (vmapped); metrics per seed, states, seconds."""
-    data = for_method(data, config.method)
+            progress: Progress | None = None, merge: bool = True
+            ) -> tuple[list[dict], fixmatch.State, float]:
+    """Train ``config`` on every seed at once (vmapped); metrics per seed, states, seconds.
+
+    ``merge``: methods without a use for the validation set train on it (equal label budgets);
+    ``False`` leaves it out of their training set."""
+    if merge:
+        data = for_method(data, config.method)
     states = fixmatch.init_seeds(config, [jax.random.key(1000 + s) for s in seeds], data)
     task = progress.add_task(label, total=config.periods) if progress else None
     start = time.perf_counter()
