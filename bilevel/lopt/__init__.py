@@ -1,5 +1,5 @@
-"""Learned optimizers: the per-parameter MLP (``small_fc_lopt``) and STAR, as optax
-transformations, with the tasks they are meta-trained and evaluated on.
+"""Learned optimizers: the per-parameter MLP (``small_fc_lopt``), STAR and the VeLO-style
+hierarchy, as optax transformations, with the tasks they are meta-trained and evaluated on.
 
 The public API is what this module exports; everything else may change.
 
@@ -22,14 +22,17 @@ from bilevel.lopt.optimizers import (
     star_lopt,
 )
 from bilevel.lopt.tasks import TASKS, Task, sample_task
+from bilevel.lopt.velo import VeLOState, init_velo_lopt, velo_lopt
 
 __all__ = [
     "TASKS",
     "LOptState",
     "Task",
+    "VeLOState",
     "available_pretrained",
     "init_mlp_lopt",
     "init_star_lopt",
+    "init_velo_lopt",
     "load_meta_params",
     "mlp_lopt",
     "num_meta_params",
@@ -38,4 +41,5 @@ __all__ = [
     "save_meta_params",
     "star_lopt",
     "tasks",
+    "velo_lopt",
 ]
