@@ -358,3 +358,93 @@ def test_bad_input_errors():
         lopt.tasks.image_mlp_task(activation="swish")
     with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
         lopt.tasks.sample_member(jax.random.key(0), ("cnn",))
+
+
+# --------------------------------------------------------------------------------------------
+# The feature-major update against the trailing-axis formulation of the same equations.
+
+
+def _trailing_axis_update(meta, kind, grads, state, params, alpha=0.0, wd=0.0):
+    """One update built from the public feature functions: an (N, 39) feature matrix, normalised
+    per tensor, through ``apply_network`` (the layout the optimizers avoid for speed)."""
+    from bilevel.lopt import optimizers as O
+
+    bm = O.learned_decays(O.MOMENTUM_DECAYS, meta["momentum_decays"])
+    bv = O.learned_decays(O.RMS_DECAYS, meta["rms_decays"])
+    bf = O.learned_decays(O.ADAFACTOR_DECAYS, meta["adafactor_decays"])
+    clock = O.time_features(state.iteration, None, meta["momentum_decays"].dtype)
+    out = {}
+    for name, p in params.items():
+        g, m, v, fac = grads[name], state.momentum[name], state.second_moment[name], \
+            state.factored[name]
+        m = bm * m + (1 - bm) * g[..., None]
+        v = bv * v + (1 - bv) * jnp.square(g)[..., None]
+        fac, fac_g = O._update_factored(fac, g, bf)
+        x = O.normalise_per_tensor(O.accumulator_features(p, g, m, v, fac, fac_g))
+        x = jnp.concatenate([x, jnp.broadcast_to(clock, (*p.shape, clock.shape[0]))], -1)
+        y = O.apply_network(meta["network"], x)
+        if kind == "mlp":
+            out[name] = -O.STEP_MULT * y[..., 0] * jnp.exp(O.EXP_MULT * y[..., 1])
+        else:
+            rv = jax.lax.rsqrt(v[..., 0] + 1e-6)
+            nominal = jnp.mean(m * jax.lax.rsqrt(v + 1e-6), axis=-1)
+            out[name] = (-wd * jnp.exp(O.EXP_MULT * y[..., 3]) * p
+                         - O.STEP_MULT * y[..., 0] * jnp.exp(O.EXP_MULT * y[..., 1]) * rv
+                         - alpha * jnp.exp(O.EXP_MULT * y[..., 2]) * nominal)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "star"])
+def test_feature_major_update_matches_trailing_axis_formulation(kind):
+    # Shapes the NumPy reference does not cover: tall matrices (rows > columns), three axes with
+    # the largest first, and a vector; after two steps so that every accumulator is non-zero.
+    rng = np.random.default_rng(7)
+    params = {"tall": rng.standard_normal((6, 4)), "cube": rng.standard_normal((5, 2, 3)),
+              "vec": rng.standard_normal(4)}
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    init, make = ((lopt.init_mlp_lopt, lopt.mlp_lopt) if kind == "mlp"
+                  else (lopt.init_star_lopt, lopt.star_lopt))
+    meta = _meta64(init, 3)
+    meta = {**meta, "momentum_decays": jnp.asarray([0.02, -0.05, 0.01]),
+            "adafactor_decays": jnp.asarray([-0.03, 0.04, 0.0])}
+    kwargs = {} if kind == "mlp" else {"nominal_step": 0.01, "weight_decay": 0.1}
+    opt = make(meta, **kwargs)
+    state = opt.init(params)
+    for step in range(3):
+        grads = {k: jnp.asarray(rng.standard_normal(p.shape) * 10.0 ** -step)
+                 for k, p in params.items()}
+        expected = _trailing_axis_update(meta, kind, grads, state, params,
+                                         kwargs.get("nominal_step", 0.0),
+                                         kwargs.get("weight_decay", 0.0))
+        updates, state = jax.jit(opt.update)(grads, state, params)
+        for name in params:
+            np.testing.assert_allclose(updates[name], expected[name], rtol=1e-10, atol=1e-300)
+        params = optax.apply_updates(params, updates)
+
+
+def test_update_vmaps_over_parameter_sets():
+    meta = _meta64(lopt.init_star_lopt, 1)
+    opt = lopt.star_lopt(meta, nominal_step=0.01)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4, 5))), "b": jnp.asarray(
+        rng.standard_normal((3, 5)))}
+    grads = jax.tree_util.tree_map(lambda x: 0.1 * x + 0.01, params)
+    states = jax.vmap(opt.init)(params)
+    batched, _ = jax.jit(jax.vmap(opt.update))(grads, states, params)
+    for i in range(3):
+        one = {k: v[i] for k, v in params.items()}
+        single, _ = opt.update({k: v[i] for k, v in grads.items()}, opt.init(one), one)
+        for name in params:
+            np.testing.assert_allclose(batched[name][i], single[name], rtol=1e-12)
+
+
+def test_update_builds_no_per_parameter_feature_matrix():
+    # The compiled update of one 300 x 400 float32 tensor must not hold the (N, 39) feature
+    # matrix or copies of it: its temp memory stays below 16 arrays of the tensor's size (the
+    # trailing-axis formulation needed over 50, see experiments/results/lopt/cost.md).
+    meta = lopt.init_mlp_lopt(jax.random.key(0))
+    opt = lopt.mlp_lopt(meta)
+    p = {"w": jnp.ones((300, 400), jnp.float32)}
+    compiled = jax.jit(opt.update).lower(p, opt.init(p), p).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 16 * 300 * 400 * 4, temp / (300 * 400 * 4)

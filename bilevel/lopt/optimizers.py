@@ -168,6 +168,19 @@ def _update_factored(fac: FactoredMoments, g: jax.Array, decay: jax.Array
     return fac._replace(row=row, col=col), preconditioned
 
 
+def _update_factored_moments(fac: FactoredMoments, g: jax.Array, decay: jax.Array
+                             ) -> FactoredMoments:
+    """The new factored moments alone (:func:`_update_factored` without the preconditioned
+    gradient)."""
+    g2 = jnp.square(g)[..., None] + 1e-30
+    dims = _factored_dims(g.shape)
+    if dims is None:
+        return fac._replace(full=decay * fac.full + (1.0 - decay) * g2)
+    d1, d0 = dims
+    return fac._replace(row=decay * fac.row + (1.0 - decay) * jnp.mean(g2, axis=d0),
+                        col=decay * fac.col + (1.0 - decay) * jnp.mean(g2, axis=d1))
+
+
 def _factors(row: jax.Array, col: jax.Array, d1: int, d0: int) -> tuple[jax.Array, jax.Array]:
     """Adafactor's ``rsqrt(row / mean(row))`` and ``rsqrt(col)`` (Shazeer & Stern 2018)."""
     reduced_d1 = d1 - 1 if d1 > d0 else d1
@@ -328,11 +341,96 @@ def _check_meta(where: str, meta: Any, outputs: int, num_steps: Any) -> None:
             raise ValueError(f"{where}: num_steps must be > 0, got {num_steps!r}")
 
 
-def _network_outputs(meta: dict, p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
-                     fac: FactoredMoments, fac_g: jax.Array, clock: jax.Array) -> jax.Array:
-    features = normalise_per_tensor(accumulator_features(p, g, m, v, fac, fac_g))
-    clock = jnp.broadcast_to(clock.astype(features.dtype), (*p.shape, clock.shape[-1]))
-    return apply_network(meta["network"], jnp.concatenate([features, clock], axis=-1))
+def _feature_terms(p: jax.Array, g: jax.Array, ms: list, v: jax.Array, fac: FactoredMoments
+                   ) -> tuple[list, list]:
+    """The 28 accumulator features of one tensor, each shaped like ``p`` (feature-major).
+
+    Returns ``(features, mean_squares)``: feature ``k`` as an array that broadcasts to
+    ``p.shape`` (row and column statistics stay unbroadcast) and ``mean(x_k²)`` over the tensor,
+    the quantity :func:`normalise_per_tensor` divides by. The order is that of
+    :func:`accumulator_features`.
+    """
+    rsqrt_v = jax.lax.rsqrt(v + 1e-6)
+    k = len(ADAFACTOR_DECAYS)
+    dims = _factored_dims(p.shape)
+    if dims is None:
+        fulls = [fac.full[..., i] for i in range(k)]
+        fac_g = [g * jax.lax.rsqrt(f + 1e-30) for f in fulls]
+        rows = cols = fulls
+        inv_rows = inv_cols = [jax.lax.rsqrt(f + 1e-8) for f in fulls]
+        m_fac = [m * (f + 1e-6) ** -0.5 for m, f in zip(ms, fulls, strict=True)]
+    else:
+        d1, d0 = dims
+        rows, cols, fac_g, m_fac = [], [], [], []
+        for i in range(k):
+            row_factor, col_factor = _factors(fac.row[..., i], fac.col[..., i], d1, d0)
+            both = jnp.expand_dims(row_factor, d0) * jnp.expand_dims(col_factor, d1)
+            fac_g.append(g * both)
+            m_fac.append(ms[i] * both)
+            rows.append(jnp.expand_dims(fac.row[..., i], d0))
+            cols.append(jnp.expand_dims(fac.col[..., i], d1))
+        inv_rows = [jax.lax.rsqrt(r + 1e-8) for r in rows]
+        inv_cols = [jax.lax.rsqrt(c + 1e-8) for c in cols]
+    features = [g, p, *ms, v, *[m * rsqrt_v for m in ms], rsqrt_v, *fac_g, *rows, *cols,
+                *inv_rows, *inv_cols, *m_fac]
+    # A row (column) statistic is constant along the reduced axis: the mean of its square over
+    # the tensor is the mean over the statistic itself. The full-size features share one pass.
+    full = [i for i, x in enumerate(features) if jnp.shape(x) == p.shape]
+    mean_squares = [jnp.mean(jnp.square(x)) for x in features]
+    for i, total in zip(full, _sums_of_squares(*[features[i] for i in full]), strict=True):
+        mean_squares[i] = total / p.size
+    return features, mean_squares
+
+
+@jax.custom_jvp
+def _sums_of_squares(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """``sum(x²)`` of each of several same-shaped arrays in one variadic reduction: a single
+    pass over memory where separate reductions (XLA does not merge them on the CPU) would take
+    one pass each, which dominated the update's time."""
+    axes = tuple(range(xs[0].ndim))
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return tuple(jax.lax.reduce(tuple(jnp.square(x) for x in xs), zeros,
+                                lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
+                                axes))
+
+
+@_sums_of_squares.defjvp
+def _sums_of_squares_jvp(primals, tangents):
+    # The generic variadic reduce has no differentiation rule; d sum(x²) = sum(2 x dx).
+    out = _sums_of_squares(*primals)
+    return out, tuple(2.0 * jnp.sum(x * dx) for x, dx in zip(primals, tangents, strict=True))
+
+
+def _network_outputs(meta: dict, p: jax.Array, g: jax.Array, ms: list, v: jax.Array,
+                     fac: FactoredMoments, clock: jax.Array) -> list:
+    """The MLP's outputs at every parameter of one tensor, one array shaped like ``p`` per head.
+
+    Equal to ``apply_network(network, [normalise_per_tensor(accumulator_features(...)),
+    clock])`` but computed feature-major: each layer is an explicit sum over its (few) inputs of
+    ``x_k · w[k, j]``, the per-tensor normaliser of feature ``k`` (a scalar) is folded into row
+    ``k`` of the first weight matrix, and the time features (per-tensor constants) into the first
+    bias. No ``(*p.shape, 39)`` feature matrix is ever built; XLA fuses the sums into a few
+    passes over the tensor.
+    """
+    network = meta["network"]
+    layers = len(network) // 2
+    features, mean_squares = _feature_terms(p, g, ms, v, fac)
+    w0 = network["w0"]
+    n = NUM_ACCUMULATOR_FEATURES
+    scale = [jax.lax.rsqrt(1e-5 + s) for s in mean_squares]
+    w_scaled = jnp.stack(scale).astype(jnp.result_type(p.dtype, w0.dtype))[:, None] * w0[:n]
+    bias = network["b0"] + clock.astype(p.dtype) @ w0[n:]
+    x = []
+    for j in range(w0.shape[1]):
+        acc = bias[j]
+        for f in range(n):
+            acc = acc + features[f] * w_scaled[f, j]
+        x.append(jnp.broadcast_to(acc, p.shape))
+    for i in range(1, layers):
+        x = [jax.nn.relu(h) for h in x]
+        w, b = network[f"w{i}"], network[f"b{i}"]
+        x = [sum((h * w[f, j] for f, h in enumerate(x)), b[j]) for j in range(w.shape[1])]
+    return x
 
 
 def _learned_optimizer(where: str, meta: dict, num_steps: Any, outputs: int,
@@ -363,12 +461,15 @@ def _learned_optimizer(where: str, meta: dict, num_steps: Any, outputs: int,
             # Decays in the parameter's dtype, so that the state keeps its dtype.
             beta_m, beta_v, beta_f = (d.astype(g.dtype) for d in (mom_decay, rms_decay,
                                                                   fac_decay))
-            m = beta_m * m + (1.0 - beta_m) * g[..., None]
-            v = beta_v * v + (1.0 - beta_v) * jnp.square(g)[..., None]
-            fac, fac_g = _update_factored(fac, g, beta_f)
-            out = _network_outputs(meta, p, g, m, v, fac, fac_g, clock)
-            step = leaf_update(out, p, m, v).astype(p.dtype).reshape(shape)
-            results.append((step, m, v, fac))
+            # Feature-major: one array shaped like p per momentum, feature and head (a trailing
+            # feature axis would make every elementwise pass strided and build a (N, 39) matrix).
+            ms = [beta_m[i] * m[..., i] + (1.0 - beta_m[i]) * g
+                  for i in range(len(MOMENTUM_DECAYS))]
+            v = beta_v[0] * v[..., 0] + (1.0 - beta_v[0]) * jnp.square(g)
+            fac = _update_factored_moments(fac, g, beta_f)
+            out = _network_outputs(meta, p, g, ms, v, fac, clock)
+            step = leaf_update(out, p, ms, v).astype(p.dtype).reshape(shape)
+            results.append((step, jnp.stack(ms, axis=-1), v[..., None], fac))
         steps, ms, vs, facs = (treedef.unflatten(list(x)) for x in zip(*results, strict=True))
         return steps, LOptState(state.iteration + 1, ms, vs, facs)
 
@@ -392,8 +493,8 @@ def mlp_lopt(meta: dict, num_steps: Any | None = None) -> optax.GradientTransfor
       needs ``params``.
     """
 
-    def leaf_update(out, p, m, v):
-        return -STEP_MULT * out[..., 0] * jnp.exp(EXP_MULT * out[..., 1])
+    def leaf_update(out, p, ms, v):
+        return -STEP_MULT * out[0] * jnp.exp(EXP_MULT * out[1])
 
     return _learned_optimizer("lopt.mlp_lopt", meta, num_steps, 2, leaf_update)
 
@@ -420,12 +521,12 @@ def star_lopt(meta: dict, num_steps: Any | None = None, nominal_step: float = 1e
         if not isinstance(value, int | float) or not 0.0 <= value < np.inf:
             raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
 
-    def leaf_update(out, p, m, v):
-        rsqrt_v = jax.lax.rsqrt(v[..., 0] + 1e-6)
-        nominal = jnp.mean(m * jax.lax.rsqrt(v + 1e-6), axis=-1)
-        blackbox = STEP_MULT * out[..., 0] * jnp.exp(EXP_MULT * out[..., 1]) * rsqrt_v
-        return (-weight_decay * jnp.exp(EXP_MULT * out[..., 3]) * p - blackbox
-                - nominal_step * jnp.exp(EXP_MULT * out[..., 2]) * nominal)
+    def leaf_update(out, p, ms, v):
+        rsqrt_v = jax.lax.rsqrt(v + 1e-6)
+        nominal = sum(ms[1:], ms[0]) * rsqrt_v / len(ms)
+        blackbox = STEP_MULT * out[0] * jnp.exp(EXP_MULT * out[1]) * rsqrt_v
+        return (-weight_decay * jnp.exp(EXP_MULT * out[3]) * p - blackbox
+                - nominal_step * jnp.exp(EXP_MULT * out[2]) * nominal)
 
     return _learned_optimizer(where, meta, num_steps, 4, leaf_update)
 
