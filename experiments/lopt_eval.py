@@ -64,7 +64,8 @@ def load_learned(args) -> tuple[dict, dict]:
     makers, metadatas = {}, {}
     for name in evaluate.LEARNED:
         if args.untrained:
-            init = lopt.init_mlp_lopt if name == "mlp_lopt" else lopt.init_star_lopt
+            init = {"mlp_lopt": lopt.init_mlp_lopt, "star_lopt": lopt.init_star_lopt,
+                    "velo_lopt": lopt.init_velo_lopt}[name]
             meta, metadata = init(jax.random.key(0)), {"untrained": True}
         elif args.meta_dir is not None:
             meta, metadata = lopt.load_meta_params(args.meta_dir / f"{name}.npz")

@@ -80,8 +80,9 @@ def test_speedup_when_adam_never_reaches_is_a_lower_bound():
     assert not result.reached and result.value == math.inf
     assert result.lower_bound == pytest.approx(4.0)
     assert str(result) == ">4.00x"
+    # a diverged learned optimizer (NaN final loss) is beaten from Adam's first step
     nan = evaluate.speedup(eval_steps, loss, float("nan"), lopt_steps=250)
-    assert not nan.reached
+    assert nan.reached and nan.value == 0.0
 
 
 def test_speedup_rejects_bad_steps():
@@ -224,3 +225,21 @@ def test_learned_factory_tells_the_true_horizon_and_keeps_kwargs():
     np.testing.assert_array_equal(got, run(lopt.star_lopt(star, nominal_step=3e-3)))
     assert not np.array_equal(got, run(lopt.star_lopt(star)))
     assert got.shape == (2, 3) and np.all(np.isfinite(got))
+
+
+def test_learned_factory_tells_velo_the_true_horizon():
+    from bilevel import lopt
+
+    task, keys = quadratic_task(noise=0.1), evaluate.seed_keys(2)
+    meta = lopt.init_velo_lopt(jax.random.key(0), lstm_width=4, bank_size=2, dtype=jnp.float64)
+    got = evaluate.run_seeds(task, evaluate.learned_factory("velo_lopt", meta, {})(12), 12, keys,
+                             eval_every=6).eval_loss
+    want = evaluate.run_seeds(task, lopt.velo_lopt(meta, 12), 12, keys, eval_every=6).eval_loss
+    np.testing.assert_array_equal(got, want)
+    assert np.all(np.isfinite(got))
+
+
+@pytest.mark.parametrize("final", [math.inf, math.nan])
+def test_a_diverged_learned_optimizer_has_speedup_zero(final):
+    s = evaluate.speedup(np.arange(5.0), np.linspace(1.0, 0.5, 5), final, 4)
+    assert s.value == 0.0 and s.reached

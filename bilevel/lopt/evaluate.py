@@ -43,7 +43,7 @@ PyTree = Any
 #: Baseline names accepted by :func:`baseline`, in table order.
 BASELINES = ("adam", "nadamw", "sgdm")
 #: Learned optimizers the CLI knows, in table order.
-LEARNED = ("mlp_lopt", "star_lopt")
+LEARNED = ("mlp_lopt", "star_lopt", "velo_lopt")
 OPTIMIZERS = LEARNED + BASELINES
 #: Half-decade grid 1e-4 ... 1 (9 values), VeLO's spacing over the range where these tasks'
 #: tuned learning rates lie for all three baselines (SGD-momentum's optimum is the largest).
@@ -331,14 +331,18 @@ def speedup(eval_steps, adam_loss, lopt_final_loss: float, lopt_steps: int) -> S
       lopt_steps: the learned optimizer's number of steps (> 0).
 
     Returns:
-      :class:`Speedup`; ``value < 1`` means Adam is faster.
+      :class:`Speedup`; ``value < 1`` means Adam is faster. A non-finite ``lopt_final_loss``
+      (a seed diverged) gives 0: any Adam run is at least as good from its first step.
     """
     if not lopt_steps > 0:
         raise ValueError(f"evaluate.speedup: lopt_steps must be > 0, got {lopt_steps}")
+    horizon = float(np.asarray(eval_steps)[-1])
+    if math.isnan(lopt_final_loss) or lopt_final_loss == math.inf:
+        # a diverged learned optimizer: Adam is at least as good from its first step
+        return Speedup(0.0, 0.0, horizon, float(lopt_steps), True, -1)
     curves = np.atleast_2d(np.asarray(adam_loss, np.float64))
     needed = np.array([steps_to_reach(eval_steps, c, lopt_final_loss) for c in curves])
-    horizon = float(np.asarray(eval_steps)[-1])
-    if not math.isfinite(lopt_final_loss) or not np.isfinite(needed).any():
+    if not np.isfinite(needed).any():
         return Speedup(math.inf, math.inf, horizon, float(lopt_steps), False, -1)
     best = int(np.argmin(needed))
     return Speedup(needed[best] / lopt_steps, float(needed[best]), horizon, float(lopt_steps),
@@ -536,10 +540,13 @@ def learned_factory(name: str, meta: dict, metadata: dict) -> Callable[[int], An
     from bilevel import lopt
     from bilevel.lopt import optimizers
 
-    build = {"mlp_lopt": lopt.mlp_lopt, "star_lopt": lopt.star_lopt}[name]
+    build = {"mlp_lopt": lopt.mlp_lopt, "star_lopt": lopt.star_lopt,
+             "velo_lopt": lopt.velo_lopt}[name]
     kwargs = {k: v for k, v in dict(metadata.get("optimizer_kwargs", {})).items()
               if k != "num_steps"}
-    horizon = np.shape(meta["network"]["w0"])[0] == optimizers.NUM_INPUTS_WITH_HORIZON
+    # velo_lopt always reads the horizon; the others when made with horizon features
+    horizon = name == "velo_lopt" or (
+        np.shape(meta["network"]["w0"])[0] == optimizers.NUM_INPUTS_WITH_HORIZON)
 
     def make(steps: int):
         return build(meta, num_steps=steps if horizon else None, **kwargs)
