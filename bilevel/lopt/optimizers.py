@@ -375,30 +375,44 @@ def _feature_terms(p: jax.Array, g: jax.Array, ms: list, v: jax.Array, fac: Fact
                 *inv_rows, *inv_cols, *m_fac]
     # A row (column) statistic is constant along the reduced axis: the mean of its square over
     # the tensor is the mean over the statistic itself. The full-size features share one pass.
-    full = [i for i, x in enumerate(features) if jnp.shape(x) == p.shape]
-    mean_squares = [jnp.mean(jnp.square(x)) for x in features]
-    for i, total in zip(full, _sums_of_squares(*[features[i] for i in full]), strict=True):
+    # The squares are written from the accumulators (m²/(v + 1e-6) rather than (m·rsqrt)²), so
+    # that the products feed only the network and XLA fuses them there instead of writing them
+    # out for the reduction as well.
+    squares = [jnp.square(x) for x in features]
+    inv_v = 1.0 / (v + 1e-6)
+    for i, m in enumerate(ms):
+        squares[6 + i] = jnp.square(m) * inv_v
+    squares[9] = inv_v
+    if dims is not None:
+        for i in range(k):
+            row_factor, col_factor = _factors(fac.row[..., i], fac.col[..., i], d1, d0)
+            both2 = (jnp.expand_dims(jnp.square(row_factor), d0)
+                     * jnp.expand_dims(jnp.square(col_factor), d1))
+            squares[10 + i] = jnp.square(g) * both2
+            squares[25 + i] = jnp.square(ms[i]) * both2
+    full = [i for i, x in enumerate(squares) if jnp.shape(x) == p.shape]
+    mean_squares = [jnp.mean(x) for x in squares]
+    for i, total in zip(full, _sums(*[squares[i] for i in full]), strict=True):
         mean_squares[i] = total / p.size
     return features, mean_squares
 
 
 @jax.custom_jvp
-def _sums_of_squares(*xs: jax.Array) -> tuple[jax.Array, ...]:
-    """``sum(x²)`` of each of several same-shaped arrays in one variadic reduction: a single
-    pass over memory where separate reductions (XLA does not merge them on the CPU) would take
-    one pass each, which dominated the update's time."""
+def _sums(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """The sums of several same-shaped arrays in one variadic reduction: a single pass over
+    memory where separate reductions (XLA does not merge them on the CPU) take one pass each,
+    which dominated the update's time."""
     axes = tuple(range(xs[0].ndim))
     zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
-    return tuple(jax.lax.reduce(tuple(jnp.square(x) for x in xs), zeros,
+    return tuple(jax.lax.reduce(tuple(xs), zeros,
                                 lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)),
                                 axes))
 
 
-@_sums_of_squares.defjvp
-def _sums_of_squares_jvp(primals, tangents):
-    # The generic variadic reduce has no differentiation rule; d sum(x²) = sum(2 x dx).
-    out = _sums_of_squares(*primals)
-    return out, tuple(2.0 * jnp.sum(x * dx) for x, dx in zip(primals, tangents, strict=True))
+@_sums.defjvp
+def _sums_jvp(primals, tangents):
+    # The generic variadic reduce has no differentiation rule; the sum is linear.
+    return _sums(*primals), tuple(jnp.sum(dx) for dx in tangents)
 
 
 def _network_outputs(meta: dict, p: jax.Array, g: jax.Array, ms: list, v: jax.Array,
