@@ -47,6 +47,7 @@ def test_config_errors(field, value, match):
         vt.VeLOTrainConfig(**{field: value})
 
 
+@pytest.mark.slow  # 25 s of compiles; the resume logic is covered by the test above
 def test_cli_trains_resumes_and_refuses_bad_options(tmp_path, capsys):
     from bilevel.cli import main
 
