@@ -16,7 +16,8 @@ HELP = ("learned optimizers: meta-train them (train) and evaluate them against t
 
 #: Subcommand → (module, help line). A module missing from this checkout is left out.
 SUBCOMMANDS = {
-    "train": ("bilevel.lopt.train", "meta-train a learned optimizer (mlp_lopt or star_lopt)"),
+    "train": ("bilevel.lopt.train",
+              "meta-train a learned optimizer (mlp_lopt, star_lopt or velo_lopt)"),
     "eval": ("bilevel.lopt.evaluate", "evaluate learned optimizers against LR-tuned Adam, "
              "NAdamW and SGD-momentum: final losses, speed-ups, performance profile"),
 }
