@@ -37,6 +37,9 @@ import optax
 
 import bilevel
 import hvp
+from bilevel._argtypes import nonnegative_float as _nonnegative_float
+from bilevel._argtypes import positive_float as _positive_float
+from bilevel._argtypes import positive_int as _positive_int
 from bilevel.problems import PROBLEMS
 
 PyTree = Any
@@ -565,31 +568,10 @@ def _budget_list(text: str) -> tuple[int, ...]:
     return budgets
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    value = _nonnegative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
 
 
 def _add_compare_hvp_arguments(parser: argparse.ArgumentParser) -> None:

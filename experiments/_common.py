@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 import subprocess
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from bilevel._argtypes import positive_int  # noqa: F401  (the benchmarks' argparse type)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,11 +43,3 @@ def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, dict[str, jax.
     return {f"layer{i}": {"w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m),
                           "b": jnp.zeros((n,), jnp.float32)}
             for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))}
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from bilevel._argtypes import positive_int as _positive_int
+
 HELP = "FixMatch with a meta-learned confidence network on a class-mismatch benchmark."
 
 MODELS = {"mlp": ((), 64), "cnn": ((16, 32), 64)}
@@ -19,14 +21,6 @@ _DATA_OPTIONS = ("dataset", "data_dir", "ood", "ood_ratio", "design", "labels_pe
                  "validation_per_class", "unlabelled", "seed")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _float_in(low: float, high: float, closed_low: bool = True):

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bilevel._argtypes import positive_int as _positive_int
+
 PyTree = Any
 
 #: Baseline names accepted by :func:`baseline`, in table order.
@@ -578,14 +580,6 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
 
 
 def _meta_params(text: str) -> dict[str, Path]:

@@ -52,6 +52,9 @@ import numpy as np
 import optax
 
 import bilevel
+from bilevel._argtypes import nonnegative_float as _nonnegative_float
+from bilevel._argtypes import positive_float as _positive_float
+from bilevel._argtypes import positive_int as _positive_int
 from bilevel.lopt import optimizers, tasks
 
 PyTree = Any
@@ -529,33 +532,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of local dataset files (the family needs none)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _float_in(text: str, low: float, strict: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number {'>' if strict else '>='} {low:g}, got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    return _float_in(text, 0.0, strict=True)
 
 
-def _nonnegative_float(text: str) -> float:
-    return _float_in(text, 0.0, strict=False)
 
 
 def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
