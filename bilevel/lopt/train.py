@@ -416,11 +416,16 @@ def meta_train_step(state: MetaTrainState) -> tuple[MetaTrainState, dict]:
 
 
 def meta_train(state: MetaTrainState, on_step: Callable[[MetaTrainState, dict], None]
-               | None = None) -> MetaTrainState:
-    """Run outer steps until ``state.config.steps``; ``on_step`` sees every new state."""
+               | None = None, step: Callable | None = None) -> MetaTrainState:
+    """Run outer steps until ``state.config.steps``; ``on_step`` sees every new state.
+
+    ``step(state) -> (state, record)`` is :func:`meta_train_step` unless given (the VeLO
+    trainer passes its own; any state with ``step``, ``config.steps`` and ``seconds`` works).
+    """
+    step = meta_train_step if step is None else step
     while state.step < state.config.steps:
         start = time.perf_counter()
-        state, record = meta_train_step(state)
+        state, record = step(state)
         state = state._replace(seconds=state.seconds + time.perf_counter() - start)
         if on_step is not None:
             on_step(state, record)
@@ -431,7 +436,7 @@ def meta_train(state: MetaTrainState, on_step: Callable[[MetaTrainState, dict], 
 # Checkpoints.
 
 
-def save_checkpoint(path: str | os.PathLike, state: MetaTrainState) -> None:
+def save_checkpoint(path: str | os.PathLike, state: NamedTuple) -> None:
     """Pickle ``state`` (arrays as NumPy) to a temporary file, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,12 +452,13 @@ def save_checkpoint(path: str | os.PathLike, state: MetaTrainState) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> MetaTrainState:
-    """Read a checkpoint written by :func:`save_checkpoint` (a file this program wrote)."""
+def load_checkpoint(path: str | os.PathLike, kind: type = MetaTrainState) -> MetaTrainState:
+    """Read a checkpoint written by :func:`save_checkpoint` (a file this program wrote) holding
+    a ``kind`` (a state with ``meta`` and ``outer_state``)."""
     with open(path, "rb") as f:
         state = pickle.load(f)
-    if not isinstance(state, MetaTrainState):
-        raise ValueError(f"lopt.train.load_checkpoint: {path} does not hold a MetaTrainState")
+    if not isinstance(state, kind):
+        raise ValueError(f"lopt.train.load_checkpoint: {path} does not hold a {kind.__name__}")
     return state._replace(meta=jax.tree_util.tree_map(jnp.asarray, state.meta),
                           outer_state=jax.tree_util.tree_map(jnp.asarray, state.outer_state))
 
@@ -597,10 +603,23 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.optimizer == "velo":
         from bilevel.lopt import velo_train
         return velo_train.run(args, parser)
+    return run_meta_training(args, parser, config_from_args=config_from_args,
+                             init=init_meta_train, step=meta_train_step, kind=MetaTrainState,
+                             checkpoint_name=CHECKPOINT_NAME, write_outputs=write_outputs,
+                             final_metadata=final_metadata, label="meta-train")
+
+
+def run_meta_training(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
+                      config_from_args: Callable, init: Callable, step: Callable, kind: type,
+                      checkpoint_name: str, write_outputs: Callable, final_metadata: Callable,
+                      label: str) -> int:
+    """The command-line shell of a meta-trainer: options to a config, a fresh or resumed state
+    (``--resume`` refuses a checkpoint made with other options), a progress bar, a checkpoint
+    every ``--checkpoint-every`` steps and at the end, then the outputs in ``--out``."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     out: Path = args.out
-    checkpoint = out / CHECKPOINT_NAME
+    checkpoint = out / checkpoint_name
     try:
         config = config_from_args(args)
     except ValueError as error:
@@ -608,15 +627,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.resume:
         if not checkpoint.is_file():
             parser.error(f"--resume: no checkpoint at {checkpoint}")
-        state = load_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint, kind)
         if state.config != dataclasses.replace(config, steps=state.config.steps):
             parser.error(f"--resume: the checkpoint at {checkpoint} was made with different "
                          f"options ({state.config})")
         state = state._replace(config=dataclasses.replace(state.config, steps=config.steps))
     else:
-        state = init_meta_train(config)
+        state = init(config)
 
-    columns = (TextColumn("[bold]meta-train[/]"), BarColumn(), TextColumn("{task.completed}/"
+    columns = (TextColumn(f"[bold]{label}[/]"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total}"), TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("meta", total=config.steps, completed=state.step, loss="")
@@ -627,7 +646,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if state.step % args.checkpoint_every == 0 or state.step == config.steps:
                 save_checkpoint(checkpoint, state)
 
-        state = meta_train(state, on_step)
+        state = meta_train(state, on_step, step)
     save_checkpoint(checkpoint, state)
     write_outputs(out, state)
     meta = final_metadata(state)

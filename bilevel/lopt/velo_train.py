@@ -29,10 +29,7 @@ import dataclasses
 import functools
 import math
 import os
-import pickle
 import platform
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,7 +40,7 @@ import numpy as np
 import optax
 
 from bilevel import distributed
-from bilevel.lopt import optimizers, tasks, velo
+from bilevel.lopt import optimizers, tasks, train, velo
 
 PyTree = Any
 #: The final loss is averaged over this many fresh minibatches.
@@ -265,40 +262,16 @@ def velo_train_step(state: VeLOTrainState) -> tuple[VeLOTrainState, dict]:
 def velo_train(state: VeLOTrainState, on_step: Callable[[VeLOTrainState, dict], None]
                | None = None) -> VeLOTrainState:
     """Run outer steps until ``state.config.steps``; ``on_step`` sees every new state."""
-    while state.step < state.config.steps:
-        start = time.perf_counter()
-        state, record = velo_train_step(state)
-        state = state._replace(seconds=state.seconds + time.perf_counter() - start)
-        if on_step is not None:
-            on_step(state, record)
-    return state
+    return train.meta_train(state, on_step, step=velo_train_step)
 
 
-def save_checkpoint(path: str | os.PathLike, state: VeLOTrainState) -> None:
-    """Pickle ``state`` (arrays as NumPy) to a temporary file, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    host = jax.tree_util.tree_map(
-        lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, jax.device_get(state))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(host, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+#: Atomic checkpoints, shared with the other meta-trainers.
+save_checkpoint = train.save_checkpoint
 
 
 def load_checkpoint(path: str | os.PathLike) -> VeLOTrainState:
     """Read a checkpoint written by :func:`save_checkpoint`."""
-    with open(path, "rb") as f:
-        state = pickle.load(f)
-    if not isinstance(state, VeLOTrainState):
-        raise ValueError(f"lopt.velo_train.load_checkpoint: {path} does not hold a "
-                         f"VeLOTrainState")
-    return state._replace(meta=jax.tree_util.tree_map(jnp.asarray, state.meta),
-                          outer_state=jax.tree_util.tree_map(jnp.asarray, state.outer_state))
+    return train.load_checkpoint(path, VeLOTrainState)
 
 
 def final_metadata(state: VeLOTrainState) -> dict:
@@ -376,42 +349,7 @@ def write_outputs(out: Path, state: VeLOTrainState) -> None:
 def run(args, parser) -> int:
     """``bilevel lopt train --optimizer velo``: ES meta-training with a progress bar,
     checkpoints and resume."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    out: Path = args.out
-    checkpoint = out / CHECKPOINT_NAME
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.resume:
-        if not checkpoint.is_file():
-            parser.error(f"--resume: no checkpoint at {checkpoint}")
-        state = load_checkpoint(checkpoint)
-        if state.config != dataclasses.replace(config, steps=state.config.steps):
-            parser.error(f"--resume: the checkpoint at {checkpoint} was made with different "
-                         f"options ({state.config})")
-        state = state._replace(config=dataclasses.replace(state.config, steps=config.steps))
-    else:
-        state = init_velo_train(config)
-    columns = (TextColumn("[bold]meta-train velo[/]"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
-               TimeRemainingColumn())
-    with Progress(*columns) as progress:
-        bar = progress.add_task("meta", total=config.steps, completed=state.step, loss="")
-
-        def on_step(state, record):
-            progress.update(bar, completed=state.step,
-                            loss=f"meta-loss {record['meta_loss']:.4f}")
-            if state.step % args.checkpoint_every == 0 or state.step == config.steps:
-                save_checkpoint(checkpoint, state)
-
-        state = velo_train(state, on_step)
-    save_checkpoint(checkpoint, state)
-    write_outputs(out, state)
-    metadata = final_metadata(state)
-    print(f"meta-trained velo_lopt for {state.step} outer steps in {state.seconds:.0f} s; "
-          f"meta-loss {metadata['first_meta_loss']:.4f} (first) -> "
-          f"{metadata['final_meta_loss_last20_mean']:.4f} (mean of last 20); "
-          f"wrote {out / 'meta_params.npz'}")
-    return 0
+    return train.run_meta_training(
+        args, parser, config_from_args=config_from_args, init=init_velo_train,
+        step=velo_train_step, kind=VeLOTrainState, checkpoint_name=CHECKPOINT_NAME,
+        write_outputs=write_outputs, final_metadata=final_metadata, label="meta-train velo")
