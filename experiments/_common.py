@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from bilevel._argtypes import positive_int  # noqa: F401  (the benchmarks' argparse type)
 
@@ -43,3 +44,30 @@ def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> dict[str, dict[str, jax.
     return {f"layer{i}": {"w": jax.random.normal(k, (m, n), jnp.float32) / math.sqrt(m),
                           "b": jnp.zeros((n,), jnp.float32)}
             for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True))}
+
+
+# The benchmarks' bilevel problem: an MLP with one log-L2 strength per layer.
+
+
+def mlp(params: dict, x: jax.Array) -> jax.Array:
+    """GELU MLP; with two layer sizes it is multinomial logistic regression."""
+    layers = [params[f"layer{i}"] for i in range(len(params))]
+    for layer in layers[:-1]:
+        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
+    return x @ layers[-1]["w"] + layers[-1]["b"]
+
+
+def cross_entropy(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
+
+
+def inner_loss(params: dict, hparams: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Training cross-entropy plus ``Σ_l exp(λ_l) ||W_l||² / 2`` (a log-L2 strength per layer)."""
+    penalty = sum(jnp.exp(hparams[name]) * jnp.sum(params[name]["w"] ** 2) for name in params)
+    return cross_entropy(params, x, y) + penalty / 2
+
+
+def outer_loss(params: dict, hparams: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Validation cross-entropy; λ acts only through the inner solution."""
+    del hparams
+    return cross_entropy(params, x, y)

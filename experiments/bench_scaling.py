@@ -90,25 +90,10 @@ SMOKE = Config(name="smoke", layer_sizes=(8, 16, 3), batch=64, batch_per_device=
 # Pure core: an MLP with one log-L2 strength per layer.
 
 
-def mlp(params: PyTree, x: jax.Array) -> jax.Array:
-    layers = [params[f"layer{i}"] for i in range(len(params))]
-    for layer in layers[:-1]:
-        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
-    return x @ layers[-1]["w"] + layers[-1]["b"]
-
-
-def cross_entropy(params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
-
-
-def inner_loss(params: PyTree, hparams: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    penalty = sum(jnp.exp(hparams[name]) * jnp.sum(params[name]["w"] ** 2) for name in params)
-    return cross_entropy(params, x, y) + penalty / 2
-
-
-def outer_loss(params: PyTree, hparams: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    del hparams
-    return cross_entropy(params, x, y)
+mlp = _common.mlp
+cross_entropy = _common.cross_entropy
+inner_loss = _common.inner_loss
+outer_loss = _common.outer_loss
 
 
 def make_data(seed: int, sizes: tuple[int, ...], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -120,28 +120,10 @@ def rounds_at(cfg: Config, repeats: int, steps: int) -> int:
 init_mlp = _common.init_mlp
 
 
-def mlp(params: PyTree, x: jax.Array) -> jax.Array:
-    """GELU MLP; with two layer sizes it is multinomial logistic regression."""
-    layers = [params[f"layer{i}"] for i in range(len(params))]
-    for layer in layers[:-1]:
-        x = jax.nn.gelu(x @ layer["w"] + layer["b"])
-    return x @ layers[-1]["w"] + layers[-1]["b"]
-
-
-def cross_entropy(params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
-
-
-def inner_loss(params: PyTree, hparams: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Training cross-entropy plus ``Σ_l exp(λ_l) ||W_l||² / 2`` (a log-L2 strength per layer)."""
-    penalty = sum(jnp.exp(hparams[name]) * jnp.sum(params[name]["w"] ** 2) for name in params)
-    return cross_entropy(params, x, y) + penalty / 2
-
-
-def outer_loss(params: PyTree, hparams: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Validation cross-entropy; λ acts only through the inner solution."""
-    del hparams
-    return cross_entropy(params, x, y)
+mlp = _common.mlp
+cross_entropy = _common.cross_entropy
+inner_loss = _common.inner_loss
+outer_loss = _common.outer_loss
 
 
 def make_data(key: jax.Array, teacher: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
