@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +74,21 @@ def outer_loss(params: dict, hparams: dict, x: jax.Array, y: jax.Array) -> jax.A
     """Validation cross-entropy; λ acts only through the inner solution."""
     del hparams
     return cross_entropy(params, x, y)
+
+
+class Compiled(NamedTuple):
+    """A program compiled ahead of time: a no-argument call, XLA's temp and output bytes."""
+    call: Callable[[], Any]
+    temp_bytes: int
+    output_bytes: int
+    compile_s: float
+
+
+def compile_call(fun: Callable, args: tuple) -> Compiled:
+    """``jit(fun)`` compiled ahead of time for ``args`` (passed as arguments, never closed over)."""
+    start = time.perf_counter()
+    compiled = jax.jit(fun).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    return Compiled(lambda: compiled(*args), int(memory.temp_size_in_bytes),
+                    int(memory.output_size_in_bytes), seconds)

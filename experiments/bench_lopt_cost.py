@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import _common  # noqa: E402  (experiments/ is on sys.path when run as a script)
 import jax
@@ -96,19 +96,8 @@ def update_function(optimizer) -> Callable:
     return update
 
 
-class Compiled(NamedTuple):
-    call: Callable[[], Any]
-    temp_bytes: int
-    compile_s: float
-
-
-def compile_call(fun: Callable, args: tuple) -> Compiled:
-    """``jit(fun)`` compiled ahead of time for ``args`` (passed as arguments, never closed over)."""
-    start = time.perf_counter()
-    compiled = jax.jit(fun).lower(*args).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    return Compiled(lambda: compiled(*args), int(memory.temp_size_in_bytes), seconds)
+Compiled = _common.Compiled
+compile_call = _common.compile_call
 
 
 def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, budget_s: float,

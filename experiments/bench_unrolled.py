@@ -169,21 +169,8 @@ def max_relative_difference(a: PyTree, b: PyTree) -> float:
 # Measurement helpers.
 
 
-class Compiled(NamedTuple):
-    call: Callable[[], Any]
-    temp_bytes: int
-    output_bytes: int
-    compile_s: float
-
-
-def compile_call(fun: Callable, args: tuple) -> Compiled:
-    """``jit(fun)`` compiled ahead of time for ``args`` (passed as arguments, never closed over)."""
-    start = time.perf_counter()
-    compiled = jax.jit(fun).lower(*args).compile()
-    seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    return Compiled(lambda: compiled(*args), int(memory.temp_size_in_bytes),
-                    int(memory.output_size_in_bytes), seconds)
+Compiled = _common.Compiled
+compile_call = _common.compile_call
 
 
 def available_memory_bytes() -> float:
