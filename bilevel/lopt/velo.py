@@ -45,6 +45,7 @@ from bilevel.lopt.optimizers import (
     _as_vector,
     _update_factored,
     accumulator_features,
+    apply_network,
     init_state,
     learned_decays,
     normalise_per_tensor,
@@ -263,15 +264,6 @@ def mix_bank(bank: dict, controls: jax.Array) -> dict:
     return jax.tree_util.tree_map(lambda w: (100.0 / k) * jnp.tensordot(controls, w, 1), bank)
 
 
-def _apply_mlp(network: dict, x: jax.Array) -> jax.Array:
-    layers = len(network) // 2
-    for i in range(layers):
-        x = x @ network[f"w{i}"] + network[f"b{i}"]
-        if i < layers - 1:
-            x = jax.nn.relu(x)
-    return x
-
-
 def param_features(p, g, m, v, fac, fac_g) -> jax.Array:
     """The per-parameter MLP's 30 inputs, normalised per tensor, ``(*p.shape, 30)``."""
     base = accumulator_features(p, g, m, v, fac, fac_g)
@@ -367,7 +359,7 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
         steps, ms, vs, facs = [], [], [], []
         for i, (p, g, m, v, fac, fac_g) in enumerate(per_tensor):
             network = mix_bank(meta["bank"], controls[i])
-            out = _apply_mlp(network, param_features(p, g, m, v, fac, fac_g).astype(dtype))
+            out = apply_network(network, param_features(p, g, m, v, fac, fac_g).astype(dtype))
             rms = jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9)
             step = -STEP_MULT * out[..., 0] * jnp.exp(EXP_MULT * out[..., 1]) * rms * step_mult[i]
             steps.append(step.astype(p.dtype).reshape(jnp.shape(p_leaves[i])))

@@ -116,35 +116,16 @@ class VeLOTrainState(NamedTuple):
     seconds: float
 
 
-def _key(config: VeLOTrainConfig, *path: int) -> jax.Array:
-    key = jax.random.key(config.seed)
-    for p in path:
-        key = jax.random.fold_in(key, p)
-    return key
-
-
-def max_horizon(config: VeLOTrainConfig, step: int) -> int:
-    """The curriculum: linear from ``horizon_start`` to ``horizon`` over the first half."""
-    frac = min(1.0, step / max(1.0, config.steps / 2))
-    return int(round(config.horizon_start + frac * (config.horizon - config.horizon_start)))
+# Keys, the horizon curriculum and the task pool are lopt.train's: they read only the seed,
+# steps, horizon_start, horizon, pool and kinds that both configs have.
+_key = train._key
+max_horizon = train.max_horizon
+task_pool = train.task_pool
 
 
 def bucket(horizon: int) -> int:
     """The static run length for a horizon: the next power of two."""
     return 1 << max(0, int(horizon) - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=8)
-def task_pool(config: VeLOTrainConfig) -> tuple[tasks.FamilyMember, ...]:
-    """``config.pool`` distinct family configurations, in order of first draw."""
-    pool: list[tasks.FamilyMember] = []
-    for draw in range(100 * config.pool):
-        member = tasks.sample_member(_key(config, 3, draw), config.kinds)
-        if member not in pool:
-            pool.append(member)
-        if len(pool) == config.pool:
-            break
-    return tuple(pool)
 
 
 @functools.lru_cache(maxsize=32)
