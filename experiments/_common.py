@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bilevel._argtypes import positive_int  # noqa: F401  (the benchmarks' argparse type)
@@ -92,3 +93,18 @@ def compile_call(fun: Callable, args: tuple) -> Compiled:
     memory = compiled.memory_analysis()
     return Compiled(lambda: compiled(*args), int(memory.temp_size_in_bytes),
                     int(memory.output_size_in_bytes), seconds)
+
+
+def timed_rounds(calls: dict[str, Callable[[], Any]], rounds: int, rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+    """Per-call wall times (after ``block_until_ready``) over ``rounds`` rounds, each calling
+    every candidate once in a fresh random order, so drifts in machine load hit all alike.
+    Warm up the calls first."""
+    names = list(calls)
+    times = {name: np.empty(rounds) for name in names}
+    for r in range(rounds):
+        for i in rng.permutation(len(names)):
+            start = time.perf_counter()
+            jax.block_until_ready(calls[names[i]]())
+            times[names[i]][r] = time.perf_counter() - start
+    return times

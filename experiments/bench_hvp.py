@@ -198,14 +198,7 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, warmup: i
     for _ in range(warmup):
         for call in calls.values():
             jax.block_until_ready(call())
-    names = list(calls)
-    times = {name: np.empty(rounds) for name in names}
-    for r in range(rounds):
-        for i in rng.permutation(len(names)):
-            start = time.perf_counter()
-            jax.block_until_ready(calls[names[i]]())
-            times[names[i]][r] = time.perf_counter() - start
-    return times
+    return _common.timed_rounds(calls, rounds, rng)
 
 
 def paired_ratio(num: np.ndarray, den: np.ndarray, rng: np.random.Generator,

@@ -112,14 +112,7 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, budget_s:
     for call in calls.values():
         jax.block_until_ready(call())
     rounds = min(rounds, max(3, int(budget_s // max(warm, 1e-9))))
-    names = list(calls)
-    times = {name: np.empty(rounds) for name in names}
-    for r in range(rounds):
-        for i in rng.permutation(len(names)):
-            start = time.perf_counter()
-            jax.block_until_ready(calls[names[i]]())
-            times[names[i]][r] = time.perf_counter() - start
-    return times
+    return _common.timed_rounds(calls, rounds, rng)
 
 
 def measure(width: int, rounds: int, budget_s: float, seed: int) -> list[dict[str, Any]]:

@@ -191,14 +191,7 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int, budget_s:
     start = time.perf_counter()
     outputs = {name: jax.block_until_ready(call()) for name, call in calls.items()}
     rounds = min(rounds, max(1, int(budget_s // (time.perf_counter() - start))))
-    names = list(calls)
-    times = {name: np.empty(rounds) for name in names}
-    for r in range(rounds):
-        for i in rng.permutation(len(names)):
-            start = time.perf_counter()
-            jax.block_until_ready(calls[names[i]]())
-            times[names[i]][r] = time.perf_counter() - start
-    return outputs, times
+    return outputs, _common.timed_rounds(calls, rounds, rng)
 
 
 def paired_ratio(num: np.ndarray, den: np.ndarray) -> float:
