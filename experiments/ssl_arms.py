@@ -32,6 +32,7 @@ ARMS = {"supervised": dict(method="supervised"), "fixmatch": dict(method="fixmat
         "confnet-identity": dict(method="confnet", solver="identity"),
         "confnet-neumann": dict(method="confnet", solver="neumann"),
         "confnet-cg": dict(method="confnet", solver="cg"),
+        "confnet-nystrom": dict(method="confnet", solver="nystrom"),
         # Trained on the labelled set alone, as the meta-learning arms are (the validation set
         # unused): separates the effect of the weighting from the cost of holding labels out.
         "fixmatch-heldout": dict(method="fixmatch"), "oracle-heldout": dict(method="oracle")}
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--unlabelled", type=positive_int, default=300)
     parser.add_argument("--ood", default="near")
     parser.add_argument("--ratios", default="0.5,1.0")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(a for a in ARMS if a != "confnet-nystrom"))
     parser.add_argument("--seeds", type=positive_int, default=5)
     parser.add_argument("--steps", type=positive_int, default=1000)
     parser.add_argument("--batch", type=positive_int, default=32)
@@ -56,6 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--meta-lr", type=float, default=1e-2)
     parser.add_argument("--solver-iters", type=positive_int, default=10)
     parser.add_argument("--curvature", default="last")
+    parser.add_argument("--conf-inputs", choices=fixmatch.CONF_INPUTS, default="image")
+    parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="validation",
+                        help="the meta loss's data (l2rw, confnet); 'labelled' spends no labels "
+                             "on it, so every arm trains on the whole budget")
+    parser.add_argument("--threshold", type=float, default=0.95)
+    parser.add_argument("--flip", action="store_true", help="flip in the augmentations")
     parser.add_argument("--out", default=str(common.RESULTS / "arms"))
     parser.add_argument("--extra-csv", default=None,
                         help="comma-separated CSVs of earlier runs whose rows join the tables "
@@ -73,6 +80,7 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds))
     dataset = datasets.load(args.dataset)
     rows, timing, pictures = [], {}, {}
+    out = common.Path(args.out)
     run_now = list(arms)
     if args.extra_csv:
         rows = [r for path in args.extra_csv.split(",") for r in _read_rows(path)]
@@ -86,9 +94,11 @@ def main(argv=None) -> int:
                                  num_unlabelled=args.unlabelled, ood_ratio=ratio, ood=args.ood)
             for arm in run_now:
                 config = fixmatch.Config(steps=args.steps, batch_size=args.batch, mu=args.mu,
-                                         ema=0.99, flip=False, meta_every=args.meta_every,
+                                         ema=0.99, flip=args.flip, meta_every=args.meta_every,
                                          meta_lr=args.meta_lr, solver_iters=args.solver_iters,
-                                         curvature=args.curvature, **MODELS[args.model],
+                                         curvature=args.curvature, threshold=args.threshold,
+                                         conf_inputs=args.conf_inputs,
+                                         meta_data=args.meta_data, **MODELS[args.model],
                                          **ARMS[arm])
                 results, states, seconds = common.run_arm(
                     config, data, seeds, f"{ratio:.0%} {arm}", progress,
@@ -103,10 +113,12 @@ def main(argv=None) -> int:
                                                                      data))
                 progress.console.print(f"{ratio:.0%} {arm}: accuracy "
                                        f"{common.mean_std([r['test_accuracy'] for r in results])}")
+                # Rows so far, so a run stopped part-way keeps its finished arms (--extra-csv).
+                common.write_csv(out.with_suffix(".partial.csv"), rows)
     for row in rows:
         row.update(timing.get((row["ratio"], row["arm"]), {}))
-    out = common.Path(args.out)
     common.write_csv(out.with_suffix(".csv"), rows)
+    out.with_suffix(".partial.csv").unlink(missing_ok=True)
     text = _markdown(rows, ratios, arms, args)
     out.with_suffix(".md").write_text(text)
     common.write_json(out.with_suffix(".json"), common.machine(args=vars(args)))
@@ -150,7 +162,10 @@ def _time_meta_step(config, states, data) -> dict:
 
 
 def _select(rows, ratio, arm, key):
-    return np.array([r[key] for r in rows if r["ratio"] == ratio and r["arm"] == arm])
+    """``key`` of the rows of one arm and ratio (NaN where a row lacks it: rows of a run
+    stopped part-way carry no meta-step timing)."""
+    values = [r.get(key, "") for r in rows if r["ratio"] == ratio and r["arm"] == arm]
+    return np.array([np.nan if v == "" else v for v in values], dtype=float)
 
 
 def _markdown(rows, ratios, arms, args) -> str:
@@ -179,6 +194,9 @@ def _markdown(rows, ratios, arms, args) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             acc = _select(rows, ratio, arm, "test_accuracy")
+            if not len(acc):
+                lines.append(f"| {arm} | not run |" + " |" * 9)
+                continue
             delta = common.paired(acc, fix) if len(fix) and arm != "fixmatch" else "—"
             delta_heldout = (common.paired(acc, heldout) if len(heldout)
                              and arm != "fixmatch-heldout" else "—")
@@ -186,6 +204,8 @@ def _markdown(rows, ratios, arms, args) -> str:
             meta = _select(rows, ratio, arm, "meta_step_ms") if arm.startswith("confnet") else []
             ratio_inner = (_select(rows, ratio, arm, "meta_over_inner")
                            if arm.startswith("confnet") else [])
+            timed = [k for k in range(len(meta)) if np.isfinite(meta[k])]
+            meta, ratio_inner = [meta[k] for k in timed], [ratio_inner[k] for k in timed]
             hvps = _select(rows, ratio, arm, "hvp_per_meta_step")
             lines.append(
                 f"| {arm} | {common.mean_std(acc)} | {delta} | "
@@ -204,13 +224,15 @@ def _plot(rows, ratios, arms, path):
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / len(ratios)
     for j, ratio in enumerate(ratios):
-        means = [100 * _select(rows, ratio, a, "test_accuracy").mean() for a in arms]
-        stds = [100 * _select(rows, ratio, a, "test_accuracy").std(ddof=1) for a in arms]
+        accs = [_select(rows, ratio, a, "test_accuracy") for a in arms]
+        means = [100 * acc.mean() if len(acc) else np.nan for acc in accs]
+        stds = [100 * acc.std(ddof=1) if len(acc) > 1 else 0.0 for acc in accs]
         ax.bar(np.arange(len(arms)) + j * width, means, width, yerr=stds,
                label=f"{ratio:.0%} added OOD", capsize=2)
     ax.set_xticks(np.arange(len(arms)) + width * (len(ratios) - 1) / 2, arms, rotation=30,
                   fontsize=8, ha="right")
-    low = min(100 * _select(rows, r, a, "test_accuracy").mean() for r in ratios for a in arms)
+    low = np.nanmin([100 * _select(rows, r, a, "test_accuracy").mean() for r in ratios
+                     for a in arms if len(_select(rows, r, a, "test_accuracy"))])
     ax.set_ylim(low - 5, 100)
     ax.set_ylabel("ID test accuracy (%)")
     ax.legend(fontsize=8)
@@ -222,7 +244,7 @@ def _plot(rows, ratios, arms, path):
 def _picture(config, state, data, path, title, per_row=6):
     """Most and least weighted unlabelled images per predicted class (the final network)."""
     scores = np.asarray(fixmatch.confidence_scores(config, state.conf_params,
-                                                   data.x_unlabelled))
+                                                   data.x_unlabelled, state.params))
     predicted = np.asarray(fixmatch.predict(config, state.ema_params, data.x_unlabelled)
                            ).argmax(-1)
     classes = int(predicted.max()) + 1

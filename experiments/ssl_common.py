@@ -25,9 +25,9 @@ def splits(dataset: datasets.Dataset, seeds: list[int], **kwargs) -> protocol.Sp
     return protocol.stack_splits([protocol.make_split(dataset, seed=s, **kwargs) for s in seeds])
 
 
-def for_method(data: protocol.Split, method: str) -> protocol.Split:
-    """Equal label budgets: methods without a use for the validation set train on it."""
-    if method in fixmatch.USES_VALIDATION:
+def for_method(data: protocol.Split, config: fixmatch.Config) -> protocol.Split:
+    """Equal label budgets: runs without a use for the validation set train on it."""
+    if config.uses_validation:
         return data
     merged = [protocol.merge_validation(protocol.Split(*(np.asarray(a)[i] for a in data)))
               for i in range(np.asarray(data.y_labelled).shape[0])]
@@ -42,7 +42,7 @@ def run_arm(config: fixmatch.Config, data: protocol.Split, seeds: list[int], lab
     ``merge``: methods without a use for the validation set train on it (equal label budgets);
     ``False`` leaves it out of their training set."""
     if merge:
-        data = for_method(data, config.method)
+        data = for_method(data, config)
     states = fixmatch.init_seeds(config, [jax.random.key(1000 + s) for s in seeds], data)
     task = progress.add_task(label, total=config.periods) if progress else None
     start = time.perf_counter()

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     grid = list(itertools.product(args.models.split(","), [int(x) for x in args.labels.split(",")],
                                   args.ood.split(",")))
     seeds = list(range(args.seeds))
+    done = []
     with Progress() as progress:
         for model, labels, ood in grid:
             data = common.splits(dataset, seeds, labelled_per_class=labels,
@@ -76,14 +77,21 @@ def main(argv=None) -> int:
                                    f"{common.mean_std(accuracy['supervised'])}, fixmatch "
                                    f"{common.mean_std(accuracy['fixmatch'])}, oracle "
                                    f"{common.mean_std(accuracy['oracle'])}, gap {gap}")
+            done.append((model, labels, ood))
+            # Written after every cell, so a run stopped part-way keeps what it finished.
+            summary = _write(rows, done, args)
+    print(_markdown(summary, args))
+    return 0
+
+
+def _write(rows, done, args):
     out = common.Path(args.out)
     common.write_csv(out.with_suffix(".csv"), rows)
-    summary = _summary(rows, grid, args)
+    summary = _summary(rows, done, args)
     out.with_suffix(".md").write_text(_markdown(summary, args))
     common.write_json(out.with_suffix(".json"), common.machine(args=vars(args)))
     _plot(summary, out.with_suffix(".png"))
-    print(_markdown(summary, args))
-    return 0
+    return summary
 
 
 def _summary(rows, grid, args):

@@ -13,12 +13,15 @@ from semisup.augment import OPERATIONS, apply_operation, cutout, strong_augment,
 from semisup.checkpoint import load as load_checkpoint
 from semisup.checkpoint import save as save_checkpoint
 from semisup.fixmatch import (
+    CONF_INPUTS,
     CURVATURES,
+    META_DATA,
     METHODS,
     SOLVERS,
     USES_VALIDATION,
     Config,
     State,
+    confidence_weights,
     cross_entropy,
     fixmatch_loss,
     init,
@@ -26,6 +29,7 @@ from semisup.fixmatch import (
     make_solver,
     meta_gradient,
     meta_losses,
+    meta_set,
     normalise,
     period,
     pseudo_labels,
@@ -37,7 +41,9 @@ from semisup.metrics import auroc, evaluate, paired_difference
 from semisup.protocol import Split, make_split, merge_validation, ood_count, stack_splits
 
 __all__ = [
+    "CONF_INPUTS",
     "CURVATURES",
+    "META_DATA",
     "METHODS",
     "OPERATIONS",
     "SOLVERS",
@@ -47,6 +53,7 @@ __all__ = [
     "State",
     "apply_operation",
     "auroc",
+    "confidence_weights",
     "cross_entropy",
     "cutout",
     "evaluate",
@@ -59,6 +66,7 @@ __all__ = [
     "meta_gradient",
     "merge_validation",
     "meta_losses",
+    "meta_set",
     "normalise",
     "ood_count",
     "paired_difference",

@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0)
     meta.add_argument("--meta-every", type=_positive_int, default=5)
     meta.add_argument("--meta-lr", type=_float_in(0.0, 10.0, closed_low=False), default=3e-3)
+    meta.add_argument("--conf-inputs", choices=fixmatch.CONF_INPUTS, default="image",
+                      help="what the confidence network reads: the weak view, or also the "
+                           "classifier's class probabilities of it")
+    meta.add_argument("--meta-data", choices=fixmatch.META_DATA, default="validation",
+                      help="the meta loss's data: the held-out validation set, or the labelled "
+                           "training set (DS3L; the validation labels then join training)")
     train.add_argument("--checkpoint-every", type=_positive_int, default=20,
                        help="periods (of --meta-every steps) between checkpoints")
     train.add_argument("--stop-after", type=_positive_int, default=None,
@@ -98,12 +104,14 @@ def _config(options: dict):
         lr=options["lr"], ema=options["ema"], flip=flip, widths=widths, hidden=hidden,
         solver=options["solver"], solver_iters=options["solver_iters"],
         curvature=options["curvature"], damping=options["damping"],
-        meta_every=options["meta_every"], meta_lr=options["meta_lr"])
+        meta_every=options["meta_every"], meta_lr=options["meta_lr"],
+        conf_inputs=options.get("conf_inputs", "image"),
+        meta_data=options.get("meta_data", "validation"))
 
 
-def _split(options: dict, method: str):
+def _split(options: dict, config):
     from bilevel import datasets
-    from semisup import fixmatch, protocol
+    from semisup import protocol
     dataset = datasets.load(options["dataset"], options["data_dir"])
     ood, other = options["ood"], None
     if ood not in ("near", "far"):
@@ -114,7 +122,7 @@ def _split(options: dict, method: str):
         ood_ratio=options["ood_ratio"], ood=ood, design=options["design"], ood_dataset=other,
         seed=options["seed"])
     # Equal label budgets: a method with no use for the validation set trains on it.
-    return split if method in fixmatch.USES_VALIDATION else protocol.merge_validation(split)
+    return split if config.uses_validation else protocol.merge_validation(split)
 
 
 def _fail(parser, message: str) -> int:
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                        if not k.startswith("_") and k not in ("ssl_command", "command", "out",
                                                               "stop_after")}
             config = _config(options)
-            split = _split(options, config.method)
+            split = _split(options, config)
             return _train(parser, out, options, config, split, args.stop_after)
         options_path = out / "options.json"
         if not options_path.exists():
@@ -143,7 +151,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.data_dir is not None:
             options["data_dir"] = args.data_dir
         config = _config(options)
-        return _evaluate(out, options, config, _split(options, config.method))
+        return _evaluate(out, options, config, _split(options, config))
     except (ValueError, FileNotFoundError, ImportError) as error:
         return _fail(parser, str(error))
 

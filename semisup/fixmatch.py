@@ -14,13 +14,25 @@ oracle         ``w = 1[ID]`` (the upper bound: OOD images removed)
 softmax        ``w ∝ max p_weak`` (confidence weighting)
 l2rw           ``w ∝ max(0, ∇_θ ℓ_i · ∇_θ L_val)``: one-step look-ahead (Ren et al. 2018, L2RW;
                Guo et al. 2020, DS3L), recomputed on every batch
-confnet        ``w ∝ c_φ(x_weak)``: a small CNN trained every K steps by the implicit hypergradient
-               of the validation loss (:func:`bilevel.hypergrad`)
+confnet        ``w ∝ 2·sigmoid(z_i − z̄)``, ``z = c_φ(x_weak[, p_weak])``: a small CNN (optionally
+               also reading the classifier's weak-view probabilities) trained every K steps by
+               the implicit hypergradient of the meta loss (:func:`bilevel.hypergrad`)
 =============  ==================================================================================
 
 Every weighting is normalised to mean 1 over the images that pass the confidence mask, so the
 total unlabelled weight is FixMatch's and a method only moves it between images; with weights 1
 (the confidence network at initialisation) the loss is exactly FixMatch's.
+
+The confidence network's logits are centred over the masked batch before the sigmoid
+(:func:`confidence_weights`). The normalisation makes the loss blind to a common scale of the
+weights; without the centring, that flat direction is where an adaptive meta-optimiser walks on
+noise until the sigmoid saturates and the meta-gradient vanishes (measured: every weight at the
+bound 2 after 200 meta-steps). Centred, a common shift of the logits changes nothing and gets
+an exactly zero gradient.
+
+The meta loss (``meta_data``) is the cross-entropy on a held-out labelled validation set, or,
+as in DS3L (Guo et al. 2020), on the labelled training set itself, which spends no labels on the
+meta-objective.
 """
 
 from __future__ import annotations
@@ -45,6 +57,8 @@ METHODS = ("supervised", "fixmatch", "oracle", "softmax", "l2rw", "confnet")
 USES_VALIDATION = ("l2rw", "confnet")
 SOLVERS = ("identity", "neumann", "cg", "nystrom")
 CURVATURES = ("last", "all")
+CONF_INPUTS = ("image", "image+softmax")
+META_DATA = ("validation", "labelled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,10 @@ class Config:
       damping: added to the Hessian in the solve.
       meta_every, meta_lr: a meta-step (Adam) every K inner steps.
       conf_widths: the confidence network.
+      conf_inputs: ``"image"`` (the weak view alone) or ``"image+softmax"`` (also the
+        classifier's class probabilities of the weak view, stop-gradient).
+      meta_data: the meta loss's data for ``l2rw`` and ``confnet``: ``"validation"`` (the
+        held-out set) or ``"labelled"`` (the labelled training set, DS3L-style).
     """
 
     method: str = "fixmatch"
@@ -89,11 +107,14 @@ class Config:
     meta_every: int = 5
     meta_lr: float = 1e-3
     conf_widths: tuple[int, ...] = (8, 16)
+    conf_inputs: str = "image"
+    meta_data: str = "validation"
 
     def __post_init__(self):
         where = "semisup.Config"
         for name, allowed in (("method", METHODS), ("solver", SOLVERS),
-                              ("curvature", CURVATURES)):
+                              ("curvature", CURVATURES), ("conf_inputs", CONF_INPUTS),
+                              ("meta_data", META_DATA)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{where}: {name} must be one of {allowed}, got "
                                  f"{getattr(self, name)!r}")
@@ -118,6 +139,12 @@ class Config:
                 raise ValueError(f"{where}: {name} must be > 0, got {getattr(self, name)}")
         if not self.conf_widths:
             raise ValueError(f"{where}: conf_widths must be non-empty")
+
+    @property
+    def uses_validation(self) -> bool:
+        """Whether the run reads the held-out validation set (else it should train on it:
+        :func:`semisup.protocol.merge_validation`, so that label budgets are equal)."""
+        return self.method in USES_VALIDATION and self.meta_data == "validation"
 
     @property
     def periods(self) -> int:
@@ -170,6 +197,18 @@ def normalise(weights: jax.Array, mask: jax.Array) -> jax.Array:
     return weights * jnp.sum(mask) / jnp.where(total > 0, total, 1.0)
 
 
+def confidence_weights(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """The confidence network's raw weights ``2·sigmoid(z − z̄)``, in (0, 2).
+
+    ``z̄`` is the mean logit over the images that pass ``mask`` (0 if none does), so a common
+    shift of the logits leaves the weights unchanged and every weight is 1 when the logits are
+    equal. Normalise with :func:`normalise`.
+    """
+    count = jnp.sum(mask)
+    centre = jnp.sum(logits * mask) / jnp.where(count > 0, count, 1.0)
+    return 2.0 * jax.nn.sigmoid(logits - centre)
+
+
 def fixmatch_loss(labelled_logits: jax.Array, labels: jax.Array, strong_logits: jax.Array,
                   pseudo: jax.Array, mask: jax.Array, weights: jax.Array, lambda_u: float
                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -212,7 +251,8 @@ def init(config: Config, key: jax.Array, data: Split) -> State:
                         ) from None
     params = models.init_classifier(key_model, image_shape, num_classes, config.widths,
                                     config.hidden)
-    conf = models.init_confidence(key_conf, image_shape, config.conf_widths)
+    conf = models.init_confidence(key_conf, image_shape, config.conf_widths,
+                                  num_classes if config.conf_inputs == "image+softmax" else None)
     n = data.x_unlabelled.shape[-4]
     zeros = jnp.zeros((n,), jnp.float32)
     return State(jnp.zeros((), jnp.int32), params, _optimizer(config).init(params), params,
@@ -247,9 +287,23 @@ def validation_loss(config: Config, params, x_val, y_val) -> jax.Array:
     return jnp.mean(cross_entropy(_logits(config, params, x_val), y_val))
 
 
+def meta_set(config: Config, data: Split) -> tuple[jax.Array, jax.Array]:
+    """The images and labels of the meta loss (see ``Config.meta_data``)."""
+    if config.meta_data == "labelled":
+        return data.x_labelled, data.y_labelled
+    return data.x_validation, data.y_validation
+
+
+def _conf_probs(config: Config, weak_logits):
+    """The class-probability input of the confidence network, or None."""
+    if config.conf_inputs == "image+softmax":
+        return jax.nn.softmax(jax.lax.stop_gradient(weak_logits))
+    return None
+
+
 def _raw_scores(config: Config, state: State, data: Split, index, weak, strong, weak_logits,
                 pseudo, mask):
-    """The method's unnormalised per-image score (before mask and normalisation)."""
+    """The method's per-image score (before mask and normalisation; a logit for confnet)."""
     method = config.method
     if method == "fixmatch":
         return jnp.ones_like(mask)
@@ -258,11 +312,12 @@ def _raw_scores(config: Config, state: State, data: Split, index, weak, strong, 
     if method == "softmax":
         return jnp.max(jax.nn.softmax(weak_logits), axis=-1)
     if method == "confnet":
-        return models.confidence(state.conf_params, weak, config.conf_widths)
-    # l2rw: the derivative of the validation loss after one step of size 1 on Σ ε_i ℓ_i is
+        return models.confidence(state.conf_params, weak, config.conf_widths,
+                                 _conf_probs(config, weak_logits))
+    # l2rw: the derivative of the meta loss after one step of size 1 on Σ ε_i ℓ_i is
     # −∇ℓ_i · ∇L_val; one JVP of the per-image losses along ∇L_val gives all of them.
     val_grad = jax.grad(functools.partial(validation_loss, config))(
-        state.params, data.x_validation, data.y_validation)
+        state.params, *meta_set(config, data))
 
     def per_image(params):
         return mask * cross_entropy(_logits(config, params, strong), pseudo)
@@ -288,7 +343,8 @@ def _inner_step(config: Config, state: State, data: Split) -> tuple[State, jax.A
         pseudo, mask = pseudo_labels(weak_logits, config.threshold)
         scores = jax.lax.stop_gradient(_raw_scores(config, state, data, index, weak, strong,
                                                    weak_logits, pseudo, mask))
-        weights = normalise(scores, mask)
+        raw = confidence_weights(scores, mask) if config.method == "confnet" else scores
+        weights = normalise(raw, mask)
 
         def loss_fn(p):
             out = _logits(config, p, jnp.concatenate([x_l, strong]))
@@ -330,18 +386,24 @@ def meta_losses(config: Config):
 
     The inner loss is the weighted FixMatch loss (plus the weight decay the optimizer applies) as
     a function of the curvature parameters θ and the confidence network φ; the outer loss is the
-    validation cross-entropy. With ``curvature="last"`` θ is the head, and the body's features of
+    meta set's cross-entropy. With ``curvature="last"`` θ is the head, and the body's features of
     every batch are inputs (computed once, held fixed); with ``"all"`` θ is the whole classifier.
-    ``split(params, batch) -> (θ, inner_args, outer_args)``.
+    ``split(params, batch) -> (θ, inner_args, outer_args)`` with ``batch = (x_l, y_l, weak,
+    weak_probs, strong, pseudo, mask, x_meta, y_meta)``; ``weak_probs`` (the classifier's
+    probabilities of the weak view, held fixed like the pseudo-labels) is read only with
+    ``conf_inputs="image+softmax"``.
     """
-    def weighted(theta_logits, phi, y_l, weak, pseudo, mask, lab_logits):
-        weights = normalise(models.confidence(phi, weak, config.conf_widths), mask)
+    with_probs = config.conf_inputs == "image+softmax"
+
+    def weighted(theta_logits, phi, y_l, weak, probs, pseudo, mask, lab_logits):
+        logits = models.confidence(phi, weak, config.conf_widths, probs if with_probs else None)
+        weights = normalise(confidence_weights(logits, mask), mask)
         return fixmatch_loss(lab_logits, y_l, theta_logits, pseudo, mask, weights,
                              config.lambda_u)[0]
 
     if config.curvature == "last":
-        def inner(theta, phi, f_l, y_l, weak, f_s, pseudo, mask):
-            loss = weighted(models.head(theta, f_s), phi, y_l, weak, pseudo, mask,
+        def inner(theta, phi, f_l, y_l, weak, probs, f_s, pseudo, mask):
+            loss = weighted(models.head(theta, f_s), phi, y_l, weak, probs, pseudo, mask,
                             models.head(theta, f_l))
             return loss + 0.5 * config.weight_decay * _sum_squares(theta)
 
@@ -349,14 +411,14 @@ def meta_losses(config: Config):
             return jnp.mean(cross_entropy(models.head(theta, f_v), y_v))
 
         def split(params, batch):
-            x_l, y_l, weak, strong, pseudo, mask, x_v, y_v = batch
+            x_l, y_l, weak, probs, strong, pseudo, mask, x_v, y_v = batch
             feats = functools.partial(models.features, params["body"], widths=config.widths,
                                       hidden=config.hidden)
-            return (params["head"], (feats(x_l), y_l, weak, feats(strong), pseudo, mask),
+            return (params["head"], (feats(x_l), y_l, weak, probs, feats(strong), pseudo, mask),
                     (feats(x_v), y_v))
     else:
-        def inner(theta, phi, x_l, y_l, weak, strong, pseudo, mask):
-            loss = weighted(_logits(config, theta, strong), phi, y_l, weak, pseudo, mask,
+        def inner(theta, phi, x_l, y_l, weak, probs, strong, pseudo, mask):
+            loss = weighted(_logits(config, theta, strong), phi, y_l, weak, probs, pseudo, mask,
                             _logits(config, theta, x_l))
             return loss + 0.5 * config.weight_decay * _sum_squares(theta)
 
@@ -364,16 +426,16 @@ def meta_losses(config: Config):
             return validation_loss(config, theta, x_v, y_v)
 
         def split(params, batch):
-            x_l, y_l, weak, strong, pseudo, mask, x_v, y_v = batch
-            return params, (x_l, y_l, weak, strong, pseudo, mask), (x_v, y_v)
+            x_l, y_l, weak, probs, strong, pseudo, mask, x_v, y_v = batch
+            return params, (x_l, y_l, weak, probs, strong, pseudo, mask), (x_v, y_v)
     return inner, outer, split
 
 
 def meta_gradient(config: Config, params, conf_params, batch, key=None):
-    """The implicit hypergradient of the validation loss with respect to the confidence network.
+    """The implicit hypergradient of the meta loss with respect to the confidence network.
 
-    ``batch = (x_l, y_l, weak, strong, pseudo, mask, x_val, y_val)``. Returns ``(grad, info)``
-    from :func:`bilevel.hypergrad`.
+    ``batch = (x_l, y_l, weak, weak_probs, strong, pseudo, mask, x_meta, y_meta)`` (see
+    :func:`meta_losses`). Returns ``(grad, info)`` from :func:`bilevel.hypergrad`.
     """
     inner, outer, split = meta_losses(config)
     theta, inner_args, outer_args = split(params, batch)
@@ -386,8 +448,10 @@ def meta_gradient(config: Config, params, conf_params, batch, key=None):
 def _meta_step(config: Config, state: State, data: Split) -> State:
     key, k_batch, k_solve = jax.random.split(jax.random.wrap_key_data(state.key), 3)
     x_l, y_l, _, weak, strong = _sample(config, k_batch, data)
-    pseudo, mask = pseudo_labels(_logits(config, state.params, weak), config.threshold)
-    batch = (x_l, y_l, weak, strong, pseudo, mask, data.x_validation, data.y_validation)
+    weak_logits = jax.lax.stop_gradient(_logits(config, state.params, weak))
+    pseudo, mask = pseudo_labels(weak_logits, config.threshold)
+    batch = (x_l, y_l, weak, jax.nn.softmax(weak_logits), strong, pseudo, mask,
+             *meta_set(config, data))
     grad, info = meta_gradient(config, state.params, state.conf_params, batch, k_solve)
     ok = info.finite
     grad = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grad)
@@ -487,9 +551,16 @@ def predict(config: Config, params, images: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def confidence_scores(config: Config, conf_params, images: jax.Array) -> jax.Array:
-    """The confidence network's raw weights of ``images`` (no augmentation)."""
-    return models.confidence(conf_params, images, config.conf_widths)
+def confidence_scores(config: Config, conf_params, images: jax.Array, params=None) -> jax.Array:
+    """The confidence network's logits of ``images`` (no augmentation); ``params``, the
+    classifier's, are needed with ``conf_inputs="image+softmax"``."""
+    probs = None
+    if config.conf_inputs == "image+softmax":
+        if params is None:
+            raise ValueError("semisup.confidence_scores: params (the classifier's) are needed "
+                             "with conf_inputs='image+softmax'")
+        probs = jax.nn.softmax(_logits(config, params, images))
+    return models.confidence(conf_params, images, config.conf_widths, probs)
 
 
 def accuracy(config: Config, params, images, labels, batch: int = 1024) -> float:

@@ -83,6 +83,7 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
     }
     if config.method == "confnet":
         scores = np.asarray(fixmatch.confidence_scores(config, state.conf_params,
-                                                       np.asarray(data.x_unlabelled)))
+                                                       np.asarray(data.x_unlabelled),
+                                                       state.params))
         metrics["final_weight_auroc"] = auroc(scores, ~ood)
     return metrics

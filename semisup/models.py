@@ -31,22 +31,30 @@ class Body(nn.Module):
 
 
 class ConfidenceNet(nn.Module):
-    """A small CNN mapping an image to a weight ``2·sigmoid(z)`` in (0, 2).
+    """A small CNN mapping an image to a logit ``z`` (the weight is ``2·sigmoid`` of it, centred
+    over the batch: :func:`semisup.fixmatch.confidence_weights`).
 
-    The last layer starts at zero, so every weight starts at exactly 1 (plain FixMatch).
+    With ``probs`` (the classifier's class probabilities of the same image, ``(N, C)``), the
+    pooled image features are joined with ``probs`` and ``probs`` sorted in decreasing order
+    and pass one ReLU layer of ``hidden`` units first. The last layer starts at zero, so every
+    logit starts at exactly 0 (weight 1: plain FixMatch).
     """
 
     widths: Sequence[int] = (8, 16)
+    hidden: int = 16
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, probs=None):
         for width in self.widths:
             x = nn.relu(nn.Conv(width, (3, 3))(x))
             if min(x.shape[-3:-1]) >= 2:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = jnp.mean(x, axis=(-3, -2))
+        if probs is not None:
+            x = jnp.concatenate([x, probs, -jnp.sort(-probs, axis=-1)], axis=-1)
+            x = nn.relu(nn.Dense(self.hidden)(x))
         z = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)(x)
-        return 2.0 * jax.nn.sigmoid(z[..., 0])
+        return z[..., 0]
 
 
 def init_classifier(key: jax.Array, image_shape: tuple[int, int, int], num_classes: int,
@@ -76,12 +84,15 @@ def logits(params: dict, images: jax.Array, widths: Sequence[int] = (16, 32),
 
 
 def init_confidence(key: jax.Array, image_shape: tuple[int, int, int],
-                    widths: Sequence[int] = (8, 16)) -> dict:
-    """Parameters of the :class:`ConfidenceNet`."""
-    return ConfidenceNet(tuple(widths)).init(key, jnp.zeros((1, *image_shape)))["params"]
+                    widths: Sequence[int] = (8, 16), num_classes: int | None = None) -> dict:
+    """Parameters of the :class:`ConfidenceNet`; ``num_classes`` adds the class-probability
+    input (``None``: the image alone)."""
+    net = ConfidenceNet(tuple(widths))
+    probs = None if num_classes is None else jnp.full((1, num_classes), 1.0 / num_classes)
+    return net.init(key, jnp.zeros((1, *image_shape)), probs)["params"]
 
 
-def confidence(conf_params: dict, images: jax.Array, widths: Sequence[int] = (8, 16)
-               ) -> jax.Array:
-    """Raw (unnormalised) weights ``(N,)`` in (0, 2)."""
-    return ConfidenceNet(tuple(widths)).apply({"params": conf_params}, images)
+def confidence(conf_params: dict, images: jax.Array, widths: Sequence[int] = (8, 16),
+               probs: jax.Array | None = None) -> jax.Array:
+    """Raw logits ``(N,)`` of the confidence network (``probs``: see :class:`ConfidenceNet`)."""
+    return ConfidenceNet(tuple(widths)).apply({"params": conf_params}, images, probs)

@@ -127,10 +127,32 @@ def test_normalise_gives_mean_one_over_the_mask():
     assert jnp.all(fixmatch.normalise(jnp.zeros(4), mask) == 0)
 
 
-def test_confidence_network_starts_at_weight_one(images):
-    conf = models.init_confidence(jax.random.key(0), (8, 8, 1), (2,))
-    assert jnp.array_equal(jax.jit(models.confidence, static_argnums=2)(conf, images, (2,)),
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_confidence_network_starts_at_weight_one(images, num_classes):
+    conf = models.init_confidence(jax.random.key(0), (8, 8, 1), (2,), num_classes)
+    probs = None if num_classes is None else jax.nn.softmax(
+        jax.random.normal(jax.random.key(1), (len(images), num_classes)))
+    logits = jax.jit(models.confidence, static_argnums=2)(conf, images, (2,), probs)
+    assert jnp.array_equal(logits, jnp.zeros(len(images)))
+    mask = jnp.asarray(np.arange(len(images)) % 2, jnp.float32)
+    assert jnp.array_equal(fixmatch.confidence_weights(logits, mask),
                            jnp.ones(len(images)))
+
+
+def test_confidence_weights_are_centred_over_the_mask_and_shift_invariant():
+    logits = jnp.array([0.5, -1.0, 3.0, 2.0], jnp.float64)
+    mask = jnp.array([1.0, 1.0, 0.0, 1.0])
+    centre = (0.5 - 1.0 + 2.0) / 3  # the masked-out logit does not count
+    expected = 2.0 / (1.0 + np.exp(-(np.asarray(logits) - centre)))
+    np.testing.assert_allclose(fixmatch.confidence_weights(logits, mask), expected, rtol=1e-14)
+    np.testing.assert_allclose(fixmatch.confidence_weights(logits + 7.0, mask), expected,
+                               rtol=1e-14)
+    # A common shift has an exactly zero gradient: the direction the normalisation leaves flat.
+    shift = jax.grad(lambda c: jnp.sum(jnp.sin(fixmatch.normalise(
+        fixmatch.confidence_weights(logits + c, mask), mask))))(0.0)
+    assert float(shift) == pytest.approx(0.0, abs=1e-14)
+    none = fixmatch.confidence_weights(logits, jnp.zeros(4))  # no image passes: centre 0
+    np.testing.assert_allclose(none, 2.0 / (1.0 + np.exp(-np.asarray(logits))), rtol=1e-14)
 
 
 def test_auroc_and_paired_difference_against_closed_forms():
@@ -145,21 +167,25 @@ def test_auroc_and_paired_difference_against_closed_forms():
 # The meta-gradient against finite differences of the exactly solved inner problem (float64).
 
 
-def test_meta_gradient_with_dense_solve_matches_finite_differences():
+@pytest.mark.parametrize("conf_inputs", fixmatch.CONF_INPUTS)
+def test_meta_gradient_with_dense_solve_matches_finite_differences(conf_inputs):
     config = fixmatch.Config(method="confnet", widths=(), hidden=3, weight_decay=0.05,
-                             lambda_u=1.0, conf_widths=(2,), curvature="last")
+                             lambda_u=1.0, conf_widths=(2,), curvature="last",
+                             conf_inputs=conf_inputs)
     rng = np.random.default_rng(1)
     num_classes, shape = 3, (4, 4, 1)
     params = models.init_classifier(jax.random.key(0), shape, num_classes, (), 3)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-    conf = models.init_confidence(jax.random.key(1), shape, (2,))
+    conf = models.init_confidence(jax.random.key(1), shape, (2,),
+                                  num_classes if conf_inputs == "image+softmax" else None)
     conf = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5), conf)
     x_l, x_s, x_v = (jnp.asarray(rng.uniform(size=(n, *shape))) for n in (4, 6, 5))
     weak = jnp.asarray(rng.uniform(size=(6, *shape)))
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(6, num_classes)) * 2))
     y_l, y_v = jnp.asarray([0, 1, 2, 0]), jnp.asarray([2, 1, 0, 1, 2])
     pseudo = jnp.asarray([0, 1, 2, 2, 1, 0])
     mask = jnp.asarray([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    batch = (x_l, y_l, weak, x_s, pseudo, mask, x_v, y_v)
+    batch = (x_l, y_l, weak, probs, x_s, pseudo, mask, x_v, y_v)
     inner, outer, split = fixmatch.meta_losses(config)
     theta0, inner_args, outer_args = split(params, batch)
     flat0, unravel = ravel_pytree(theta0)
@@ -195,6 +221,45 @@ def test_meta_gradient_with_dense_solve_matches_finite_differences():
     grad_cg, _ = fixmatch.meta_gradient(config_cg, {**params, "head": theta}, conf, batch)
     # (CG stops at a relative residual of 1e-6, hence the looser tolerance.)
     assert np.allclose(ravel_pytree(grad_cg)[0], ravel_pytree(grad)[0], rtol=1e-4, atol=1e-9)
+
+
+def test_meta_gradient_over_the_whole_classifier_matches_a_dense_formula():
+    """``curvature="all"``: −(∂²L/∂φ∂θ)ᵀ (H + δI)⁻¹ ∇_θ L_val, assembled from ``jax.hessian``
+    and ``jax.jacobian`` of the flattened classifier (body and head), float64."""
+    damping = 1.0  # H is indefinite here (λ_min ≈ −0.56): the damped operator is SPD
+    config = fixmatch.Config(method="confnet", widths=(), hidden=3, weight_decay=0.05,
+                             lambda_u=1.0, conf_widths=(2,), curvature="all", solver="cg",
+                             solver_iters=200, damping=damping, conf_inputs="image+softmax")
+    rng = np.random.default_rng(2)
+    num_classes, shape = 3, (4, 4, 1)
+    params = models.init_classifier(jax.random.key(0), shape, num_classes, (), 3)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    conf = models.init_confidence(jax.random.key(1), shape, (2,), num_classes)
+    conf = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5), conf)
+    x_l, x_s, x_v, weak = (jnp.asarray(rng.uniform(size=(n, *shape))) for n in (4, 6, 5, 6))
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(6, num_classes)) * 2))
+    batch = (x_l, jnp.asarray([0, 1, 2, 0]), weak, probs, x_s, jnp.asarray([0, 1, 2, 2, 1, 0]),
+             jnp.asarray([1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), x_v, jnp.asarray([2, 1, 0, 1, 2]))
+    grad, info = fixmatch.meta_gradient(config, params, conf, batch)
+    assert bool(info.converged)
+
+    inner, outer, split = fixmatch.meta_losses(config)
+    theta, inner_args, outer_args = split(params, batch)
+    assert theta is params  # the whole classifier, body included
+    flat_theta, unravel_theta = ravel_pytree(theta)
+    flat_phi, unravel_phi = ravel_pytree(conf)
+
+    def inner_flat(t, f):
+        return inner(unravel_theta(t), unravel_phi(f), *inner_args)
+
+    hessian = jax.hessian(inner_flat)(flat_theta, flat_phi) + damping * np.eye(len(flat_theta))
+    cross = jax.jacobian(jax.grad(inner_flat), argnums=1)(flat_theta, flat_phi)
+    g_val = jax.grad(lambda t: outer(unravel_theta(t), conf, *outer_args))(flat_theta)
+    expected = -cross.T @ np.linalg.solve(np.asarray(hessian), np.asarray(g_val))
+    assert np.linalg.norm(expected) > 1e-6
+    # CG stops at a relative residual of 1e-6 (semisup.make_solver), hence 1e-5 in norm.
+    error = np.linalg.norm(ravel_pytree(grad)[0] - expected) / np.linalg.norm(expected)
+    assert error < 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +360,20 @@ def test_every_method_trains_and_reports(method, digits_split):
         assert result["meta_failures"] == 0
 
 
+def test_confnet_with_softmax_input_and_the_labelled_meta_set_trains(digits_split):
+    config = _tiny("confnet", threshold=0.2, conf_inputs="image+softmax", meta_data="labelled")
+    data = semisup.merge_validation(digits_split)  # what callers do when uses_validation is off
+    state = fixmatch.init(config, jax.random.key(0), data)
+    assert jax.tree_util.tree_leaves(state.conf_params)  # the softmax branch has a hidden layer
+    state, losses = fixmatch.run_periods(config, state, data, config.periods)
+    assert np.all(np.isfinite(losses)) and int(state.meta_steps) == 2
+    assert not np.array_equal(np.asarray(state.score_sum), np.zeros_like(state.score_sum))
+    result = semisup.evaluate(config, state, data)
+    assert 0.0 <= result["final_weight_auroc"] <= 1.0 and result["meta_failures"] == 0
+    with pytest.raises(ValueError, match="params"):
+        fixmatch.confidence_scores(config, state.conf_params, data.x_unlabelled)
+
+
 def test_checkpoint_resume_gives_identical_state(digits_split, tmp_path):
     config = _tiny("confnet", threshold=0.2)
     start = fixmatch.init(config, jax.random.key(0), digits_split)
@@ -315,6 +394,19 @@ def test_config_errors_name_the_field():
         fixmatch.Config(steps=7, meta_every=5)
     with pytest.raises(ValueError, match="threshold"):
         fixmatch.Config(threshold=1.5)
+    with pytest.raises(ValueError, match="semisup.Config: conf_inputs"):
+        fixmatch.Config(conf_inputs="softmax")
+    with pytest.raises(ValueError, match="semisup.Config: meta_data"):
+        fixmatch.Config(meta_data="test")
+
+
+def test_meta_data_decides_which_labels_the_meta_loss_reads(digits_split):
+    held_out = _tiny("confnet")
+    own = _tiny("confnet", meta_data="labelled")
+    assert held_out.uses_validation and not own.uses_validation
+    assert not _tiny("fixmatch").uses_validation
+    assert fixmatch.meta_set(held_out, digits_split)[0] is digits_split.x_validation
+    assert fixmatch.meta_set(own, digits_split)[1] is digits_split.y_labelled
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +417,8 @@ def test_config_errors_name_the_field():
     ["ssl", "train", "--out", "x", "--method", "mixmatch"],
     ["ssl", "train", "--out", "x", "--steps", "0"],
     ["ssl", "train", "--out", "x", "--ood-ratio", "-1"],
+    ["ssl", "train", "--out", "x", "--conf-inputs", "softmax"],
+    ["ssl", "train", "--out", "x", "--meta-data", "test"],
     ["ssl", "train"],
     ["ssl", "eval"],
 ])
