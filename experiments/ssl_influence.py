@@ -5,8 +5,9 @@ for ``--steps`` steps, then on ``--batches`` fresh unlabelled batches the implic
 the meta loss with respect to each image's weight is computed exactly as the confidence
 network's meta-step does (same inner loss, head curvature, chosen inverse-HVP), i.e. the
 influence ``dL_meta/dw_i = −λ_u/(μB) · ∇_θℓ_iᵀ (H + δI)⁻¹ ∇_θL_meta`` of every masked image.
-If ``−dL/dw`` does not rank ID above OOD images (AUROC near 0.5), no parametrisation of the
-weights can learn to filter OOD images from this meta-objective.
+If ``−dL/dw`` barely ranks ID above OOD images (AUROC near 0.5), a parametrisation of the
+weights has to average a very noisy signal over many draws to learn to filter OOD images from
+this meta-objective.
 
     python -m experiments.ssl_influence --dataset digits --model mlp
     python -m experiments.ssl_influence --smoke
