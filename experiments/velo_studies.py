@@ -189,12 +189,7 @@ def batch_study(meta, seeds: int, out: Path, machine: str) -> None:
 def _continue(task, opt, params, state, key, steps):
     @jax.jit
     def go(params, state, batches):
-        def step(carry, batch):
-            params, state = carry
-            loss, grads = jax.value_and_grad(task.loss)(params, batch)
-            updates, state = opt.update(grads, state, params, loss=loss)
-            return (optax.apply_updates(params, updates), state), loss
-        return jax.lax.scan(step, (params, state), batches)
+        return tasks.run_steps(task, opt, params, state, batches)
 
     (params, state), losses = go(params, state, task.batches(key, steps))
     return params, state, np.asarray(losses)

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from bilevel._argtypes import positive_int as _positive_int
+from bilevel.lopt import tasks
 
 PyTree = Any
 
@@ -135,15 +136,9 @@ def run_optimizer(task, optimizer: optax.GradientTransformation, steps: int, key
     params = task.init(init_key)
     state = optimizer.init(params)
 
-    def step(carry, batch):
-        params, state = carry
-        loss, grads = jax.value_and_grad(task.loss)(params, batch)
-        updates, state = optimizer.update(grads, state, params, loss=loss)
-        return (optax.apply_updates(params, updates), state), loss
-
     def chunk(carry, index):
         batches = task.batches(jax.random.fold_in(data_key, index), eval_every)
-        carry, losses = jax.lax.scan(step, carry, batches)
+        carry, losses = tasks.run_steps(task, optimizer, *carry, batches)
         return carry, (losses, task.eval_loss(carry[0]))
 
     num_chunks = steps // eval_every

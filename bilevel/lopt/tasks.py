@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from bilevel import datasets
 
@@ -64,6 +65,24 @@ class Task(NamedTuple):
     eval_loss: Callable[[PyTree], jax.Array]
     held_out: bool
     horizon: int = DEFAULT_HORIZON
+
+
+def run_steps(task: Task, optimizer, params: Any, opt_state: Any, batches: Any
+              ) -> tuple[tuple[Any, Any], jax.Array]:
+    """``lax.scan`` of ``optimizer`` over ``batches`` (stacked along axis 0) from
+    ``(params, opt_state)``.
+
+    Each step is ``u, s = optimizer.update(g, s, θ, loss=ℓ); θ ← θ + u`` with ``(ℓ, g)`` the
+    minibatch loss and gradient (learned optimizers read ``loss``; the optimizer must accept
+    it, see ``optax.with_extra_args_support``). Returns ``((params, opt_state), losses)``.
+    """
+    def step(carry, batch):
+        params, state = carry
+        loss, grads = jax.value_and_grad(task.loss)(params, batch)
+        updates, state = optimizer.update(grads, state, params, loss=loss)
+        return (optax.apply_updates(params, updates), state), loss
+
+    return jax.lax.scan(step, (params, opt_state), batches)
 
 
 # --------------------------------------------------------------------------------------------

@@ -199,16 +199,7 @@ class Truncation(NamedTuple):
 def _inner_run(config: MetaTrainConfig, task: tasks.Task, meta, inner_state, batches,
                num_steps):
     """Run ``unroll`` steps; returns the new ``(params, opt_state)`` and the losses."""
-    params, opt_state = inner_state
-    opt = make_optimizer(config, meta, num_steps)
-
-    def step(carry, batch):
-        params, state = carry
-        loss, grads = jax.value_and_grad(task.loss)(params, batch)
-        updates, state = opt.update(grads, state, params, loss=loss)
-        return (optax.apply_updates(params, updates), state), loss
-
-    return jax.lax.scan(step, (params, opt_state), batches)
+    return tasks.run_steps(task, make_optimizer(config, meta, num_steps), *inner_state, batches)
 
 
 def _compiled_for(config: MetaTrainConfig) -> MetaTrainConfig:

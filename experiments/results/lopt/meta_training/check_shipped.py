@@ -45,14 +45,7 @@ def final_params_fn(task, factory):
     @jax.jit
     def final(h, params0, batches):
         opt = factory(h)
-
-        def step(carry, batch):
-            params, state = carry
-            loss, grads = jax.value_and_grad(task.loss)(params, batch)
-            updates, state = opt.update(grads, state, params, loss=loss)
-            return (optax.apply_updates(params, updates), state), loss
-
-        (params, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), batches)
+        (params, _), _ = tasks.run_steps(task, opt, params0, opt.init(params0), batches)
         return params
 
     return jax.vmap(final, (None, 0, 0))
