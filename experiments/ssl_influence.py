@@ -26,32 +26,27 @@ import bilevel
 from bilevel import datasets
 from experiments import ssl_common as common
 from experiments._common import positive_int
-from semisup import fixmatch, metrics, models
+from semisup import fixmatch, metrics
 
 MODELS = {"mlp": dict(widths=(), hidden=64), "cnn": dict(widths=(16, 32), hidden=64)}
 
 
 def influences(config: fixmatch.Config, params, data, key, solver: str, iters: int,
                damping: float):
-    """``(dL_meta/dw, mask, ood)`` for one fresh unlabelled batch at ``params``."""
+    """``(dL_meta/dw, mask, ood, finite)`` for one fresh unlabelled batch at ``params``.
+
+    The bilevel problem is the confidence network's own (:func:`semisup.fixmatch.meta_losses`,
+    same batch layout as its meta-step) with the per-image weights as the hyperparameters.
+    """
     x_l, y_l, index, weak, strong = fixmatch._sample(config, key, data)
-    weak_logits = fixmatch._logits(config, params, weak)
+    weak_logits = jax.lax.stop_gradient(fixmatch._logits(config, params, weak))
     pseudo, mask = fixmatch.pseudo_labels(weak_logits, config.threshold)
-    feats = functools.partial(models.features, params["body"], widths=config.widths,
-                              hidden=config.hidden)
-    f_l, f_s = feats(x_l), feats(strong)
-    x_m, y_m = fixmatch.meta_set(config, data)
-    f_m = feats(x_m)
-
-    def inner(theta, w):
-        loss = fixmatch.fixmatch_loss(models.head(theta, f_l), y_l, models.head(theta, f_s),
-                                      pseudo, mask, w, config.lambda_u)[0]
-        return loss + 0.5 * config.weight_decay * fixmatch._sum_squares(theta)
-
-    def outer(theta, w):
-        return jnp.mean(fixmatch.cross_entropy(models.head(theta, f_m), y_m))
-
-    grad, info = bilevel.hypergrad(inner, outer, params["head"], jnp.ones_like(mask), (), (),
+    batch = (x_l, y_l, weak, jax.nn.softmax(weak_logits), strong, pseudo, mask,
+             *fixmatch.meta_set(config, data))
+    inner, outer, split = fixmatch.meta_losses(config, weighting=lambda w, *_: w)
+    theta, inner_args, outer_args = split(params, batch)
+    grad, info = bilevel.hypergrad(inner, outer, theta, jnp.ones_like(mask), inner_args,
+                                   outer_args,
                                    solver=fixmatch.make_solver(solver, iters, damping),
                                    damping=damping)
     return grad, mask, data.unlabelled_ood[index], info.finite

@@ -381,8 +381,8 @@ def make_solver(name: str, iters: int, damping: float = 0.0) -> hvp.AbstractSolv
     raise ValueError(f"semisup.make_solver: unknown solver {name!r}; choose from {SOLVERS}")
 
 
-def meta_losses(config: Config):
-    """``(inner_loss, outer_loss, split, merge)`` of the confidence network's bilevel problem.
+def meta_losses(config: Config, weighting=None):
+    """``(inner_loss, outer_loss, split)`` of the confidence network's bilevel problem.
 
     The inner loss is the weighted FixMatch loss (plus the weight decay the optimizer applies) as
     a function of the curvature parameters θ and the confidence network φ; the outer loss is the
@@ -392,12 +392,21 @@ def meta_losses(config: Config):
     weak_probs, strong, pseudo, mask, x_meta, y_meta)``; ``weak_probs`` (the classifier's
     probabilities of the weak view, held fixed like the pseudo-labels) is read only with
     ``conf_inputs="image+softmax"``.
+
+    ``weighting(φ, weak, weak_probs, mask) -> weights`` replaces the confidence network: with
+    ``lambda w, *_: w`` the hyperparameters are the per-image weights themselves, and the
+    hypergradient is each image's influence on the meta loss.
     """
     with_probs = config.conf_inputs == "image+softmax"
 
-    def weighted(theta_logits, phi, y_l, weak, probs, pseudo, mask, lab_logits):
+    def confnet(phi, weak, probs, mask):
         logits = models.confidence(phi, weak, config.conf_widths, probs if with_probs else None)
-        weights = normalise(confidence_weights(logits, mask), mask)
+        return normalise(confidence_weights(logits, mask), mask)
+
+    weighting = confnet if weighting is None else weighting
+
+    def weighted(theta_logits, phi, y_l, weak, probs, pseudo, mask, lab_logits):
+        weights = weighting(phi, weak, probs, mask)
         return fixmatch_loss(lab_logits, y_l, theta_logits, pseudo, mask, weights,
                              config.lambda_u)[0]
 
@@ -468,13 +477,18 @@ def period(config: Config, state: State, data: Split) -> tuple[State, jax.Array]
 
     Pure; returns the new state and the mean training loss of the inner steps.
     """
+    return _period(_inner_step, _meta_step, config, state, data)
+
+
+def _period(step, meta, config: Config, state: State, data: Split):
+    """:func:`period` with the inner step and the meta-step given (jitted, vmapped, ...)."""
     losses = []
     for _ in range(config.meta_every):
-        state, loss = _inner_step(config, state, data)
+        state, loss = step(config, state, data)
         losses.append(loss)
     if config.method == "confnet":
-        state = _meta_step(config, state, data)
-    return state, jnp.mean(jnp.stack(losses))
+        state = meta(config, state, data)
+    return state, jnp.mean(jnp.stack(losses), axis=0)
 
 
 # The drivers below jit one inner step and one meta-step and loop in Python rather than jitting a
@@ -491,13 +505,8 @@ def _drive(step, meta, config, state, data, num_periods, callback):
     data = jax.tree_util.tree_map(jnp.asarray, data)
     losses = []
     for _ in range(num_periods):
-        period_losses = []
-        for _ in range(config.meta_every):
-            state, loss = step(config, state, data)
-            period_losses.append(loss)
-        if config.method == "confnet":
-            state = meta(config, state, data)
-        losses.append(jnp.mean(jnp.stack(period_losses), axis=0))
+        state, loss = _period(step, meta, config, state, data)
+        losses.append(loss)
         if callback is not None:
             callback(state)
     return state, np.asarray(jnp.stack(losses)) if losses else np.zeros((0,), np.float32)
