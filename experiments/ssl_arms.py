@@ -24,7 +24,7 @@ from rich.progress import Progress  # noqa: E402
 from bilevel import datasets  # noqa: E402
 from experiments import ssl_common as common  # noqa: E402
 from experiments._common import positive_int  # noqa: E402
-from semisup import fixmatch, metrics  # noqa: E402
+from semisup import fixmatch, metrics, protocol  # noqa: E402
 
 ARMS = {"supervised": dict(method="supervised"), "fixmatch": dict(method="fixmatch"),
         "oracle": dict(method="oracle"), "softmax": dict(method="softmax"),
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--validation", type=positive_int, default=10)
     parser.add_argument("--unlabelled", type=positive_int, default=300)
     parser.add_argument("--ood", default="near")
+    parser.add_argument("--design", choices=protocol.DESIGNS, default="add",
+                        help="OOD added to a fixed ID pool, or swapped in at a fixed pool size")
     parser.add_argument("--ratios", default="0.5,1.0")
     parser.add_argument("--arms", default=",".join(a for a in ARMS if a != "confnet-nystrom"))
     parser.add_argument("--seeds", type=positive_int, default=5)
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
                 continue
             data = common.splits(dataset, seeds, labelled_per_class=args.labels,
                                  validation_per_class=args.validation,
-                                 num_unlabelled=args.unlabelled, ood_ratio=ratio, ood=args.ood)
+                                 num_unlabelled=args.unlabelled, ood_ratio=ratio, ood=args.ood,
+                                 design=args.design)
             for arm in run_now:
                 config = fixmatch.Config(steps=args.steps, batch_size=args.batch, mu=args.mu,
                                          ema=0.99, flip=args.flip, meta_every=args.meta_every,
@@ -122,10 +125,10 @@ def main(argv=None) -> int:
     text = _markdown(rows, ratios, arms, args)
     out.with_suffix(".md").write_text(text)
     common.write_json(out.with_suffix(".json"), common.machine(args=vars(args)))
-    _plot(rows, ratios, arms, out.with_suffix(".png"))
+    _plot(rows, ratios, arms, out.with_suffix(".png"), args.design)
     for (ratio, arm), picture in pictures.items():
         _picture(*picture, out.parent / f"{out.name}_weights_{arm}_{int(100 * ratio)}.png",
-                 f"{arm}, {ratio:.0%} added OOD, seed 0")
+                 f"{arm}, {_amount(ratio, args.design)}, seed 0")
     print(text)
     return 0
 
@@ -170,8 +173,9 @@ def _select(rows, ratio, arm, key):
 
 def _markdown(rows, ratios, arms, args) -> str:
     lines = [f"# Class-mismatch comparison ({args.dataset}, {args.model}, {args.labels} labels "
-             f"per class + {args.validation} validation per class, {args.unlabelled} ID "
-             f"unlabelled, {args.ood} OOD added, {args.seeds} paired seeds, {args.steps} steps)",
+             f"per class + {args.validation} validation per class, {args.unlabelled} "
+             f"{'ID unlabelled' if args.design == 'add' else 'unlabelled in all'}, {args.ood} "
+             f"OOD, design {args.design}, {args.seeds} paired seeds, {args.steps} steps)",
              "", "Accuracy: ID test accuracy of the EMA weights, mean ± std over seeds. "
              "Δ FixMatch: paired difference with FixMatch, mean [95 % t interval]. Gap closed: "
              "(arm − FixMatch) / (oracle − FixMatch) of the means. Δ FixMatch-heldout: paired "
@@ -187,7 +191,8 @@ def _markdown(rows, ratios, arms, args) -> str:
         heldout = _select(rows, ratio, "fixmatch-heldout", "test_accuracy")
         oracle = _select(rows, ratio, "oracle", "test_accuracy")
         gap = oracle.mean() - fix.mean() if len(fix) and len(oracle) else float("nan")
-        lines += [f"## {ratio:.0%} added OOD (oracle − FixMatch = {100 * gap:+.2f} points)", "",
+        lines += [f"## {_amount(ratio, args.design)} "
+                  f"(oracle − FixMatch = {100 * gap:+.2f} points)", "",
                   "| arm | accuracy | Δ FixMatch | gap closed | Δ FixMatch-heldout | AUROC | "
                   "final AUROC | OOD pass | OOD weight | HVPs/meta-step | "
                   "meta-step ms (× inner) |",
@@ -220,7 +225,12 @@ def _markdown(rows, ratios, arms, args) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows, ratios, arms, path):
+def _amount(ratio, design) -> str:
+    """``"50% added OOD"`` (design add) or ``"50% OOD, swapped in"`` (design swap)."""
+    return f"{ratio:.0%} added OOD" if design == "add" else f"{ratio:.0%} OOD, swapped in"
+
+
+def _plot(rows, ratios, arms, path, design="add"):
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / len(ratios)
     for j, ratio in enumerate(ratios):
@@ -228,7 +238,7 @@ def _plot(rows, ratios, arms, path):
         means = [100 * acc.mean() if len(acc) else np.nan for acc in accs]
         stds = [100 * acc.std(ddof=1) if len(acc) > 1 else 0.0 for acc in accs]
         ax.bar(np.arange(len(arms)) + j * width, means, width, yerr=stds,
-               label=f"{ratio:.0%} added OOD", capsize=2)
+               label=_amount(ratio, design), capsize=2)
     ax.set_xticks(np.arange(len(arms)) + width * (len(ratios) - 1) / 2, arms, rotation=30,
                   fontsize=8, ha="right")
     low = np.nanmin([100 * _select(rows, r, a, "test_accuracy").mean() for r in ratios

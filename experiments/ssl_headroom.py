@@ -23,7 +23,7 @@ from rich.progress import Progress  # noqa: E402
 from bilevel import datasets  # noqa: E402
 from experiments import ssl_common as common  # noqa: E402
 from experiments._common import positive_int  # noqa: E402
-from semisup import fixmatch  # noqa: E402
+from semisup import fixmatch, protocol  # noqa: E402
 
 MODELS = {"mlp": dict(widths=(), hidden=64), "cnn": dict(widths=(16, 32), hidden=64)}
 
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", default="1,3,9", help="labelled images per class")
     parser.add_argument("--ood", default="near,far")
     parser.add_argument("--ood-ratio", type=float, default=1.0)
+    parser.add_argument("--design", choices=protocol.DESIGNS, default="add",
+                        help="OOD added to a fixed ID pool, or swapped in at a fixed pool size")
     parser.add_argument("--unlabelled", type=positive_int, default=300)
     parser.add_argument("--validation", type=positive_int, default=1,
                         help="validation images per class (unused by these methods, which "
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
         for model, labels, ood in grid:
             data = common.splits(dataset, seeds, labelled_per_class=labels,
                                  validation_per_class=args.validation,
-                                 num_unlabelled=args.unlabelled, ood_ratio=args.ood_ratio, ood=ood)
+                                 num_unlabelled=args.unlabelled, ood_ratio=args.ood_ratio, ood=ood,
+                                 design=args.design)
             accuracy = {}
             for method in ("supervised", "fixmatch", "oracle"):
                 config = fixmatch.Config(method=method, steps=args.steps, batch_size=args.batch,
@@ -117,7 +120,9 @@ def _summary(rows, grid, args):
 
 def _markdown(summary, args) -> str:
     lines = [f"# Headroom: FixMatch vs the oracle OOD filter ({args.dataset}, "
-             f"{args.ood_ratio:.0%} added OOD, {args.unlabelled} ID unlabelled, "
+             f"{args.ood_ratio:.0%} OOD ({'added' if args.design == 'add' else 'swapped in'}), "
+             f"{args.unlabelled} "
+             f"{'ID unlabelled' if args.design == 'add' else 'unlabelled in all'}, "
              f"{args.seeds} seeds, {args.steps} steps)", "",
              f"Label budget per class = labelled + validation ({args.validation}); supervised, "
              "FixMatch and the oracle train on all of it (semisup.merge_validation). "
