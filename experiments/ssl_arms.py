@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--meta-lr", type=float, default=1e-2)
     parser.add_argument("--solver-iters", type=positive_int, default=10)
     parser.add_argument("--curvature", default="last")
+    parser.add_argument("--meta-optimizer", choices=fixmatch.META_OPTIMIZERS, default="adam")
+    parser.add_argument("--meta-weight-decay", type=float, default=0.0)
     parser.add_argument("--conf-inputs", choices=fixmatch.CONF_INPUTS, default="image")
     parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="validation",
                         help="the meta loss's data (l2rw, confnet); 'labelled' spends no labels "
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
                 config = fixmatch.Config(steps=args.steps, batch_size=args.batch, mu=args.mu,
                                          ema=0.99, flip=args.flip, meta_every=args.meta_every,
                                          meta_lr=args.meta_lr, solver_iters=args.solver_iters,
+                                         meta_optimizer=args.meta_optimizer,
+                                         meta_weight_decay=args.meta_weight_decay,
                                          curvature=args.curvature, threshold=args.threshold,
                                          conf_inputs=args.conf_inputs,
                                          meta_data=args.meta_data, **MODELS[args.model],

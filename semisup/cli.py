@@ -77,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0)
     meta.add_argument("--meta-every", type=_positive_int, default=5)
     meta.add_argument("--meta-lr", type=_float_in(0.0, 10.0, closed_low=False), default=3e-3)
+    meta.add_argument("--meta-optimizer", choices=fixmatch.META_OPTIMIZERS, default="adam")
+    meta.add_argument("--meta-weight-decay", type=_float_in(0.0, 1e6), default=0.0,
+                      help="decoupled weight decay on the confidence network (pulls the weights "
+                           "towards 1)")
     meta.add_argument("--conf-inputs", choices=fixmatch.CONF_INPUTS, default="image",
                       help="what the confidence network reads: the weak view, or also the "
                            "classifier's class probabilities of it")
@@ -105,6 +109,8 @@ def _config(options: dict):
         solver=options["solver"], solver_iters=options["solver_iters"],
         curvature=options["curvature"], damping=options["damping"],
         meta_every=options["meta_every"], meta_lr=options["meta_lr"],
+        meta_optimizer=options.get("meta_optimizer", "adam"),
+        meta_weight_decay=options.get("meta_weight_decay", 0.0),
         conf_inputs=options.get("conf_inputs", "image"),
         meta_data=options.get("meta_data", "validation"))
 

@@ -58,6 +58,7 @@ USES_VALIDATION = ("l2rw", "confnet")
 SOLVERS = ("identity", "neumann", "cg", "nystrom")
 CURVATURES = ("last", "all")
 CONF_INPUTS = ("image", "image+softmax")
+META_OPTIMIZERS = ("adam", "sgd")
 META_DATA = ("validation", "labelled")
 
 
@@ -79,7 +80,13 @@ class Config:
         iterations (Neumann terms, CG iterations, Nyström rank).
       curvature: ``"last"`` (Hessian of the head, the body's features held fixed) or ``"all"``.
       damping: added to the Hessian in the solve.
-      meta_every, meta_lr: a meta-step (Adam) every K inner steps.
+      meta_every, meta_lr: a meta-step every K inner steps, with learning rate ``meta_lr``.
+      meta_optimizer: ``"adam"`` or ``"sgd"`` for the confidence network. Adam normalises the
+        small, noisy meta-gradient per parameter; SGD integrates it at its own scale (its
+        ``meta_lr`` must then be of the order of 1/|meta-gradient|).
+      meta_weight_decay: decoupled weight decay on the confidence network (AdamW's with Adam,
+        ``φ ← φ − meta_lr · meta_weight_decay · φ`` with SGD). It pulls the logits towards 0, so
+        the weights towards 1 (plain FixMatch), and bounds how far noise can spread them.
       conf_widths: the confidence network.
       conf_inputs: ``"image"`` (the weak view alone) or ``"image+softmax"`` (also the
         classifier's class probabilities of the weak view, stop-gradient).
@@ -106,6 +113,8 @@ class Config:
     damping: float = 0.0
     meta_every: int = 5
     meta_lr: float = 1e-3
+    meta_optimizer: str = "adam"
+    meta_weight_decay: float = 0.0
     conf_widths: tuple[int, ...] = (8, 16)
     conf_inputs: str = "image"
     meta_data: str = "validation"
@@ -114,7 +123,7 @@ class Config:
         where = "semisup.Config"
         for name, allowed in (("method", METHODS), ("solver", SOLVERS),
                               ("curvature", CURVATURES), ("conf_inputs", CONF_INPUTS),
-                              ("meta_data", META_DATA)):
+                              ("meta_data", META_DATA), ("meta_optimizer", META_OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{where}: {name} must be one of {allowed}, got "
                                  f"{getattr(self, name)!r}")
@@ -131,7 +140,7 @@ class Config:
                                                          self.threshold == 0.0):
                 raise ValueError(f"{where}: {name} must be in ({low}, {high}), got "
                                  f"{getattr(self, name)}")
-        for name in ("lambda_u", "weight_decay", "damping"):
+        for name in ("lambda_u", "weight_decay", "damping", "meta_weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "meta_lr"):
@@ -239,6 +248,17 @@ def _optimizer(config: Config) -> optax.GradientTransformation:
                        optax.sgd(schedule, momentum=config.momentum, nesterov=True))
 
 
+def _meta_optimizer(config: Config) -> optax.GradientTransformation:
+    """The confidence network's optimizer (``meta_optimizer``, ``meta_lr``,
+    ``meta_weight_decay``)."""
+    if config.meta_optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(config.meta_weight_decay),
+                           optax.sgd(config.meta_lr))
+    if config.meta_weight_decay:
+        return optax.adamw(config.meta_lr, weight_decay=config.meta_weight_decay)
+    return optax.adam(config.meta_lr)
+
+
 def init(config: Config, key: jax.Array, data: Split) -> State:
     """The initial :class:`State` for ``data`` (shapes only are read from it)."""
     key_model, key_conf, key_run = jax.random.split(key, 3)
@@ -256,7 +276,7 @@ def init(config: Config, key: jax.Array, data: Split) -> State:
     n = data.x_unlabelled.shape[-4]
     zeros = jnp.zeros((n,), jnp.float32)
     return State(jnp.zeros((), jnp.int32), params, _optimizer(config).init(params), params,
-                 conf, optax.adam(config.meta_lr).init(conf), _raw_key(key_run),
+                 conf, _meta_optimizer(config).init(conf), _raw_key(key_run),
                  zeros, zeros, zeros, zeros, jnp.zeros((), jnp.int32),
                  jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -464,7 +484,8 @@ def _meta_step(config: Config, state: State, data: Split) -> State:
     grad, info = meta_gradient(config, state.params, state.conf_params, batch, k_solve)
     ok = info.finite
     grad = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, 0.0), grad)
-    updates, meta_opt_state = optax.adam(config.meta_lr).update(grad, state.meta_opt_state)
+    updates, meta_opt_state = _meta_optimizer(config).update(grad, state.meta_opt_state,
+                                                             state.conf_params)
     return state._replace(conf_params=optax.apply_updates(state.conf_params, updates),
                           meta_opt_state=meta_opt_state, key=jax.random.key_data(key),
                           hvp_count=state.hvp_count + info.hvp_count,

@@ -1,6 +1,7 @@
 """semisup: augmentation, FixMatch's loss, the confidence network's meta-gradient, the protocol,
 checkpoint/resume and the ``bilevel ssl`` command line."""
 
+import dataclasses
 import json
 
 import jax
@@ -387,6 +388,37 @@ def test_checkpoint_resume_gives_identical_state(digits_split, tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_meta_optimizers_and_weight_decay_step_as_their_update_rules(digits_split):
+    # One meta-step from the same state and key under four optimizers (float32). SGD with a large
+    # step gives the meta-gradient g = −Δ/lr well above round-off; Adam's first step must be
+    # −lr·g/(|g| + 1e-8) wherever g is resolved, and decoupled weight decay must add exactly
+    # −lr·wd·φ.
+    base = _tiny("confnet", threshold=0.2)
+    state, _ = fixmatch.run_periods(base, fixmatch.init(base, jax.random.key(0), digits_split),
+                                    digits_split, 1)
+
+    def step(**kw):
+        config = dataclasses.replace(base, **kw)
+        start = state._replace(
+            meta_opt_state=fixmatch._meta_optimizer(config).init(state.conf_params))
+        new = fixmatch._meta_jit(config, start, digits_split)
+        return ravel_pytree(new.conf_params)[0] - ravel_pytree(state.conf_params)[0]
+
+    phi = ravel_pytree(state.conf_params)[0]
+    big, lr, wd = 1e3, 3e-3, 0.5
+    sgd = step(meta_optimizer="sgd", meta_lr=big)
+    sgd_wd = step(meta_optimizer="sgd", meta_lr=big, meta_weight_decay=wd / big)
+    adam, adamw = step(meta_lr=lr), step(meta_lr=lr, meta_weight_decay=wd)
+    g = -sgd / big
+    resolved = jnp.abs(g) > 1e-5 * jnp.max(jnp.abs(g))
+    assert float(jnp.max(jnp.abs(g))) > 0 and int(resolved.sum()) > phi.size // 2
+    np.testing.assert_allclose(adam[resolved], (-lr * g / (jnp.abs(g) + 1e-8))[resolved],
+                               rtol=1e-3)
+    assert float(jnp.max(jnp.abs(adam))) <= lr * (1 + 1e-5)
+    np.testing.assert_allclose(sgd_wd - sgd, -wd * phi, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(adamw - adam, -lr * wd * phi, rtol=1e-3, atol=1e-9)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="semisup.Config: method"):
         fixmatch.Config(method="mixmatch")
@@ -398,6 +430,10 @@ def test_config_errors_name_the_field():
         fixmatch.Config(conf_inputs="softmax")
     with pytest.raises(ValueError, match="semisup.Config: meta_data"):
         fixmatch.Config(meta_data="test")
+    with pytest.raises(ValueError, match="semisup.Config: meta_optimizer"):
+        fixmatch.Config(meta_optimizer="rmsprop")
+    with pytest.raises(ValueError, match="semisup.Config: meta_weight_decay"):
+        fixmatch.Config(meta_weight_decay=-1.0)
 
 
 def test_meta_data_decides_which_labels_the_meta_loss_reads(digits_split):
@@ -419,6 +455,8 @@ def test_meta_data_decides_which_labels_the_meta_loss_reads(digits_split):
     ["ssl", "train", "--out", "x", "--ood-ratio", "-1"],
     ["ssl", "train", "--out", "x", "--conf-inputs", "softmax"],
     ["ssl", "train", "--out", "x", "--meta-data", "test"],
+    ["ssl", "train", "--out", "x", "--meta-optimizer", "rmsprop"],
+    ["ssl", "train", "--out", "x", "--meta-weight-decay", "-1"],
     ["ssl", "train"],
     ["ssl", "eval"],
 ])
