@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=positive_int, default=20)
     parser.add_argument("--solvers", default="identity,cg")
     parser.add_argument("--iters", type=positive_int, default=20)
-    parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument("--dampings", default="1e-3",
+                        help="comma-separated damping δ of the solves (identity runs once)")
     parser.add_argument("--curvature", choices=fixmatch.CURVATURES, default="last")
     parser.add_argument("--out", default=str(common.RESULTS / "influence"))
     parser.add_argument("--smoke", action="store_true")
@@ -90,32 +91,40 @@ def main(argv=None) -> int:
     data = common.for_method(data, config)
     _, states, _ = common.run_arm(config, data, seeds, "fixmatch", merge=False)
     rows = []
-    for solver in args.solvers.split(","):
+    dampings = [float(d) for d in args.dampings.split(",")]
+    cases = [(solver, damping) for solver in args.solvers.split(",")
+             for damping in (dampings[:1] if solver == "identity" else dampings)]
+    for solver, damping in cases:
         run = jax.jit(functools.partial(influences, config, solver=solver, iters=args.iters,
-                                        damping=args.damping))
+                                        damping=damping))
         for i, seed in enumerate(seeds):
             state = fixmatch.unstack(states, i)
             one = jax.tree_util.tree_map(lambda a, i=i: jnp.asarray(np.asarray(a)[i]), data)
-            scores, oods, finite = [], [], True
+            scores, centred, oods, finite = [], [], [], True
             n = one.x_unlabelled.shape[0]
             total, count = np.zeros(n), np.zeros(n)
             for b in range(args.batches):
                 grad, mask, ood, index, ok = run(state.params, one, jax.random.key(10_000 + b))
                 keep = np.asarray(mask) > 0
                 scores.append(-np.asarray(grad)[keep])
+                # The weights are normalised over the masked batch, so what a weighting learns
+                # from is each image's influence relative to its batch's mean.
+                centred.append(scores[-1] - scores[-1].mean() if keep.any() else scores[-1])
                 oods.append(np.asarray(ood)[keep])
                 np.add.at(total, np.asarray(index)[keep], -np.asarray(grad)[keep])
                 np.add.at(count, np.asarray(index)[keep], 1.0)
                 finite &= bool(ok)
-            scores, oods = np.concatenate(scores), np.concatenate(oods).astype(bool)
+            scores, centred = np.concatenate(scores), np.concatenate(centred)
+            oods = np.concatenate(oods).astype(bool)
             # Each image's influence averaged over its draws (batches and augmentations): the
             # most a parametrisation of the weights could learn from this meta-objective.
             drawn = count > 0
             image_ood = np.asarray(one.unlabelled_ood).astype(bool)[drawn]
             image_mean = total[drawn] / count[drawn]
-            rows.append({"solver": solver, "seed": seed, "finite": finite,
+            rows.append({"solver": solver, "damping": damping, "seed": seed, "finite": finite,
                          "masked_id": int((~oods).sum()), "masked_ood": int(oods.sum()),
                          "auroc": metrics.auroc(scores, ~oods),
+                         "auroc_centred": metrics.auroc(centred, ~oods),
                          "images": int(drawn.sum()),
                          "draws_per_image": float(count[drawn].mean()),
                          "auroc_per_image": metrics.auroc(image_mean, ~image_ood),
@@ -131,19 +140,23 @@ def main(argv=None) -> int:
              f"{args.ratio:.0%} added {args.ood} OOD, {args.steps} steps, {args.curvature} "
              f"curvature, {args.seeds} seeds)", "",
              "−dL_meta/dw_i of every masked image in fresh batches: > 0 means up-weighing the "
-             "image lowers the meta loss. AUROC: ID against OOD.", "",
+             "image lowers the meta loss. AUROC: ID against OOD. Centred: minus the mean over "
+             "its batch's masked images (the weights are normalised over the batch, so this is "
+             "what a weighting learns from).", "",
              "AUROC per image: each masked image's influence averaged over its draws (different "
              "batches and augmentations), the most a parametrisation of the weights could learn "
              "from the meta-gradient.", "",
-             "| solver | masked ID | masked OOD | AUROC | draws per image | AUROC per image | "
-             "mean ID (×1e-4) | mean OOD (×1e-4) | OOD with −dL/dw > 0 |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for solver in args.solvers.split(","):
-        sel = [r for r in rows if r["solver"] == solver]
+             "| solver | δ | masked ID | masked OOD | AUROC | AUROC centred | draws per image | "
+             "AUROC per image | mean ID (×1e-4) | mean OOD (×1e-4) | OOD with −dL/dw > 0 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for solver, damping in cases:
+        sel = [r for r in rows if r["solver"] == solver and r["damping"] == damping]
         lines.append(
-            f"| {solver} | {np.mean([r['masked_id'] for r in sel]):.0f} | "
+            f"| {solver} | {'—' if solver == 'identity' else f'{damping:g}'} | "
+            f"{np.mean([r['masked_id'] for r in sel]):.0f} | "
             f"{np.mean([r['masked_ood'] for r in sel]):.0f} | "
             f"{common.mean_std([r['auroc'] for r in sel])} | "
+            f"{common.mean_std([r['auroc_centred'] for r in sel])} | "
             f"{np.mean([r['draws_per_image'] for r in sel]):.1f} | "
             f"{common.mean_std([r['auroc_per_image'] for r in sel])} | "
             f"{common.mean_std([1e4 * r['mean_id'] for r in sel])} | "
