@@ -10,6 +10,7 @@ over seeds, at several amounts of added OOD data. The arms ``fixmatch-heldout`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -50,7 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--design", choices=protocol.DESIGNS, default="add",
                         help="OOD added to a fixed ID pool, or swapped in at a fixed pool size")
     parser.add_argument("--ratios", default="0.5,1.0")
-    parser.add_argument("--arms", default=",".join(a for a in ARMS if a != "confnet-nystrom"))
+    parser.add_argument("--arms", default=",".join(a for a in ARMS if a != "confnet-nystrom"),
+                        help="comma-separated arms, each name[:field=value...] to override "
+                             "Config fields, e.g. confnet-cg:meta_optimizer=sgd:meta_lr=100")
     parser.add_argument("--seeds", type=positive_int, default=5)
     parser.add_argument("--steps", type=positive_int, default=1000)
     parser.add_argument("--batch", type=positive_int, default=32)
@@ -58,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--meta-every", type=positive_int, default=5)
     parser.add_argument("--meta-lr", type=float, default=1e-2)
     parser.add_argument("--solver-iters", type=positive_int, default=10)
+    parser.add_argument("--damping", type=float, default=0.0,
+                        help="added to the Hessian in the confidence network's solves")
     parser.add_argument("--curvature", default="last")
     parser.add_argument("--meta-optimizer", choices=fixmatch.META_OPTIMIZERS, default="adam")
     parser.add_argument("--meta-weight-decay", type=float, default=0.0)
@@ -77,9 +82,10 @@ def main(argv=None) -> int:
         args.seeds, args.steps, args.ratios = 2, 10, "1.0"
         args.arms = "fixmatch,oracle,confnet-cg"
     arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
+    try:
+        overrides = {arm: _arm_overrides(arm) for arm in arms}
+    except ValueError as error:
+        parser.error(str(error))
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds = list(range(args.seeds))
     dataset = datasets.load(args.dataset)
@@ -98,18 +104,18 @@ def main(argv=None) -> int:
                                  num_unlabelled=args.unlabelled, ood_ratio=ratio, ood=args.ood,
                                  design=args.design)
             for arm in run_now:
-                config = fixmatch.Config(steps=args.steps, batch_size=args.batch, mu=args.mu,
-                                         ema=0.99, flip=args.flip, meta_every=args.meta_every,
-                                         meta_lr=args.meta_lr, solver_iters=args.solver_iters,
-                                         meta_optimizer=args.meta_optimizer,
-                                         meta_weight_decay=args.meta_weight_decay,
-                                         curvature=args.curvature, threshold=args.threshold,
-                                         conf_inputs=args.conf_inputs,
-                                         meta_data=args.meta_data, **MODELS[args.model],
-                                         **ARMS[arm])
+                fields = dict(steps=args.steps, batch_size=args.batch, mu=args.mu, ema=0.99,
+                              flip=args.flip, meta_every=args.meta_every, meta_lr=args.meta_lr,
+                              solver_iters=args.solver_iters, damping=args.damping,
+                              meta_optimizer=args.meta_optimizer,
+                              meta_weight_decay=args.meta_weight_decay,
+                              curvature=args.curvature, threshold=args.threshold,
+                              conf_inputs=args.conf_inputs, meta_data=args.meta_data,
+                              **MODELS[args.model])
+                config = fixmatch.Config(**{**fields, **overrides[arm]})
                 results, states, seconds = common.run_arm(
                     config, data, seeds, f"{ratio:.0%} {arm}", progress,
-                    merge=not arm.endswith("-heldout"))
+                    merge=not arm.split(":")[0].endswith("-heldout"))
                 for seed, r in zip(seeds, results, strict=True):
                     rows.append({"ratio": ratio, "arm": arm, "seed": seed,
                                  "train_seconds": seconds, **r})
@@ -131,10 +137,34 @@ def main(argv=None) -> int:
     common.write_json(out.with_suffix(".json"), common.machine(args=vars(args)))
     _plot(rows, ratios, arms, out.with_suffix(".png"), args.design)
     for (ratio, arm), picture in pictures.items():
-        _picture(*picture, out.parent / f"{out.name}_weights_{arm}_{int(100 * ratio)}.png",
+        name = arm.replace(":", "_").replace("=", "")
+        _picture(*picture, out.parent / f"{out.name}_weights_{name}_{int(100 * ratio)}.png",
                  f"{arm}, {_amount(ratio, args.design)}, seed 0")
     print(text)
     return 0
+
+
+def _arm_overrides(spec: str) -> dict:
+    """The Config fields of an arm ``name[:field=value...]``, e.g.
+    ``confnet-cg:meta_optimizer=sgd:meta_lr=100`` (values parsed as the field's default is
+    typed; they override the command line's)."""
+    name, *pairs = spec.split(":")
+    if name not in ARMS:
+        raise ValueError(f"unknown arm {name!r}; choose from {', '.join(ARMS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(fixmatch.Config)}
+    fields = dict(ARMS[name])
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in defaults or isinstance(defaults[key], tuple) or not value:
+            raise ValueError(f"arm {spec!r}: expected field=value with a scalar field of "
+                             f"semisup.Config, got {pair!r}")
+        kind = type(defaults[key])
+        try:
+            fields[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"arm {spec!r}: {key} must be a {kind.__name__}, got "
+                             f"{value!r}") from None
+    return fields
 
 
 def _read_rows(path) -> list[dict]:
