@@ -371,6 +371,10 @@ def test_confnet_with_softmax_input_and_the_labelled_meta_set_trains(digits_spli
     assert not np.array_equal(np.asarray(state.score_sum), np.zeros_like(state.score_sum))
     result = semisup.evaluate(config, state, data)
     assert 0.0 <= result["final_weight_auroc"] <= 1.0 and result["meta_failures"] == 0
+    logits = fixmatch.confidence_scores(config, state.conf_params, data.x_unlabelled,
+                                        state.params)
+    assert result["final_logit_std"] == pytest.approx(float(np.std(np.asarray(logits))),
+                                                      rel=1e-6)
     with pytest.raises(ValueError, match="params"):
         fixmatch.confidence_scores(config, state.conf_params, data.x_unlabelled)
 
