@@ -216,8 +216,10 @@ def _markdown(rows, ratios, arms, args) -> str:
              "difference with FixMatch trained on the labelled set alone (the validation set "
              "unused), i.e. on the same training labels as l2rw and confnet. AUROC: of each "
              "unlabelled image's mean raw weight during training (final: the confidence "
-             "network's last weights), ID against OOD. OOD pass: share of OOD draws passing "
-             "the 0.95 mask. OOD weight: OOD share of the unlabelled loss weight. Meta-step "
+             "network's last weights), ID against OOD. Logit std: spread of the confidence "
+             "network's final logits over the unlabelled images (0 = plain FixMatch). OOD "
+             "pass: share of OOD draws passing the 0.95 mask. OOD weight: OOD share of the "
+             "unlabelled loss weight. Meta-step "
              "time: median of one meta-step (one seed) and its ratio to one inner step measured "
              "in the same run.", ""]
     for ratio in ratios:
@@ -228,13 +230,13 @@ def _markdown(rows, ratios, arms, args) -> str:
         lines += [f"## {_amount(ratio, args.design)} "
                   f"(oracle − FixMatch = {100 * gap:+.2f} points)", "",
                   "| arm | accuracy | Δ FixMatch | gap closed | Δ FixMatch-heldout | AUROC | "
-                  "final AUROC | OOD pass | OOD weight | HVPs/meta-step | "
+                  "final AUROC | logit std | OOD pass | OOD weight | HVPs/meta-step | "
                   "meta-step ms (× inner) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             acc = _select(rows, ratio, arm, "test_accuracy")
             if not len(acc):
-                lines.append(f"| {arm} | not run |" + " |" * 9)
+                lines.append(f"| {arm} | not run |" + " |" * 10)
                 continue
             delta = common.paired(acc, fix) if len(fix) and arm != "fixmatch" else "—"
             delta_heldout = (common.paired(acc, heldout) if len(heldout)
@@ -251,6 +253,7 @@ def _markdown(rows, ratios, arms, args) -> str:
                 f"{closed:+.2f} | {delta_heldout} | "
                 f"{common.mean_std(_select(rows, ratio, arm, 'weight_auroc'))} | "
                 f"{common.mean_std(_select(rows, ratio, arm, 'final_weight_auroc'))} | "
+                f"{common.mean_std(_select(rows, ratio, arm, 'final_logit_std'))} | "
                 f"{common.mean_std(_select(rows, ratio, arm, 'ood_pass_rate'))} | "
                 f"{common.mean_std(_select(rows, ratio, arm, 'ood_weight_share'))} | "
                 f"{hvps.mean():.1f} | "

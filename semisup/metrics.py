@@ -51,7 +51,9 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
     Returns a dict with ``test_accuracy`` (EMA weights), ``test_accuracy_raw``,
     ``validation_accuracy``; ``weight_auroc`` (AUROC of each unlabelled image's mean raw score
     over training, ID as positive; NaN for methods without weights); ``final_weight_auroc`` (the
-    confidence network's final weights of the unaugmented images; NaN for other methods);
+    confidence network's final weights of the unaugmented images; NaN for other methods) and
+    ``final_logit_std`` (the spread of its final logits over the unlabelled images: 0 is plain
+    FixMatch, ±4 already makes near-binary weights);
     ``ood_pass_rate`` and ``id_pass_rate`` (share of draws of OOD / ID images that passed the
     confidence mask); ``ood_weight_share`` (OOD share of the unlabelled loss weight);
     ``hvp_per_meta_step``, ``meta_failures``.
@@ -74,6 +76,7 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
                                                  data.y_validation),
         "weight_auroc": auroc(mean_score, ~ood[drawn]) if weighted else math.nan,
         "final_weight_auroc": math.nan,
+        "final_logit_std": math.nan,
         "ood_pass_rate": rate(ood) if ood.any() else math.nan,
         "id_pass_rate": rate(~ood),
         "ood_weight_share": float(weight_sum[ood].sum() / total_weight) if total_weight > 0
@@ -86,4 +89,5 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
                                                        np.asarray(data.x_unlabelled),
                                                        state.params))
         metrics["final_weight_auroc"] = auroc(scores, ~ood)
+        metrics["final_logit_std"] = float(scores.std())
     return metrics
