@@ -18,6 +18,9 @@ from experiments._common import ROOT, cpu_model, git_commit
 from semisup import fixmatch, metrics, protocol
 
 RESULTS = ROOT / "experiments" / "results" / "ssl"
+# Read when a script starts (it may run for an hour while the tree moves on), and blind to the
+# results a run writes.
+_CODE_AT_START = git_commit("semisup", "experiments", ":(exclude)experiments/results")
 
 
 def splits(dataset: datasets.Dataset, seeds: list[int], **kwargs) -> protocol.Split:
@@ -82,7 +85,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def machine(**extra) -> dict:
-    commit = git_commit("semisup", "experiments")
+    """The machine, versions and the code's commit (as the script started) for a results file."""
+    commit = _CODE_AT_START
     return {"cpu": cpu_model(), "python": platform.python_version(), "jax": jax.__version__,
             "devices": [str(d) for d in jax.devices()],
             "commit": commit[0] if commit else None,
