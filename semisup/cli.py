@@ -77,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0)
     meta.add_argument("--meta-every", type=_positive_int, default=5)
     meta.add_argument("--meta-lr", type=_float_in(0.0, 10.0, closed_low=False), default=3e-3)
-    meta.add_argument("--meta-optimizer", choices=fixmatch.META_OPTIMIZERS, default="adam")
+    meta.add_argument("--meta-optimizer", choices=fixmatch.META_OPTIMIZERS, default="adam",
+                      help="the confidence network's optimizer (sgd steps by the raw "
+                           "meta-gradient times --meta-lr)")
     meta.add_argument("--meta-weight-decay", type=_float_in(0.0, 1e6), default=0.0,
                       help="decoupled weight decay on the confidence network (pulls the weights "
                            "towards 1)")

@@ -82,8 +82,9 @@ class Config:
       damping: added to the Hessian in the solve.
       meta_every, meta_lr: a meta-step every K inner steps, with learning rate ``meta_lr``.
       meta_optimizer: ``"adam"`` or ``"sgd"`` for the confidence network. Adam normalises the
-        small, noisy meta-gradient per parameter; SGD integrates it at its own scale (its
-        ``meta_lr`` must then be of the order of 1/|meta-gradient|).
+        small, noisy meta-gradient per parameter; SGD follows its mean at its own scale, so its
+        ``meta_lr`` must suit that scale (digits MLP: 1 moved the logits by about 0.6 over 200
+        meta-steps, 10 by about 7, and 100 diverged).
       meta_weight_decay: decoupled weight decay on the confidence network (AdamW's with Adam,
         ``φ ← φ − meta_lr · meta_weight_decay · φ`` with SGD). It pulls the logits towards 0, so
         the weights towards 1 (plain FixMatch), and bounds how far noise can spread them.
