@@ -52,48 +52,9 @@ def influences(config: fixmatch.Config, params, data, key, solver: str, iters: i
     return grad, mask, data.unlabelled_ood[index], index, info.finite
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
-    parser.add_argument("--labels", type=positive_int, default=3)
-    parser.add_argument("--validation", type=positive_int, default=1)
-    parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="labelled")
-    parser.add_argument("--unlabelled", type=positive_int, default=300)
-    parser.add_argument("--ood", default="near")
-    parser.add_argument("--ratio", type=float, default=1.0)
-    parser.add_argument("--seeds", type=positive_int, default=3)
-    parser.add_argument("--steps", type=positive_int, default=1000)
-    parser.add_argument("--batch", type=positive_int, default=32)
-    parser.add_argument("--mu", type=positive_int, default=4)
-    parser.add_argument("--batches", type=positive_int, default=20)
-    parser.add_argument("--solvers", default="identity,cg")
-    parser.add_argument("--iters", type=positive_int, default=20)
-    parser.add_argument("--dampings", default="1e-3",
-                        help="comma-separated damping δ of the solves (identity runs once)")
-    parser.add_argument("--curvature", choices=fixmatch.CURVATURES, default="last")
-    parser.add_argument("--out", default=str(common.RESULTS / "influence"))
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.steps, args.batches = 2, 10, 2
-    seeds = list(range(args.seeds))
-    dataset = datasets.load(args.dataset)
-    data = common.splits(dataset, seeds, labelled_per_class=args.labels,
-                         validation_per_class=args.validation, num_unlabelled=args.unlabelled,
-                         ood_ratio=args.ratio, ood=args.ood)
-    config = fixmatch.Config(method="fixmatch", steps=args.steps, batch_size=args.batch,
-                             mu=args.mu, ema=0.99, flip=False, meta_every=1,
-                             meta_data=args.meta_data, curvature=args.curvature,
-                             **MODELS[args.model])
-    # FixMatch trains on the whole label budget; with meta_data="labelled" the meta loss reads
-    # the same images (with "validation", the held-out set it also trained on).
-    data = common.for_method(data, config)
-    _, states, _ = common.run_arm(config, data, seeds, "fixmatch", merge=False)
+def _measure(config, states, data, seeds, cases, args, step) -> list[dict]:
+    """The influence statistics of every (solver, damping) and seed at ``states``."""
     rows = []
-    dampings = [float(d) for d in args.dampings.split(",")]
-    cases = [(solver, damping) for solver in args.solvers.split(",")
-             for damping in (dampings[:1] if solver == "identity" else dampings)]
     for solver, damping in cases:
         run = jax.jit(functools.partial(influences, config, solver=solver, iters=args.iters,
                                         damping=damping))
@@ -121,23 +82,85 @@ def main(argv=None) -> int:
             drawn = count > 0
             image_ood = np.asarray(one.unlabelled_ood).astype(bool)[drawn]
             image_mean = total[drawn] / count[drawn]
-            rows.append({"solver": solver, "damping": damping, "seed": seed, "finite": finite,
+            rows.append({"step": step, "solver": solver, "damping": damping, "seed": seed,
+                         "finite": finite,
                          "masked_id": int((~oods).sum()), "masked_ood": int(oods.sum()),
                          "auroc": metrics.auroc(scores, ~oods),
                          "auroc_centred": metrics.auroc(centred, ~oods),
                          "images": int(drawn.sum()),
-                         "draws_per_image": float(count[drawn].mean()),
+                         "draws_per_image": float(count[drawn].mean()) if drawn.any()
+                         else np.nan,
                          "auroc_per_image": metrics.auroc(image_mean, ~image_ood),
                          "mean_id": float(scores[~oods].mean()) if (~oods).any() else np.nan,
                          "mean_ood": float(scores[oods].mean()) if oods.any() else np.nan,
                          "share_helpful_ood": float((scores[oods] > 0).mean())
                          if oods.any() else np.nan})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
+    parser.add_argument("--labels", type=positive_int, default=3)
+    parser.add_argument("--validation", type=positive_int, default=1)
+    parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="labelled")
+    parser.add_argument("--unlabelled", type=positive_int, default=300)
+    parser.add_argument("--ood", default="near")
+    parser.add_argument("--ratio", type=float, default=1.0)
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=1000)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--mu", type=positive_int, default=4)
+    parser.add_argument("--batches", type=positive_int, default=20)
+    parser.add_argument("--solvers", default="identity,cg")
+    parser.add_argument("--iters", type=positive_int, default=20)
+    parser.add_argument("--dampings", default="1e-3",
+                        help="comma-separated damping δ of the solves (identity runs once)")
+    parser.add_argument("--curvature", choices=fixmatch.CURVATURES, default="last")
+    parser.add_argument("--at-steps", default=None,
+                        help="comma-separated steps of the one FixMatch run at which to measure "
+                             "(default: its end, --steps)")
+    parser.add_argument("--out", default=str(common.RESULTS / "influence"))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.steps, args.batches = 2, 10, 2
+    seeds = list(range(args.seeds))
+    dataset = datasets.load(args.dataset)
+    data = common.splits(dataset, seeds, labelled_per_class=args.labels,
+                         validation_per_class=args.validation, num_unlabelled=args.unlabelled,
+                         ood_ratio=args.ratio, ood=args.ood)
+    config = fixmatch.Config(method="fixmatch", steps=args.steps, batch_size=args.batch,
+                             mu=args.mu, ema=0.99, flip=False, meta_every=1,
+                             meta_data=args.meta_data, curvature=args.curvature,
+                             **MODELS[args.model])
+    # FixMatch trains on the whole label budget; with meta_data="labelled" the meta loss reads
+    # the same images (with "validation", the held-out set it also trained on).
+    data = common.for_method(data, config)
+    dampings = [float(d) for d in args.dampings.split(",")]
+    cases = [(solver, damping) for solver in args.solvers.split(",")
+             for damping in (dampings[:1] if solver == "identity" else dampings)]
+    try:
+        at_steps = sorted({int(t) for t in args.at_steps.split(",")} if args.at_steps
+                          else {args.steps})
+    except ValueError:
+        parser.error(f"--at-steps must be comma-separated integers, got {args.at_steps!r}")
+    if at_steps[0] < 1 or at_steps[-1] > args.steps:
+        parser.error(f"--at-steps must lie in [1, --steps={args.steps}], got {args.at_steps}")
+    # One FixMatch run per seed (its schedule set by --steps), measured at each of --at-steps.
+    states = fixmatch.init_seeds(config, [jax.random.key(1000 + s) for s in seeds], data)
+    rows, done = [], 0
+    for step in at_steps:
+        states, _ = fixmatch.run_seeds(config, states, data, step - done)
+        done = step
+        rows += _measure(config, states, data, seeds, cases, args, step)
     out = common.Path(args.out)
     common.write_csv(out.with_suffix(".csv"), rows)
     common.write_json(out.with_suffix(".json"), common.machine(args=vars(args)))
     lines = [f"# Per-image implicit influence after FixMatch ({args.dataset}, {args.model}, "
              f"{args.labels}+{args.validation} labels/class, meta set {args.meta_data}, "
-             f"{args.ratio:.0%} added {args.ood} OOD, {args.steps} steps, {args.curvature} "
+             f"{args.ratio:.0%} added {args.ood} OOD, a {args.steps}-step run, {args.curvature} "
              f"curvature, {args.seeds} seeds)", "",
              "−dL_meta/dw_i of every masked image in fresh batches: > 0 means up-weighing the "
              "image lowers the meta loss. AUROC: ID against OOD. Centred: minus the mean over "
@@ -146,13 +169,15 @@ def main(argv=None) -> int:
              "AUROC per image: each masked image's influence averaged over its draws (different "
              "batches and augmentations), the most a parametrisation of the weights could learn "
              "from the meta-gradient.", "",
-             "| solver | δ | masked ID | masked OOD | AUROC | AUROC centred | draws per image | "
-             "AUROC per image | mean ID (×1e-4) | mean OOD (×1e-4) | OOD with −dL/dw > 0 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for solver, damping in cases:
-        sel = [r for r in rows if r["solver"] == solver and r["damping"] == damping]
+             "| step | solver | δ | masked ID | masked OOD | AUROC | AUROC centred | "
+             "draws per image | AUROC per image | mean ID (×1e-4) | mean OOD (×1e-4) | "
+             "OOD with −dL/dw > 0 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for step, (solver, damping) in ((t, c) for t in at_steps for c in cases):
+        sel = [r for r in rows if r["solver"] == solver and r["damping"] == damping
+               and r["step"] == step]
         lines.append(
-            f"| {solver} | {'—' if solver == 'identity' else f'{damping:g}'} | "
+            f"| {step} | {solver} | {'—' if solver == 'identity' else f'{damping:g}'} | "
             f"{np.mean([r['masked_id'] for r in sel]):.0f} | "
             f"{np.mean([r['masked_ood'] for r in sel]):.0f} | "
             f"{common.mean_std([r['auroc'] for r in sel])} | "
