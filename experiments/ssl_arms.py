@@ -82,8 +82,14 @@ def main(argv=None) -> int:
         args.seeds, args.steps, args.ratios = 2, 10, "1.0"
         args.arms = "fixmatch,oracle,confnet-cg"
     arms = [a for a in args.arms.split(",") if a]
-    try:
-        overrides = {arm: _arm_overrides(arm) for arm in arms}
+    fields = dict(steps=args.steps, batch_size=args.batch, mu=args.mu, ema=0.99,
+                  flip=args.flip, meta_every=args.meta_every, meta_lr=args.meta_lr,
+                  solver_iters=args.solver_iters, damping=args.damping,
+                  meta_optimizer=args.meta_optimizer, meta_weight_decay=args.meta_weight_decay,
+                  curvature=args.curvature, threshold=args.threshold,
+                  conf_inputs=args.conf_inputs, meta_data=args.meta_data, **MODELS[args.model])
+    try:  # every arm's configuration, checked before anything runs
+        configs = {arm: fixmatch.Config(**{**fields, **_arm_overrides(arm)}) for arm in arms}
     except ValueError as error:
         parser.error(str(error))
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -104,15 +110,7 @@ def main(argv=None) -> int:
                                  num_unlabelled=args.unlabelled, ood_ratio=ratio, ood=args.ood,
                                  design=args.design)
             for arm in run_now:
-                fields = dict(steps=args.steps, batch_size=args.batch, mu=args.mu, ema=0.99,
-                              flip=args.flip, meta_every=args.meta_every, meta_lr=args.meta_lr,
-                              solver_iters=args.solver_iters, damping=args.damping,
-                              meta_optimizer=args.meta_optimizer,
-                              meta_weight_decay=args.meta_weight_decay,
-                              curvature=args.curvature, threshold=args.threshold,
-                              conf_inputs=args.conf_inputs, meta_data=args.meta_data,
-                              **MODELS[args.model])
-                config = fixmatch.Config(**{**fields, **overrides[arm]})
+                config = configs[arm]
                 results, states, seconds = common.run_arm(
                     config, data, seeds, f"{ratio:.0%} {arm}", progress,
                     merge=not arm.split(":")[0].endswith("-heldout"))
