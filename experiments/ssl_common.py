@@ -37,6 +37,12 @@ def for_method(data: protocol.Split, config: fixmatch.Config) -> protocol.Split:
     return protocol.stack_splits(merged)
 
 
+def initial_states(config: fixmatch.Config, data: protocol.Split, seeds: list[int]
+                   ) -> fixmatch.State:
+    """The stacked initial states of ``seeds`` (keys ``1000 + seed``, shared by every study)."""
+    return fixmatch.init_seeds(config, [jax.random.key(1000 + s) for s in seeds], data)
+
+
 def run_arm(config: fixmatch.Config, data: protocol.Split, seeds: list[int], label: str,
             progress: Progress | None = None, merge: bool = True
             ) -> tuple[list[dict], fixmatch.State, float]:
@@ -46,7 +52,7 @@ def run_arm(config: fixmatch.Config, data: protocol.Split, seeds: list[int], lab
     ``False`` leaves it out of their training set."""
     if merge:
         data = for_method(data, config)
-    states = fixmatch.init_seeds(config, [jax.random.key(1000 + s) for s in seeds], data)
+    states = initial_states(config, data, seeds)
     task = progress.add_task(label, total=config.periods) if progress else None
     start = time.perf_counter()
     states, _ = fixmatch.run_seeds(

@@ -52,12 +52,10 @@ def influences(config: fixmatch.Config, params, data, key, solver: str, iters: i
     return grad, mask, data.unlabelled_ood[index], index, info.finite
 
 
-def _measure(config, states, data, seeds, cases, args, step) -> list[dict]:
-    """The influence statistics of every (solver, damping) and seed at ``states``."""
+def _measure(runs, states, data, seeds, args, step) -> list[dict]:
+    """The influence statistics of every (solver, damping) in ``runs`` and seed at ``states``."""
     rows = []
-    for solver, damping in cases:
-        run = jax.jit(functools.partial(influences, config, solver=solver, iters=args.iters,
-                                        damping=damping))
+    for (solver, damping), run in runs.items():
         for i, seed in enumerate(seeds):
             state = fixmatch.unstack(states, i)
             one = jax.tree_util.tree_map(lambda a, i=i: jnp.asarray(np.asarray(a)[i]), data)
@@ -149,12 +147,16 @@ def main(argv=None) -> int:
     if at_steps[0] < 1 or at_steps[-1] > args.steps:
         parser.error(f"--at-steps must lie in [1, --steps={args.steps}], got {args.at_steps}")
     # One FixMatch run per seed (its schedule set by --steps), measured at each of --at-steps.
-    states = fixmatch.init_seeds(config, [jax.random.key(1000 + s) for s in seeds], data)
+    states = common.initial_states(config, data, seeds)
+    # One jitted influence function per case, compiled once and reused at every step.
+    runs = {case: jax.jit(functools.partial(influences, config, solver=case[0],
+                                            iters=args.iters, damping=case[1]))
+            for case in cases}
     rows, done = [], 0
     for step in at_steps:
         states, _ = fixmatch.run_seeds(config, states, data, step - done)
         done = step
-        rows += _measure(config, states, data, seeds, cases, args, step)
+        rows += _measure(runs, states, data, seeds, args, step)
     out = common.Path(args.out)
     common.write_csv(out.with_suffix(".csv"), rows)
     common.write_json(out.with_suffix(".json"), common.machine(args=vars(args)))
