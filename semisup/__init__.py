@@ -35,6 +35,7 @@ from semisup.fixmatch import (
     pseudo_labels,
     run_periods,
     run_seeds,
+    unrolled_influence,
     unstack,
 )
 from semisup.metrics import auroc, evaluate, paired_difference
@@ -77,6 +78,7 @@ __all__ = [
     "save_checkpoint",
     "stack_splits",
     "strong_augment",
+    "unrolled_influence",
     "unstack",
     "weak_augment",
 ]

@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -390,6 +391,80 @@ def test_checkpoint_resume_gives_identical_state(digits_split, tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed),
                     strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _float64(tree):
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64) if np.asarray(a).dtype.kind == "f" else a, tree)
+
+
+def test_unrolled_influence_replays_fixmatch_and_matches_finite_differences(digits_split):
+    config = _tiny("fixmatch", threshold=0.2)
+    data = jax.tree_util.tree_map(jnp.asarray, _float64(digits_split))
+    state = fixmatch.init(config, jax.random.key(0), data)
+    params = _float64(state.params)
+    state = state._replace(params=params, ema_params=params,
+                           opt_state=fixmatch._optimizer(config).init(params))
+    grad, info = semisup.unrolled_influence(config, state, data, data.x_test, data.y_test)
+    # At w = 1 the unrolled run is FixMatch's own, step for step.
+    reference, _ = fixmatch.run_periods(config, state, data, config.periods)
+    for a, b in zip(jax.tree_util.tree_leaves(reference.params),
+                    jax.tree_util.tree_leaves(info.params), strict=True):
+        assert np.allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+    # Only images that were drawn and passed the mask have an influence.
+    grad = np.asarray(grad)
+    masked = np.asarray(reference.mask_sum) > 0
+    assert np.all(grad[~masked] == 0) and np.all(grad[masked] != 0)
+    # An independent forward run with weights w: central differences along a random direction.
+    def batch_loss(p, w, x_l, y_l, index, weak, strong):
+        pseudo, mask = fixmatch.pseudo_labels(fixmatch._logits(config, p, weak), 0.2)
+        out = fixmatch._logits(config, p, jnp.concatenate([x_l, strong]))
+        return fixmatch.fixmatch_loss(out[:len(x_l)], y_l, out[len(x_l):], pseudo, mask,
+                                      w[index], 1.0)[0]
+
+    @jax.jit
+    def test_loss(w):
+        p, opt_state = params, fixmatch._optimizer(config).init(params)
+        key = jax.random.wrap_key_data(state.key)
+        for _ in range(config.steps):
+            key, k_batch = jax.random.split(key)
+            grads = jax.grad(batch_loss)(p, w, *fixmatch._sample(config, k_batch, data))
+            updates, opt_state = fixmatch._optimizer(config).update(grads, opt_state, p)
+            p = optax.apply_updates(p, updates)
+        return jnp.mean(fixmatch.cross_entropy(fixmatch._logits(config, p, data.x_test),
+                                               data.y_test))
+
+    direction = np.random.default_rng(0).normal(size=grad.shape)
+    ones, eps = np.ones(grad.shape), 1e-5
+    finite_difference = (test_loss(ones + eps * direction) - test_loss(ones - eps * direction)
+                         ) / (2 * eps)
+    assert float(test_loss(ones)) == pytest.approx(float(info.outer_loss), rel=1e-12)
+    assert abs(float(finite_difference)) > 1e-4  # the test can fail: the signal is not zero
+    assert float(grad @ direction) == pytest.approx(float(finite_difference), rel=1e-7)
+    # The Python-driven loop (plain reverse mode, step by step) gives the same derivative.
+    python, python_info = semisup.unrolled_influence(config, state, data, data.x_test,
+                                                     data.y_test, loop="python")
+    assert np.allclose(np.asarray(python), grad, rtol=1e-10, atol=1e-14)
+    assert float(python_info.outer_loss) == pytest.approx(float(info.outer_loss), rel=1e-12)
+
+
+def test_unrolled_influence_errors_name_the_argument(digits_split):
+    config = _tiny("fixmatch", threshold=0.2)
+    state = fixmatch.init(config, jax.random.key(0), digits_split)
+    x, y = digits_split.x_test, digits_split.y_test
+    with pytest.raises(ValueError, match="step 0"):
+        semisup.unrolled_influence(config, state._replace(step=jnp.asarray(3)), digits_split,
+                                   x, y)
+    with pytest.raises(ValueError, match="x_eval must have shape"):
+        semisup.unrolled_influence(config, state, digits_split, x[:, :4], y)
+    with pytest.raises(ValueError, match="y_eval must be integer labels"):
+        semisup.unrolled_influence(config, state, digits_split, x, y.astype(np.float32))
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        semisup.unrolled_influence(config, state, digits_split, x, y, steps=0)
+    with pytest.raises(ValueError, match="truncate must be None or an integer"):
+        semisup.unrolled_influence(config, state, digits_split, x, y, truncate=5)
+    with pytest.raises(ValueError, match="loop must be"):
+        semisup.unrolled_influence(config, state, digits_split, x, y, loop="while")
 
 
 def test_meta_optimizers_and_weight_decay_step_as_their_update_rules(digits_split):
