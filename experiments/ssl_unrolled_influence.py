@@ -57,6 +57,8 @@ def _statistics(grad: np.ndarray, ood: np.ndarray) -> dict:
     has = grad != 0
     score, ood = -grad[has], ood[has]
     return {"images": int(has.sum()), "ood_images": int(ood.sum()),
+            # Orders of magnitude above the others: the unroll's Jacobians have exploded.
+            "max_abs": float(np.abs(score).max()) if has.any() else np.nan,
             "auroc": metrics.auroc(score, ~ood),
             "mean_id": float(score[~ood].mean()) if (~ood).any() else np.nan,
             "mean_ood": float(score[ood].mean()) if ood.any() else np.nan,
@@ -142,16 +144,18 @@ def main(argv=None) -> int:
              "Test: the ID test loss, which no method sees. Removing OOD: the first-order change "
              "of L if every OOD weight went from 1 to 0 (< 0: the oracle filter helps L). "
              "Spearman: rank correlation of the meta and test influences.", "",
-             "| truncate | loss | AUROC | AUROC per seed | mean ID (×1e-4) | mean OOD (×1e-4) | "
-             "OOD with −dL/dw > 0 | removing OOD (ΔL) | Spearman meta/test | test accuracy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| truncate | loss | AUROC | AUROC per seed | max abs(dL/dw) per seed | "
+             "mean ID (×1e-4) | mean OOD (×1e-4) | OOD with −dL/dw > 0 | removing OOD (ΔL) | "
+             "Spearman meta/test | test accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for truncate in dict.fromkeys(r["truncate"] for r in rows):
         sel = [r for r in rows if r["truncate"] == truncate]
         for target in ("meta", "test"):
             per_seed = " ".join(f"{r[target + '_auroc']:.2f}" for r in sel)
+            largest = " ".join(f"{r[target + '_max_abs']:.0e}" for r in sel)
             lines.append(
                 f"| {truncate} | {target} | {common.mean_std([r[f'{target}_auroc'] for r in sel])} "
-                f"| {per_seed} | "
+                f"| {per_seed} | {largest} | "
                 f"{common.mean_std([1e4 * r[f'{target}_mean_id'] for r in sel])} | "
                 f"{common.mean_std([1e4 * r[f'{target}_mean_ood'] for r in sel])} | "
                 f"{common.mean_std([r[f'{target}_share_helpful_ood'] for r in sel])} | "
