@@ -70,13 +70,16 @@ def _statistics(grad: np.ndarray, ood: np.ndarray) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--dataset", choices=tuple(datasets.DATASETS), default="digits")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the standard files (CIFAR-10, SVHN, ...)")
     parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
     parser.add_argument("--labels", type=positive_int, default=3)
     parser.add_argument("--validation", type=positive_int, default=1)
     parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="labelled")
     parser.add_argument("--unlabelled", type=positive_int, default=300)
-    parser.add_argument("--ood", default="near")
+    parser.add_argument("--ood", default="near",
+                        help="near, far, or another dataset's name (e.g. svhn, cifar100)")
     parser.add_argument("--ratio", type=float, default=1.0)
     parser.add_argument("--seeds", type=positive_int, default=5)
     parser.add_argument("--steps", type=positive_int, default=1000)
@@ -94,13 +97,20 @@ def main(argv=None) -> int:
         args.seeds, args.steps, args.truncate = 2, 10, "all,5"
     truncations = _truncations(args.truncate, args.steps, parser)
     seeds = list(range(args.seeds))
-    dataset = datasets.load(args.dataset)
+    try:
+        dataset = datasets.load(args.dataset, args.data_dir)
+        ood, other = args.ood, None
+        if ood not in ("near", "far"):
+            other, ood = datasets.load(ood, args.data_dir), "other"
+    except (KeyError, FileNotFoundError, ValueError) as error:
+        parser.error(str(error).strip("'\""))
     data = common.splits(dataset, seeds, labelled_per_class=args.labels,
                          validation_per_class=args.validation, num_unlabelled=args.unlabelled,
-                         ood_ratio=args.ratio, ood=args.ood)
+                         ood_ratio=args.ratio, ood=ood, ood_dataset=other)
+    # Flips suit natural images (CIFAR-10), not digits (as `bilevel ssl train --flip auto`).
     config = fixmatch.Config(method="fixmatch", steps=args.steps, batch_size=args.batch,
-                             mu=args.mu, ema=0.99, flip=False, meta_data=args.meta_data,
-                             **MODELS[args.model])
+                             mu=args.mu, ema=0.99, flip=args.dataset == "cifar10", meta_every=1,
+                             meta_data=args.meta_data, **MODELS[args.model])
     # FixMatch trains on the whole label budget; the meta loss reads the labelled set (DS3L) or
     # the validation set, which FixMatch then also trained on (as in ssl_influence).
     data = common.for_method(data, config)
