@@ -25,8 +25,12 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 from scipy import stats
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 from bilevel import datasets
 from experiments import ssl_common as common
@@ -66,6 +70,28 @@ def _statistics(grad: np.ndarray, ood: np.ndarray) -> dict:
             # The first-order change of the loss if every OOD image's weight went 1 -> 0:
             # −Σ_OOD dL/dw_i.
             "removing_ood": float(score[ood].sum()) if ood.any() else np.nan}
+
+
+def _percentiles(score: np.ndarray) -> np.ndarray:
+    """Each value's rank among ``score`` as a fraction in (0, 1) (average ranks for ties)."""
+    return (stats.rankdata(score) - 0.5) / len(score)
+
+
+def _plot(curves: dict, path, title: str) -> None:
+    """Per loss, the histograms of ID and OOD images' within-run percentile of −dL/dw (pooled
+    over seeds): apart if the derivative separates them, on top of each other if not."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
+    bins = np.linspace(0, 1, 21)
+    for ax, (label, (id_pct, ood_pct, auroc)) in zip(axes[0], curves.items(), strict=True):
+        ax.hist(id_pct, bins, density=True, alpha=0.6, label="ID")
+        ax.hist(ood_pct, bins, density=True, alpha=0.6, label="OOD")
+        ax.set_title(f"{label}: AUROC {auroc:.2f}", fontsize=9)
+        ax.set_xlabel("percentile of −dL/dw within its run (high: helpful)", fontsize=8)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -115,7 +141,7 @@ def main(argv=None) -> int:
     # the validation set, which FixMatch then also trained on (as in ssl_influence).
     data = common.for_method(data, config)
     states = common.initial_states(config, data, seeds)
-    rows = []
+    rows, pooled = [], {}
     with common.Progress() as progress:
         task = progress.add_task("unrolled influence", total=len(seeds) * len(truncations))
         for i, seed in enumerate(seeds):
@@ -129,6 +155,12 @@ def main(argv=None) -> int:
                     grad, info = fixmatch.unrolled_influence(config, state, one, x, y,
                                                              truncate=truncate, loop=args.loop)
                     grads[target] = np.asarray(grad, np.float64)
+                    has = grads[target] != 0
+                    if has.any() and bool(info.finite):
+                        pct = _percentiles(-grads[target][has])
+                        part = pooled.setdefault((truncate or args.steps, target), ([], []))
+                        part[0].append(pct[~ood[has]])
+                        part[1].append(pct[ood[has]])
                     row[f"{target}_finite"] = bool(info.finite)
                     row[f"{target}_loss"] = float(info.outer_loss)
                     row.update({f"{target}_{k}": v
@@ -174,6 +206,15 @@ def main(argv=None) -> int:
                 f"{common.mean_std([r['test_accuracy'] for r in sel])} |")
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
+    curves = {}
+    for (truncate, target), (id_parts, ood_parts) in pooled.items():
+        sel = [r[f"{target}_auroc"] for r in rows if r["truncate"] == truncate]
+        curves[f"{target} loss, last {truncate} steps"] = (
+            np.concatenate(id_parts), np.concatenate(ood_parts), float(np.nanmean(sel)))
+    if curves:
+        _plot(curves, out.with_suffix(".png"),
+              f"Exact unrolled −dL/dw of each unlabelled image ({args.dataset}, {args.model}, "
+              f"{args.ratio:.0%} added {args.ood} OOD, {args.seeds} seeds pooled)")
     print(text)
     return 0
 
