@@ -351,6 +351,14 @@ def _accumulate(total, index, values):
     return total.at[index].add(values.astype(total.dtype))
 
 
+def _batch_loss(config: Config, params, x_l, y_l, strong, pseudo, mask, weights):
+    """FixMatch's weighted loss of the classifier on one batch (labelled and strong views in
+    one forward pass)."""
+    out = _logits(config, params, jnp.concatenate([x_l, strong]))
+    return fixmatch_loss(out[:len(x_l)], y_l, out[len(x_l):], pseudo, mask, weights,
+                         config.lambda_u)[0]
+
+
 def _inner_step(config: Config, state: State, data: Split) -> tuple[State, jax.Array]:
     key, k_batch = jax.random.split(jax.random.wrap_key_data(state.key))
     x_l, y_l, index, weak, strong = _sample(config, k_batch, data)
@@ -368,9 +376,7 @@ def _inner_step(config: Config, state: State, data: Split) -> tuple[State, jax.A
         weights = normalise(raw, mask)
 
         def loss_fn(p):
-            out = _logits(config, p, jnp.concatenate([x_l, strong]))
-            return fixmatch_loss(out[:len(x_l)], y_l, out[len(x_l):], pseudo, mask, weights,
-                                 config.lambda_u)[0]
+            return _batch_loss(config, p, x_l, y_l, strong, pseudo, mask, weights)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = _optimizer(config).update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -512,9 +518,7 @@ def _table_loss(config: Config, params, weights, x_l, y_l, index, weak, strong):
     """FixMatch's loss on one batch with image ``i``'s unlabelled term scaled by ``weights[i]``."""
     pseudo, mask = pseudo_labels(_logits(config, jax.lax.stop_gradient(params), weak),
                                  config.threshold)
-    out = _logits(config, params, jnp.concatenate([x_l, strong]))
-    return fixmatch_loss(out[:len(x_l)], y_l, out[len(x_l):], pseudo, mask, weights[index],
-                         config.lambda_u)[0]
+    return _batch_loss(config, params, x_l, y_l, strong, pseudo, mask, weights[index])
 
 
 def _eval_loss(config: Config, params, x_eval, y_eval):
