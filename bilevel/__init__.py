@@ -1,59 +1,75 @@
 """bilevel: hypergradients (implicit, unrolled, ES) built on :mod:`hvp`.
 
 The public API is what this module exports; everything else may change.
+
+Submodules are imported on first use (PEP 562), so that ``import bilevel.cli`` -- and with it
+``bilevel --help`` -- does not pay for importing JAX.
 """
 
-from bilevel import distributed
-from bilevel.es import ESInfo, PESState, es_hypergrad, pes_hypergrad, pes_init
-from bilevel.implicit import HypergradInfo, hypergrad, implicit
-from bilevel.problems import (
-    PROBLEMS,
-    BilevelProblem,
-    data_reweighting,
-    digits_mlp,
-    imaml_regression,
-    logistic_l2,
-    make_problem,
-    ridge,
-)
-from bilevel.trainer import (
-    AbstractMethod,
-    ESMethod,
-    ImplicitMethod,
-    TrainerConfig,
-    TrainResult,
-    UnrolledMethod,
-    train,
-    train_problem,
-)
-from bilevel.unrolled import UnrolledInfo, unrolled_hypergrad
+from __future__ import annotations
 
-__all__ = [
-    "PROBLEMS",
-    "AbstractMethod",
-    "BilevelProblem",
-    "ESInfo",
-    "ESMethod",
-    "HypergradInfo",
-    "ImplicitMethod",
-    "PESState",
-    "TrainResult",
-    "TrainerConfig",
-    "UnrolledInfo",
-    "UnrolledMethod",
-    "data_reweighting",
-    "digits_mlp",
-    "distributed",
-    "es_hypergrad",
-    "hypergrad",
-    "implicit",
-    "imaml_regression",
-    "logistic_l2",
-    "make_problem",
-    "pes_hypergrad",
-    "pes_init",
-    "ridge",
-    "train",
-    "train_problem",
-    "unrolled_hypergrad",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "ESInfo": "bilevel.es",
+    "PESState": "bilevel.es",
+    "es_hypergrad": "bilevel.es",
+    "pes_hypergrad": "bilevel.es",
+    "pes_init": "bilevel.es",
+    "HypergradInfo": "bilevel.implicit",
+    "hypergrad": "bilevel.implicit",
+    "implicit": "bilevel.implicit",
+    "PROBLEMS": "bilevel.problems",
+    "BilevelProblem": "bilevel.problems",
+    "data_reweighting": "bilevel.problems",
+    "digits_mlp": "bilevel.problems",
+    "imaml_regression": "bilevel.problems",
+    "logistic_l2": "bilevel.problems",
+    "make_problem": "bilevel.problems",
+    "ridge": "bilevel.problems",
+    "AbstractMethod": "bilevel.trainer",
+    "ESMethod": "bilevel.trainer",
+    "ImplicitMethod": "bilevel.trainer",
+    "TrainerConfig": "bilevel.trainer",
+    "TrainResult": "bilevel.trainer",
+    "UnrolledMethod": "bilevel.trainer",
+    "train": "bilevel.trainer",
+    "train_problem": "bilevel.trainer",
+    "UnrolledInfo": "bilevel.unrolled",
+    "unrolled_hypergrad": "bilevel.unrolled",
+    "SolveError": "hvp.solvers",
+}
+_SUBMODULES = ("distributed",)
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"bilevel.{name}")
+    else:
+        raise AttributeError(f"module 'bilevel' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bilevel import distributed
+    from bilevel.es import ESInfo, PESState, es_hypergrad, pes_hypergrad, pes_init
+    from bilevel.implicit import HypergradInfo, hypergrad, implicit
+    from bilevel.problems import (PROBLEMS, BilevelProblem, data_reweighting, digits_mlp,
+                                  imaml_regression, logistic_l2, make_problem, ridge)
+    from bilevel.trainer import (AbstractMethod, ESMethod, ImplicitMethod, TrainerConfig,
+                                 TrainResult, UnrolledMethod, train, train_problem)
+    from bilevel.unrolled import UnrolledInfo, unrolled_hypergrad
+    from hvp.solvers import SolveError
