@@ -9,8 +9,8 @@ a. ``a_accuracy_cost.csv``: on ridge, logistic_l2 and digits_mlp, every approxim
    MINRES, GMRES, Neumann, Nyström, LiSSA, Identity, the unrolled MixFlow meta-gradient) at a
    few HVP budgets against the float64 Dense hypergradient at θ*: relative error, cosine, HVP
    count, wall time. This is the measuring core of ``bilevel compare-hvp``
-   (:func:`bilevel.cli.prepare` and :func:`bilevel.cli.compare_hvp`), called as is; on
-   digits_mlp also a damping sweep at one budget.
+   (:func:`bilevel.compare_hvp.prepare` and :func:`bilevel.compare_hvp.compare_hvp`), called as
+   is; on digits_mlp also a damping sweep at one budget.
 b. ``b_near_far.csv`` / ``b_spectra.csv``: the same comparison at points partway through inner
    training (k Adam steps from the initial parameters) and at θ*, each against the Dense solve
    at that point, with Lanczos extreme eigenvalues of the inner Hessian (and the exact ones from
@@ -55,7 +55,7 @@ import optax  # noqa: E402
 
 import bilevel  # noqa: E402
 import hvp  # noqa: E402
-from bilevel import cli  # noqa: E402
+from bilevel import compare_hvp  # noqa: E402
 
 SOLVERS = ("cg", "minres", "gmres", "neumann", "nystrom", "lissa", "identity", "unrolled-mixflow")
 SEEDS = (0, 1, 2)
@@ -140,8 +140,9 @@ def part_a(problems: dict, seeds: tuple[int, ...], repeats: int,
     rows, setups = [], {}
     for seed in seeds:
         for problem, budgets in problems.items():
-            config = cli.CompareHvpConfig(problem=problem, solvers=SOLVERS, budgets=budgets,
-                                          seed=seed, repeats=repeats, jobs=os.cpu_count() or 1)
+            config = compare_hvp.CompareHvpConfig(
+                problem=problem, solvers=SOLVERS, budgets=budgets, seed=seed, repeats=repeats,
+                jobs=os.cpu_count() or 1)
             dampings = [config.damping]
             if sweep and problem == SWEEP_PROBLEM and seed == seeds[0]:
                 dampings += [d for d in DAMPING_SWEEP_A if d != config.damping]
@@ -150,8 +151,8 @@ def part_a(problems: dict, seeds: tuple[int, ...], repeats: int,
                 current = dataclasses.replace(
                     config, damping=damping,
                     budgets=config.budgets if damping == config.damping else (SWEEP_BUDGET,))
-                setup = cli.prepare(current)
-                found, _ = cli.compare_hvp(current, setup)
+                setup = compare_hvp.prepare(current)
+                found, _ = compare_hvp.compare_hvp(current, setup)
                 print(f"[a] seed {seed} {problem} damping {damping:g}: {len(found)} variants in "
                       f"{time.perf_counter() - begin:.1f} s", flush=True)
                 for row in found:
@@ -197,9 +198,10 @@ def adam_points(problem, steps: tuple[int, ...], lr: float) -> dict[str, object]
     return points
 
 
-def setup_at(config: cli.CompareHvpConfig, base: cli.Setup, params) -> tuple[cli.Setup, dict]:
-    """A :class:`bilevel.cli.Setup` at ``params`` (reference: Dense at this point) and facts
-    about the point: gradient norm, spectrum (Lanczos and exact), IFT error vs θ*."""
+def setup_at(config: compare_hvp.CompareHvpConfig, base: compare_hvp.Setup,
+             params) -> tuple[compare_hvp.Setup, dict]:
+    """A :class:`bilevel.compare_hvp.Setup` at ``params`` (reference: Dense at this point) and
+    facts about the point: gradient norm, spectrum (Lanczos and exact), IFT error vs θ*."""
     problem, damping = base.problem, config.damping
     data = (params, problem.hparams, problem.inner_args, problem.outer_args)
 
@@ -211,7 +213,8 @@ def setup_at(config: cli.CompareHvpConfig, base: cli.Setup, params) -> tuple[cli
                                    damping=d)[0] for d in (0.0, damping)]
         operator = hvp.hessian(problem.inner_loss, params, hparams, *inner_args)
         damped = hvp.hessian(problem.inner_loss, params, hparams, *inner_args, damping=damping)
-        top = hvp.power_iteration(damped, cli.POWER_ITERS, jax.random.key(config.seed))[0]
+        top = hvp.power_iteration(damped, compare_hvp.POWER_ITERS,
+                                  jax.random.key(config.seed))[0]
         spectrum = hvp.extreme_eigenvalues(operator, LANCZOS_ITERS, jax.random.key(config.seed))
         eigenvalues = jnp.linalg.eigvalsh(operator.dense(n))
         grad_inner = jax.grad(problem.inner_loss)(params, hparams, *inner_args)
@@ -240,20 +243,22 @@ def setup_at(config: cli.CompareHvpConfig, base: cli.Setup, params) -> tuple[cli
     dtype = jnp.dtype(config.dtype)
     cast = lambda tree: jax.tree_util.tree_map(  # noqa: E731
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-    setup = cli.Setup(problem, (*cast(data), jnp.asarray(damping, dtype)), reference,
-                      float(np.linalg.norm(tree_vector(damped) - ref) / np.linalg.norm(ref)),
-                      lambda_max, 1.0 / lambda_max, lambda_max / 10,
-                      float(np.linalg.norm(tree_vector(grad_outer))), base.num_params)
+    setup = compare_hvp.Setup(problem, (*cast(data), jnp.asarray(damping, dtype)), reference,
+                              float(np.linalg.norm(tree_vector(damped) - ref)
+                                    / np.linalg.norm(ref)),
+                              lambda_max, 1.0 / lambda_max, lambda_max / 10,
+                              float(np.linalg.norm(tree_vector(grad_outer))), base.num_params)
     return setup, info
 
 
 def base_setup(setups: dict, problem: str, seed: int, budgets: tuple[int, ...],
-               repeats: int) -> tuple[cli.CompareHvpConfig, cli.Setup]:
+               repeats: int) -> tuple[compare_hvp.CompareHvpConfig, compare_hvp.Setup]:
     """Part a's (config, setup) for ``(problem, seed)``, built here when part a did not run."""
     if (problem, seed) not in setups:
-        config = cli.CompareHvpConfig(problem=problem, solvers=SOLVERS, budgets=budgets,
-                                      seed=seed, repeats=repeats, jobs=os.cpu_count() or 1)
-        setups[problem, seed] = (config, cli.prepare(config))
+        config = compare_hvp.CompareHvpConfig(problem=problem, solvers=SOLVERS, budgets=budgets,
+                                              seed=seed, repeats=repeats,
+                                              jobs=os.cpu_count() or 1)
+        setups[problem, seed] = (config, compare_hvp.prepare(config))
     return setups[problem, seed]
 
 
@@ -276,7 +281,7 @@ def part_b(setups: dict, problems: tuple[str, ...], seeds: tuple[int, ...],
                     begin = time.perf_counter()
                     current = dataclasses.replace(config, damping=damping)
                     setup, info = setup_at(current, base, params)
-                    found, _ = cli.compare_hvp(current, setup)
+                    found, _ = compare_hvp.compare_hvp(current, setup)
                     common = {"problem": name, "seed": seed, "point": point}
                     spectra.append({**common, **info, "damping": damping,
                                     "damping_floor": setup.damping_floor,
@@ -442,7 +447,8 @@ def part_c(builders: list, seeds: tuple[int, ...], outer_steps: int, budget: int
     for seed in seeds:
         for build in builders:
             task = build(seed)
-            # α = 1/λ̂_max at the initial λ's θ*, as in part a (cli.prepare's power iteration).
+            # α = 1/λ̂_max at the initial λ's θ*, as in part a (compare_hvp.prepare's power
+            # iteration).
             alpha = _alpha_at_optimum(task.problem, seed)
             baselines = {
                 "identity": hvp.Identity(scale=alpha),
@@ -511,7 +517,7 @@ def part_f(seeds: tuple[int, ...], outer_steps: int, budget: int,
 def _alpha_at_optimum(problem, seed: int) -> float:
     params = problem.solve_inner(problem.params, problem.hparams, *problem.inner_args)
     operator = hvp.hessian(problem.inner_loss, params, problem.hparams, *problem.inner_args)
-    top = hvp.power_iteration(operator, cli.POWER_ITERS, jax.random.key(seed))[0]
+    top = hvp.power_iteration(operator, compare_hvp.POWER_ITERS, jax.random.key(seed))[0]
     return 1.0 / abs(float(top))
 
 

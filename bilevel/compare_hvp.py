@@ -1,0 +1,727 @@
+"""compare-hvp: inverse-HVP approximations inside the implicit hypergradient, against an exact
+float64 reference.
+
+:func:`compare_hvp` is a function of a :class:`CompareHvpConfig` that returns rows (plain dicts)
+and a dict describing the run; :func:`prepare` builds what every variant shares (the problem at
+θ*, the reference, the fixed step α); :func:`write_csv`, :func:`write_json` and :func:`plot` write
+the results. The ``bilevel compare-hvp`` command (:mod:`bilevel.cli`) derives its options from the
+config's fields and prints the rows; ``experiments/hvp_study.py`` calls the same functions.
+
+JAX, NumPy, optax and :mod:`hvp` are imported inside the functions that compute, not at the top
+of this module: the command line reads the configuration (fields, defaults, help) to answer
+``bilevel compare-hvp --help``, which must not wait seconds for JAX to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from bilevel._argtypes import nonnegative_float, positive_float, positive_int
+
+PyTree = Any
+
+# --------------------------------------------------------------------------------------------
+# Configuration (no JAX needed)
+
+#: Solver names accepted by ``--solvers``, in table order.
+SOLVERS = ("cg", "minres", "gmres", "neumann", "nystrom", "lissa", "identity",
+           "unrolled-mixflow", "unrolled-reverse")
+DEFAULT_SOLVERS = ("cg", "minres", "neumann", "nystrom", "lissa", "identity", "unrolled-mixflow")
+DEFAULT_BUDGETS = (1, 5, 10, 20, 50)
+#: Tikhonov damping of the approximations' Hessian. The digits MLP's Hessian at θ* has
+#: eigenvalues in about [1.6e-3, 0.77]; with δ = 1e-4 the exact damped solve is 1.4e-3 (relative)
+#: from the undamped reference, while δ = 1e-3 would put that floor at 1.3e-2, above what CG
+#: reaches in 20 HVPs.
+DEFAULT_DAMPING = 1e-4
+MODES = ("fwd_rev", "rev_rev", "rev_fwd")
+DTYPES = ("float32", "float64")
+#: Products of power iteration for the fixed λ_max estimate behind α (Neumann, LiSSA, Identity,
+#: the unrolled learning rate).
+POWER_ITERS = 50
+#: The relative residual every solver is asked for: none, so that each spends its whole budget
+#: and the table compares them at equal cost. Its status then says why it stopped (the budget ran
+#: out, round-off, divergence, ...), never "converged" for a residual that is not zero. Before,
+#: Identity, Nyström and LiSSA kept their default ``tol=1`` ("beats x = 0") and reported
+#: "converged" at 55-90 % relative residual.
+TOL = 0.0
+#: ``status`` of an unrolled row: its meta-gradient solves no linear system, so there is no
+#: residual to check, only finiteness (a non-finite one is ``NONFINITE``).
+NOT_CHECKED = -1
+
+#: Variants of :data:`bilevel.PROBLEMS` problems that compare-hvp also knows: name ->
+#: (registry name, constructor options). With one L2 decay per weight and bias the
+#: hypergradient has as many entries as the MLP has parameters (1,210), so it shows in which
+#: *direction* each approximation errs: with the per-layer decay's 2 hyperparameters every
+#: solver's cosine to the reference was 0.985-1.000.
+PROBLEM_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "digits_mlp_per_parameter": ("digits_mlp", {"per_parameter": True}),
+}
+DEFAULT_PROBLEM = "digits_mlp_per_parameter"
+
+#: How a budget becomes each solver's knob, and the ``hvp_count`` it reports (``info.hvp_count``:
+#: every product the solver spent, its final residual check included). :func:`solver_setting`
+#: implements the knobs, :func:`hvp_count_rule` the counts; ``--help`` prints this text.
+BUDGET_RULES = """\
+How a budget becomes each solver's setting, and the HVPs it then reports
+(hvp_count = info.hvp_count: every product spent, the final true-residual check
+included). Every solver gets tol=0, so it spends its whole budget; only
+round-off or divergence end one early, and it then reports fewer.
+  cg, minres  maxiter = max(budget-1, 1); hvp_count = maxiter + 1 (the check),
+              i.e. budget, or 2 at budget 1
+  gmres       cycles = ceil(budget/21), restart = max(budget//cycles - 1, 1);
+              hvp_count = cycles * (restart + 1) (a residual after each
+              cycle): at most budget, or 2 at budget 1
+  neumann     terms = budget, step alpha; hvp_count = budget + 1
+  lissa       depth = budget products on minibatches of --lissa-batch examples
+              (one chain), step alpha; hvp_count = budget + 1 (the check is
+              on the full batch)
+  nystrom     rank = budget (one batch of budget products), rho =
+              --nystrom-rho; hvp_count = budget + 1
+  identity    x = alpha * b, one row whatever the budgets; hvp_count = 1
+  unrolled-*  budget SGD steps (learning rate alpha) from theta* on the inner
+              loss + damping/2 ||theta - theta*||^2; hvp_count = budget, the
+              HVP-equivalents of the backward pass (the forward pass adds
+              budget gradients); no residual check
+alpha = 1/lambda_max, from one 50-step power iteration on H + damping*I at
+theta*, counted in no row. From a fixed point, budget unrolled steps equal the
+budget-term Neumann series. --mode does not apply to unrolled-* (mixflow is
+forward-over-reverse, reverse is reverse-over-reverse)."""
+
+
+class ConfigError(ValueError):
+    """A bad setting found before any measuring starts (the shell prints it as a usage error)."""
+
+
+def problem_names() -> list[str]:
+    """The problems compare-hvp can build: :data:`bilevel.PROBLEMS` and :data:`PROBLEM_VARIANTS`
+    (imports the problems, and with them JAX)."""
+    from bilevel.problems import PROBLEMS
+
+    return sorted([*PROBLEMS, *PROBLEM_VARIANTS])
+
+
+def problem_name(text: str) -> str:
+    """argparse type: a name from :func:`problem_names`."""
+    if text not in PROBLEM_VARIANTS and text not in problem_names():
+        raise argparse.ArgumentTypeError(f"unknown problem {text!r}; known problems: "
+                                         f"{', '.join(problem_names())}")
+    return text
+
+
+def solver_list(text: str) -> tuple[str, ...]:
+    """argparse type: a comma list of names from :data:`SOLVERS`, duplicates dropped."""
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    unknown = [item for item in items if item not in SOLVERS]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(
+            f"unknown solver {unknown[0] if unknown else text!r}; choose from {', '.join(SOLVERS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def budget_list(text: str) -> tuple[int, ...]:
+    """argparse type: a comma list of integers >= 1."""
+    try:
+        budgets = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budgets must be a comma-separated list of integers, e.g. 1,5,10; got {text!r}"
+        ) from None
+    if any(b < 1 for b in budgets):
+        raise argparse.ArgumentTypeError(f"budgets must be >= 1, got {text!r}")
+    return budgets
+
+
+def seed_value(text: str) -> int:
+    """argparse type: an integer >= 0 (the problem's data and the randomised solvers' key)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _option(default: Any = dataclasses.MISSING, *, help: str, type: Callable | None = None,
+            choices: Sequence[str] | None = None, metavar: str | None = None,
+            shown_default: str | None = None, default_factory: Any = dataclasses.MISSING):
+    """A config field and its command-line option (help, argparse type, choices), declared once.
+
+    ``shown_default`` replaces ``%(default)s`` in the help where the value alone would mislead
+    (None meaning "computed")."""
+    metadata = {"help": help, "type": type, "choices": choices, "metavar": metavar,
+                "shown_default": shown_default}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareHvpConfig:
+    """Settings of :func:`compare_hvp`; each field's ``help`` (its metadata) says what it means,
+    and ``bilevel compare-hvp`` has one option per field."""
+
+    problem: str = _option(
+        DEFAULT_PROBLEM, type=problem_name, metavar="NAME",
+        help="bilevel problem: a name from bilevel.PROBLEMS, or digits_mlp_per_parameter (the "
+             "digits MLP with one L2 decay per weight and bias, 1,210 hyperparameters)")
+    solvers: tuple[str, ...] = _option(
+        DEFAULT_SOLVERS, type=solver_list, metavar="LIST",
+        help=f"comma list from {', '.join(SOLVERS)}")
+    budgets: tuple[int, ...] = _option(
+        DEFAULT_BUDGETS, type=budget_list, metavar="LIST",
+        help="HVP budgets, a comma list of integers >= 1; how each becomes a solver's knob is "
+             "below")
+    damping: float = _option(
+        DEFAULT_DAMPING, type=nonnegative_float,
+        help="Tikhonov damping of the approximations' Hessian (H + damping*I); the reference "
+             "is undamped and the exact damped solve's error is reported as the floor")
+    mode: str = _option("fwd_rev", choices=MODES, help="HVP product mode")
+    seed: int = _option(0, type=seed_value, help="seed of the data and of the randomised solvers")
+    repeats: int = _option(
+        3, type=positive_int,
+        help="timed calls per variant after one warm-up call; the median is reported")
+    dtype: str = _option(
+        "float32", choices=DTYPES,
+        help="dtype the approximations run in; the reference is always float64")
+    lissa_batch: int = _option(
+        32, type=positive_int,
+        help="LiSSA's minibatch size (capped at the number of training examples)")
+    nystrom_rho: float | None = _option(
+        None, type=positive_float, shown_default="lambda_max/10",
+        help="Nystrom's rho, the inverse scale of the directions the sketch misses (with "
+             "lambda_max/100 the digits MLP's hypergradient came out ~10 times too large)")
+    jobs: int = _option(
+        type=positive_int, default_factory=lambda: os.cpu_count() or 1,
+        shown_default="the CPU count, %(default)s",
+        help="threads compiling the programs at once; timing always runs one at a time")
+
+
+def check_config(config: CompareHvpConfig) -> None:
+    """Raise :class:`ConfigError` for settings that cannot run (before anything is computed)."""
+    if config.problem not in problem_names():
+        raise ConfigError(f"unknown problem {config.problem!r}; known problems: "
+                          f"{', '.join(problem_names())}")
+    unknown = [s for s in config.solvers if s not in SOLVERS]
+    if unknown or not config.solvers:
+        raise ConfigError(f"unknown solver {unknown[0] if unknown else ''!r}; choose from "
+                          f"{', '.join(SOLVERS)}")
+    if not config.budgets or any(not isinstance(b, int) or b < 1 for b in config.budgets):
+        raise ConfigError(f"budgets must be integers >= 1, got {config.budgets}")
+    if not (math.isfinite(config.damping) and config.damping >= 0):
+        raise ConfigError(f"damping must be a finite number >= 0, got {config.damping}")
+    if config.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if config.repeats < 1 or config.lissa_batch < 1 or config.jobs < 1:
+        raise ConfigError("repeats, lissa_batch and jobs must be >= 1")
+    if config.nystrom_rho is not None and not (0 < config.nystrom_rho < math.inf):
+        raise ConfigError(f"nystrom_rho must be a finite number > 0, got {config.nystrom_rho}")
+
+
+def check_problem(config: CompareHvpConfig, problem) -> None:
+    """Raise :class:`ConfigError` for what the built ``problem`` cannot serve (before its inner
+    solve): LiSSA needs per-example data (``problem.batch_argnums``) to subsample, the dense
+    reference a small enough problem, and Nyström a rank (the budget) <= its size."""
+    import jax
+
+    import hvp
+
+    if "lissa" in config.solvers and not problem.batch_argnums:
+        raise ConfigError(f"lissa needs per-example data to subsample; problem "
+                          f"{config.problem!r} has none (its batch_argnums is empty)")
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(problem.params))
+    if num_params > hvp.DEFAULT_DENSE_LIMIT:
+        raise ConfigError(f"problem {config.problem!r} has {num_params} parameters, too many "
+                          f"for the dense float64 reference (at most {hvp.DEFAULT_DENSE_LIMIT})")
+    bad = [b for b in config.budgets if b > num_params]
+    if "nystrom" in config.solvers and bad:
+        raise ConfigError(f"nystrom's rank is the budget, which must be <= the problem's "
+                          f"{num_params} parameters, got {bad[0]}")
+
+
+def plan(config: CompareHvpConfig) -> list[tuple[str, int | None]]:
+    """The (solver, budget) variants to measure, in order; Identity's budget is None."""
+    variants = []
+    for name in SOLVERS:
+        if name in config.solvers:
+            budgets = [None] if name == "identity" else sorted(set(config.budgets))
+            variants += [(name, b) for b in budgets]
+    return variants
+
+
+def _programs(config: CompareHvpConfig) -> list[tuple[str, int | None]]:
+    """The variants in compiling and timing order: Identity (the baseline) first, always."""
+    return [("identity", None), *(v for v in plan(config) if v[0] != "identity")]
+
+
+def num_stages(config: CompareHvpConfig) -> int:
+    """How many times :func:`compare_hvp` calls ``on_step`` when it builds the setup itself: once
+    for the reference, then once per program compiled and once per program timed."""
+    return 1 + 2 * len(_programs(config))
+
+
+def label(name: str, budget: int | None) -> str:
+    """A variant as the progress messages name it: ``"cg budget 5"``, ``"identity"``."""
+    return name if budget is None else f"{name} budget {budget}"
+
+
+def hvp_count_rule(name: str, budget: int) -> int:
+    """The ``hvp_count`` a solver reports at ``budget`` by :data:`BUDGET_RULES` (when no
+    round-off or divergence ends it early)."""
+    if name in ("cg", "minres"):
+        return max(budget - 1, 1) + 1
+    if name == "gmres":
+        cycles, restart = _gmres_cycles(budget)
+        return cycles * (restart + 1)
+    if name in ("neumann", "lissa", "nystrom"):
+        return budget + 1
+    if name == "identity":
+        return 1
+    if name.startswith("unrolled-"):
+        return budget
+    raise ConfigError(f"unknown solver {name!r}")
+
+
+def _gmres_cycles(budget: int) -> tuple[int, int]:
+    """``(cycles, restart)`` with ``cycles · (restart + 1) <= budget`` and restart <= 20."""
+    cycles = math.ceil(budget / 21)
+    return cycles, max(budget // cycles - 1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The pure core
+
+
+class Setup(NamedTuple):
+    """What every variant shares: the problem at θ*, the reference and the fixed step α."""
+    problem: Any  # BilevelProblem in float64
+    arguments: tuple  # (θ*, λ, inner_args, outer_args, δ) in the approximations' dtype
+    reference: PyTree  # exact float64 hypergradient (undamped)
+    damping_floor: float  # relative error of the exact *damped* hypergradient
+    lambda_max: float  # power-iteration estimate on H + δI
+    alpha: float  # 1 / lambda_max
+    rho: float  # Nyström's ρ
+    rhs_norm: float  # ||∇_θ L_out(θ*)||, for relative residuals
+    num_params: int
+
+
+def solver_setting(name: str, budget: int, setup: Setup, config: CompareHvpConfig
+                   ) -> tuple[Any, str]:
+    """The solver (or unroll length) for an HVP budget, and the knob as text.
+
+    The mapping, and the ``hvp_count`` each reports, is :data:`BUDGET_RULES`; every solver gets
+    ``tol = TOL`` (0: spend the whole budget), Neumann, LiSSA and Identity the fixed step
+    ``α = 1/λ̂_max`` (no power iterations inside the solve).
+    """
+    import hvp
+
+    iterations = max(budget - 1, 1)
+    if name == "cg":
+        return hvp.CG(maxiter=iterations, tol=TOL), f"maxiter={iterations}"
+    if name == "minres":
+        return hvp.MINRES(maxiter=iterations, tol=TOL), f"maxiter={iterations}"
+    if name == "gmres":
+        cycles, restart = _gmres_cycles(budget)
+        return (hvp.GMRES(maxiter=restart * cycles, restart=restart, tol=TOL),
+                f"restart={restart}x{cycles}")
+    if name == "neumann":
+        return (hvp.Neumann(maxiter=budget, alpha=setup.alpha, tol=TOL),
+                f"terms={budget} alpha={setup.alpha:.3g}")
+    if name == "lissa":
+        batch = min(config.lissa_batch, _num_examples(setup.problem))
+        return (hvp.LiSSA(maxiter=budget, batch_size=batch, alpha=setup.alpha, tol=TOL,
+                          seed=config.seed), f"depth={budget} batch={batch}")
+    if name == "nystrom":
+        return (hvp.Nystrom(rank=budget, rho=setup.rho, tol=TOL, seed=config.seed),
+                f"rank={budget} rho={setup.rho:.3g}")
+    if name == "identity":
+        return hvp.Identity(scale=setup.alpha, tol=TOL), f"scale=1/lambda_max={setup.alpha:.3g}"
+    if name.startswith("unrolled-"):
+        return budget, f"sgd steps={budget} lr={setup.alpha:.3g}"
+    raise ConfigError(f"unknown solver {name!r}")
+
+
+def _num_examples(problem) -> int:
+    """The size of the example axis LiSSA samples along (``problem.batch_argnums``)."""
+    import jax
+
+    first = (problem.hparams, *problem.inner_args)[problem.batch_argnums[0]]
+    return int(jax.tree_util.tree_leaves(first)[0].shape[0])
+
+
+def _tree_vector(tree: PyTree):
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_leaves(tree)
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+
+
+def _cast(tree: PyTree, dtype) -> PyTree:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _norm(vector) -> float:
+    import numpy as np
+
+    return float(np.linalg.norm(vector))
+
+
+def _hypergrad_fn(problem, solver, config: CompareHvpConfig) -> Callable:
+    """``f(θ, λ, inner_args, outer_args, δ) -> (grad, hvp_count, residual, status)``."""
+    import bilevel
+
+    def f(params, hparams, inner_args, outer_args, damping):
+        # Approximations that miss tol are the point of the table, not a failure to warn about.
+        grad, info = bilevel.hypergrad(problem.inner_loss, problem.outer_loss, params, hparams,
+                                       inner_args, outer_args, solver=solver, mode=config.mode,
+                                       damping=damping, on_failure="ignore")
+        return grad, info.hvp_count, info.residual_norm, info.status
+
+    return f
+
+
+def _lissa_fn(problem, solver, config: CompareHvpConfig) -> Callable:
+    """As :func:`_hypergrad_fn`, on a Hessian that can draw minibatches (LiSSA needs one)."""
+    import bilevel
+    import hvp
+
+    batch_argnums = problem.batch_argnums  # the per-example arguments LiSSA subsamples
+
+    def f(params, hparams, inner_args, outer_args, damping):
+        def curvature(p, h, *args):
+            return hvp.hessian(problem.inner_loss, p, h, *args, mode=config.mode,
+                               damping=damping, batch_argnums=batch_argnums)
+
+        grad, info = bilevel.hypergrad(problem.inner_loss, problem.outer_loss, params, hparams,
+                                       inner_args, outer_args, solver=solver,
+                                       curvature=curvature, on_failure="ignore")
+        return grad, info.hvp_count, info.residual_norm, info.status
+
+    return f
+
+
+def _unrolled_fn(problem, steps: int, alpha: float, mode: str) -> Callable:
+    """T steps of SGD (learning rate α) from θ* on ``L_in + δ/2 ‖θ − θ*‖²``, differentiated.
+
+    From a stationary point, T gradient steps give ``dθ_T/dλ = −α Σ_{t<T} (I − αH)ᵗ ∂²_{θλ}L``:
+    the T-term Neumann series on the same damped Hessian (Lorraine et al. 2020), so the two
+    rows should agree; the proximal term gives the unroll the damping without moving θ*. There
+    is no residual: the status is :data:`NOT_CHECKED`, or ``NONFINITE``.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import bilevel
+    import hvp
+
+    def inner(params, hparams, *args):
+        *data, anchor, damping = args
+        distance = sum(jnp.sum((p - a) ** 2) for p, a in zip(
+            jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(anchor), strict=True))
+        return problem.inner_loss(params, hparams, *data) + 0.5 * damping * distance
+
+    def f(params, hparams, inner_args, outer_args, damping):
+        grad, info = bilevel.unrolled_hypergrad(
+            inner, problem.outer_loss, params, hparams, optax.sgd(alpha), steps=steps,
+            inner_args=(*inner_args, params, damping), outer_args=outer_args, mode=mode,
+            on_failure="ignore")
+        status = jnp.where(info.finite, NOT_CHECKED, hvp.Status.NONFINITE)
+        return grad, jnp.asarray(steps), jnp.asarray(jnp.nan, damping.dtype), status
+
+    return f
+
+
+def make_problem(name: str, seed: int, dtype: Any):
+    """Build problem ``name`` (a :data:`bilevel.PROBLEMS` name or a :data:`PROBLEM_VARIANTS`
+    one) from ``jax.random.key(seed)``."""
+    import jax
+
+    import bilevel
+
+    registered, options = PROBLEM_VARIANTS.get(name, (name, {}))
+    return bilevel.make_problem(registered, jax.random.key(seed), dtype=dtype, **options)
+
+
+def build_problem(config: CompareHvpConfig):
+    """The problem of ``config`` in float64, checked by :func:`check_problem` (cheap: no inner
+    solve yet). Turns on ``jax_enable_x64``."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    problem = make_problem(config.problem, config.seed, jnp.float64)
+    check_problem(config, problem)
+    return problem
+
+
+def prepare(config: CompareHvpConfig, problem=None) -> Setup:
+    """Solve the inner problem of ``problem`` (default: :func:`build_problem`) and compute the
+    reference.
+
+    The reference is ``bilevel.hypergrad`` with ``hvp.Dense()`` and no damping at θ*; the same
+    function with the configured damping gives ``damping_floor``, the error that no
+    approximation of the damped system can go below. Turns on ``jax_enable_x64``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import hvp
+
+    jax.config.update("jax_enable_x64", True)
+    if problem is None:
+        problem = build_problem(config)
+    params = jax.jit(problem.solve_inner)(problem.params, problem.hparams, *problem.inner_args)
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    dense = jax.jit(_hypergrad_fn(problem, hvp.Dense(max_size=num_params),
+                                  dataclasses.replace(config, mode="fwd_rev")))
+    data = (params, problem.hparams, problem.inner_args, problem.outer_args)
+    reference = dense(*data, jnp.float64(0.0))[0]
+    damped = dense(*data, jnp.float64(config.damping))[0]
+    ref, approx = _tree_vector(reference), _tree_vector(damped)
+    floor = float(_norm(approx - ref) / _norm(ref))
+
+    @jax.jit
+    def largest_eigenvalue(params, hparams, inner_args, damping):
+        operator = hvp.hessian(problem.inner_loss, params, hparams, *inner_args, damping=damping)
+        return hvp.power_iteration(operator, POWER_ITERS, jax.random.key(config.seed))[0]
+
+    lambda_max = abs(float(largest_eigenvalue(params, problem.hparams, problem.inner_args,
+                                              jnp.float64(config.damping))))
+    rhs = jax.grad(problem.outer_loss)(params, problem.hparams, *problem.outer_args)
+    dtype = jnp.dtype(config.dtype)
+    arguments = (*_cast(data, dtype), jnp.asarray(config.damping, dtype))
+    rho = config.nystrom_rho if config.nystrom_rho is not None else lambda_max / 10
+    return Setup(problem, arguments, reference, floor, lambda_max, 1.0 / lambda_max, rho,
+                 float(_norm(_tree_vector(rhs))), num_params)
+
+
+class Compiled(NamedTuple):
+    executable: Any  # a jax.stages.Compiled
+    compile_seconds: float  # wall time of XLA's compile (concurrent with the others')
+    memory_bytes: int | None  # compiled temp + output bytes
+
+
+class Measurement(NamedTuple):
+    grad: PyTree
+    hvp_count: int
+    residual_norm: float
+    status: int
+    seconds: float  # median wall time of one call
+    compile_seconds: float
+    memory_bytes: int | None
+
+
+def compile_all(fns: Sequence[Callable], arguments: tuple, jobs: int,
+                on_done: Callable[[int], None] = lambda index: None) -> list[Compiled]:
+    """Trace and lower each ``fn`` here, then compile them in ``jobs`` threads.
+
+    Solver budgets are static (``maxiter``, ``rank`` and the unroll length shape the program),
+    so every variant is its own XLA program and compiling dominates the run; XLA compiles
+    without the GIL, so threads overlap them. Nothing is timed until all are compiled.
+    ``on_done(i)`` is called (from a compiling thread) when ``fns[i]`` is compiled.
+    """
+    import jax
+
+    lowered = [jax.jit(fn).lower(*arguments) for fn in fns]
+
+    def build(index: int) -> Compiled:
+        start = time.perf_counter()
+        executable = lowered[index].compile()
+        seconds = time.perf_counter() - start
+        analysis = executable.memory_analysis()
+        memory = None if analysis is None else int(analysis.temp_size_in_bytes
+                                                    + analysis.output_size_in_bytes)
+        on_done(index)
+        return Compiled(executable, seconds, memory)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(build, range(len(lowered))))
+
+
+def measure(compiled: Compiled, arguments: tuple, repeats: int) -> Measurement:
+    """One warm-up call (whose outputs are kept), then the median of ``repeats`` timed calls."""
+    import jax
+
+    grad, hvp_count, residual, status = jax.block_until_ready(compiled.executable(*arguments))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled.executable(*arguments))
+        times.append(time.perf_counter() - start)
+    return Measurement(grad, int(hvp_count), float(residual), int(status),
+                       statistics.median(times), compiled.compile_seconds, compiled.memory_bytes)
+
+
+def _variant_fn(name: str, budget: int | None, setup: Setup, config: CompareHvpConfig):
+    solver, setting = solver_setting(name, budget or 1, setup, config)
+    if name.startswith("unrolled-"):
+        mode = name.removeprefix("unrolled-")
+        return _unrolled_fn(setup.problem, solver, setup.alpha, mode), setting
+    if name == "lissa":
+        return _lissa_fn(setup.problem, solver, config), setting
+    return _hypergrad_fn(setup.problem, solver, config), setting
+
+
+def status_name(code: int) -> str:
+    """A row's ``status``: the :class:`hvp.Status` name, or ``"NOT_CHECKED"`` (unrolled)."""
+    import hvp
+
+    return "NOT_CHECKED" if code == NOT_CHECKED else hvp.Status(code).name
+
+
+def _row(name: str, budget: int | None, setting: str, m: Measurement, setup: Setup,
+         config: CompareHvpConfig, baseline_seconds: float) -> dict:
+    import numpy as np
+
+    ref, grad = _tree_vector(setup.reference), _tree_vector(m.grad)
+    finite = bool(np.all(np.isfinite(grad)))
+    error = _norm(grad - ref) / _norm(ref) if finite else math.inf
+    denominator = _norm(grad) * _norm(ref)
+    cosine = float(grad @ ref / denominator) if finite and denominator > 0 else math.nan
+    status = status_name(m.status)
+    stable = finite and error <= 1.0 and status not in ("DIVERGED", "NONFINITE")
+    return {
+        "solver": name, "budget": budget, "setting": setting, "hvp_count": m.hvp_count,
+        "cosine": cosine, "rel_error": error, "rel_residual": m.residual_norm / setup.rhs_norm,
+        "status": status, "stable": stable, "time_ms": 1e3 * m.seconds,
+        "time_ratio": m.seconds / baseline_seconds, "compile_s": m.compile_seconds,
+        "memory_bytes": m.memory_bytes, "dtype": config.dtype,
+    }
+
+
+def reference_message(setup: Setup) -> str:
+    """What :func:`compare_hvp` reports when the reference stage ends."""
+    return f"reference ready: {setup.num_params} parameters, lambda_max {setup.lambda_max:.3g}"
+
+
+def compare_hvp(config: CompareHvpConfig, setup: Setup | None = None,
+                on_step: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
+    """Measure every (solver, budget) variant of ``config`` against the dense reference.
+
+    Args:
+      config: the settings (checked with :func:`check_config`).
+      setup: a :func:`prepare` result to reuse; built here when None.
+      on_step: called with a message as each of :func:`num_stages` stages ends (a progress
+        hook): the reference (only when ``setup`` is None), each compile (from the compiling
+        threads), each variant's timing.
+
+    Returns:
+      ``(rows, metadata)``: one dict per variant (see :func:`_row` for the fields) and a dict
+      describing the run (reference, λ̂_max, damping floor, baseline time, machine, versions).
+    """
+    import jax
+
+    check_config(config)
+    on_step = on_step or (lambda message: None)
+    if setup is None:
+        setup = prepare(config)
+        on_step(reference_message(setup))
+    # The baseline every time is divided by: Identity, i.e. one outer gradient, one cross product
+    # and the one residual product: the cheapest hypergradient there is. It doubles as the
+    # identity row.
+    programs = _programs(config)
+    built = [_variant_fn(name, budget, setup, config) for name, budget in programs]
+    compiled = compile_all([fn for fn, _ in built], setup.arguments, config.jobs,
+                           lambda i: on_step(f"compiled {label(*programs[i])}"))
+    measured = {}
+    for (name, budget), program, (_, setting) in zip(programs, compiled, built, strict=True):
+        measured[name, budget] = measure(program, setup.arguments, config.repeats), setting
+        on_step(f"timed {label(name, budget)}: "
+                f"{1e3 * measured[name, budget][0].seconds:.2f} ms")
+    baseline = measured["identity", None][0]
+    rows = [_row(name, budget, measured[name, budget][1], measured[name, budget][0], setup,
+                 config, baseline.seconds) for name, budget in plan(config)]
+    metadata = {
+        "config": dataclasses.asdict(config), "num_params": setup.num_params,
+        "reference": "bilevel.hypergrad with hvp.Dense(), float64, no damping, at θ* from "
+                     "problem.solve_inner",
+        "reference_grad": _tree_vector(setup.reference).tolist(),
+        "damping_floor": setup.damping_floor, "lambda_max": setup.lambda_max,
+        "alpha": setup.alpha, "nystrom_rho": setup.rho,
+        "baseline": "identity hypergradient (outer gradient + cross product + 1 HVP)",
+        "baseline_ms": 1e3 * baseline.seconds,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "device": str(jax.devices()[0]),
+                    "python": platform.python_version(), "jax": jax.__version__},
+    }
+    return rows, metadata
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+#: The columns of results.csv, in order (every field of a row).
+COLUMNS = ("solver", "budget", "setting", "hvp_count", "cosine", "rel_error", "rel_residual",
+           "status", "stable", "time_ms", "time_ratio", "compile_s", "memory_bytes", "dtype")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
+
+
+def write_json(rows: list[dict], metadata: dict, path: Path) -> None:
+    path.write_text(json.dumps(_json_safe({**metadata, "rows": rows}), indent=2,
+                               ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def plot(rows: list[dict], metadata: dict, path: Path) -> None:
+    """Relative error against HVP count and against wall time, a line per solver, log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    names = list(dict.fromkeys(row["solver"] for row in rows))
+    for name in names:
+        mine = [r for r in rows if r["solver"] == name and math.isfinite(r["rel_error"])]
+        if not mine:
+            continue
+        style = dict(marker="o", label=name, linestyle="-" if len(mine) > 1 else "none")
+        axes[0].plot([r["hvp_count"] for r in mine], [r["rel_error"] for r in mine], **style)
+        axes[1].plot([r["time_ms"] for r in mine], [r["rel_error"] for r in mine], **style)
+    floor = metadata["damping_floor"]
+    for ax, axis_label in zip(axes, ("HVP count (info.hvp_count)", "median wall time (ms)"),
+                              strict=True):
+        if floor > 0:
+            ax.axhline(floor, color="grey", linestyle=":", label="damping floor")
+        ax.set(xscale="log", yscale="log", xlabel=axis_label,
+               ylabel="relative error vs Dense (f64)")
+        ax.grid(True, which="both", alpha=0.3)
+    config = metadata["config"]
+    fig.suptitle(f"{config['problem']}: hypergradient error, {config['dtype']}, "
+                 f"damping {config['damping']:g}, mode {config['mode']}")
+    axes[1].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
