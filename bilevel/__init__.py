@@ -9,6 +9,8 @@ Submodules are imported on first use (PEP 562), so that ``import bilevel.cli`` -
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -41,7 +43,8 @@ _EXPORTS = {
     "train_problem": "bilevel.trainer",
     "UnrolledInfo": "bilevel.unrolled",
     "unrolled_hypergrad": "bilevel.unrolled",
-    "SolveError": "hvp.solvers",
+    "SolveError": "hvp.checks",
+    "SolveWarning": "hvp.checks",
 }
 _SUBMODULES = ("distributed",)
 
@@ -63,6 +66,22 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+class _Package(types.ModuleType):
+    """Keeps ``bilevel.implicit`` the decorator when its submodule of the same name loads.
+
+    The import system sets a submodule as an attribute of its package on first load; the
+    eager imports this module used to make re-bound the public name afterwards.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 if TYPE_CHECKING:  # pragma: no cover
     from bilevel import distributed
     from bilevel.es import ESInfo, PESState, es_hypergrad, pes_hypergrad, pes_init
@@ -72,4 +91,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from bilevel.trainer import (AbstractMethod, ESMethod, ImplicitMethod, TrainerConfig,
                                  TrainResult, UnrolledMethod, train, train_problem)
     from bilevel.unrolled import UnrolledInfo, unrolled_hypergrad
-    from hvp.solvers import SolveError
+    from hvp.checks import SolveError, SolveWarning

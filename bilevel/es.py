@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hvp import _checks
+from bilevel import _common
+from hvp import checks as _checks
 
 PyTree = Any
 
@@ -232,6 +233,16 @@ def _weighted_sum(weights: jax.Array, stacked: PyTree) -> PyTree:
         lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)
 
 
+def _report(where: str, losses: jax.Array, finite: jax.Array, on_failure: str) -> None:
+    bad = jnp.sum(~jnp.isfinite(losses))
+    _common.report_failure(
+        where, ~finite,
+        lambda bad, total: f"{int(bad)} of {int(total)} perturbed losses are not finite (or the "
+                           f"baseline is not), so the estimate is NaN: the unroll may have "
+                           f"diverged; lower sigma or the inner learning rate",
+        (bad, jnp.asarray(losses.shape[0])), on_failure)
+
+
 def _finish(grad: PyTree, losses: jax.Array, finite: jax.Array) -> tuple[PyTree, ESInfo]:
     """NaN the gradient unless every loss was finite, and build the :class:`ESInfo`."""
     grad = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.nan), grad)
@@ -245,8 +256,8 @@ def _finish(grad: PyTree, losses: jax.Array, finite: jax.Array) -> tuple[PyTree,
 
 
 def es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array, population: int = 64,
-                 sigma: float = 0.01, args: tuple = (), antithetic: bool = True
-                 ) -> tuple[PyTree, ESInfo]:
+                 sigma: float = 0.01, args: tuple = (), antithetic: bool = True, *,
+                 on_failure: str = "warn") -> tuple[PyTree, ESInfo]:
     """Gaussian-smoothing ES estimate of ``∇_λ meta_loss(λ)``.
 
     Antithetic (default), with ``population/2`` directions ``ε_i ~ N(0, I)``:
@@ -265,6 +276,9 @@ def es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array, populatio
       sigma: the smoothing scale σ > 0, in the units of ``hparams``.
       args: further arguments of ``meta_loss``, the same for every member of the population.
       antithetic: use ``±ε`` pairs (default) instead of a baseline evaluation at λ.
+      on_failure: when a loss is not finite: ``"warn"`` (default, one
+        :class:`hvp.SolveWarning` line attributed to the caller), ``"raise"``
+        (:class:`hvp.SolveError`) or ``"ignore"`` (``info.finite`` alone says so).
 
     Returns:
       ``(grad, info)``: grad shaped like ``hparams``, and an :class:`ESInfo` whose ``loss`` is
@@ -275,6 +289,7 @@ def es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array, populatio
     learning", 2017 (antithetic sampling); Nesterov & Spokoiny 2017 (Gaussian smoothing).
     """
     where = "bilevel.es_hypergrad"
+    _common.check_on_failure(where, on_failure)
     _check_es_inputs(where, meta_loss, hparams, key, population, sigma, args, antithetic)
     losses_at = jax.vmap(lambda h: meta_loss(h, *args))
     if antithetic:
@@ -289,6 +304,7 @@ def es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array, populatio
         baseline = meta_loss(hparams, *args)
         weights = (losses - baseline) / (sigma * population)
         finite = jnp.all(jnp.isfinite(losses)) & jnp.isfinite(baseline)
+    _report(where, losses, finite, on_failure)
     return _finish(_weighted_sum(weights, noise), losses, finite)
 
 
@@ -328,7 +344,8 @@ def pes_init(inner_init: Callable, hparams: PyTree, key: jax.Array, population: 
 
 
 def pes_hypergrad(unroll: Callable, hparams: PyTree, state: PESState, key: jax.Array,
-                  sigma: float = 0.01, args: tuple = ()) -> tuple[PyTree, PESState, ESInfo]:
+                  sigma: float = 0.01, args: tuple = (), *, on_failure: str = "warn"
+                  ) -> tuple[PyTree, PESState, ESInfo]:
     """Run one truncation of every particle and return its PES hypergradient estimate.
 
     Draws antithetic perturbations ``ε_i ~ N(0, σ²I)`` (``ε`` for particle ``i``, ``−ε`` for its
@@ -353,6 +370,8 @@ def pes_hypergrad(unroll: Callable, hparams: PyTree, state: PESState, key: jax.A
       key: a PRNG key for this truncation's perturbations and data.
       sigma: the perturbation scale σ > 0, in the units of ``hparams``.
       args: further arguments of ``unroll``, the same for every particle.
+      on_failure: when a loss is not finite: ``"warn"`` (default), ``"raise"`` or ``"ignore"``,
+        as in :func:`es_hypergrad`.
 
     Returns:
       ``(grad, new_state, info)``: grad shaped like ``hparams``; ``info.loss`` is the mean of
@@ -364,6 +383,7 @@ def pes_hypergrad(unroll: Callable, hparams: PyTree, state: PESState, key: jax.A
     computation graphs with persistent evolution strategies", ICML 2021.
     """
     where = "bilevel.pes_hypergrad"
+    _common.check_on_failure(where, on_failure)
     population = _check_pes_inputs(where, unroll, hparams, state, key, sigma, args)
     pairs = population // 2
     keys = jax.random.split(key, pairs + 1)
@@ -375,5 +395,7 @@ def pes_hypergrad(unroll: Callable, hparams: PyTree, state: PESState, key: jax.A
         _shifted(hparams, perturbations), state.inner_state, pair_keys)
     # Σ_i ξ_i = 0 over antithetic pairs, so centring the losses changes nothing but round-off.
     weights = (losses - jnp.mean(losses)) / (sigma**2 * population)
-    grad, info = _finish(_weighted_sum(weights, xi), losses, jnp.all(jnp.isfinite(losses)))
+    finite = jnp.all(jnp.isfinite(losses))
+    _report(where, losses, finite, on_failure)
+    grad, info = _finish(_weighted_sum(weights, xi), losses, finite)
     return grad, PESState(inner_state, xi, state.truncations + 1), info

@@ -50,7 +50,7 @@ import hvp
 from bilevel import _common, unrolled
 from bilevel.implicit import hypergrad
 from bilevel.unrolled import unrolled_hypergrad
-from hvp import _checks
+from hvp import checks as _checks
 
 PyTree = Any
 
@@ -134,7 +134,8 @@ class ImplicitMethod(AbstractMethod):
 
     ``dL_out/dλ = ∂_λ L_out − ∂²_{λθ} L_in · H⁻¹ ∇_θ L_out``, the inverse HVP from ``solver``.
     The history gets ``residual_norm``, ``iterations``, ``hvp_count`` and ``converged`` of the
-    solve. With ``warm_start=True`` the solve starts from the previous outer step's inverse HVP
+    solve, and ``stationary`` / ``inner_grad_norm`` of the inner parameters (see
+    :func:`bilevel.hypergrad`). With ``warm_start=True`` the solve starts from the previous outer step's inverse HVP
     (``info.inverse_hvp``), which is carried, and checkpointed, from step to step.
 
     Attributes:
@@ -180,7 +181,7 @@ class ImplicitMethod(AbstractMethod):
         grad, info = hypergrad(inner.inner_loss, inner.outer_loss, params, hparams,
                                inner.inner_args, inner.outer_args, solver=self.solver,
                                mode=self.mode, damping=self.damping, curvature=self.curvature,
-                               init=init, key=key)
+                               init=init, key=key, on_failure="ignore")
         if self.warm_start:
             # Keep the vector only from a solve that made progress; one that met negative
             # curvature, diverged or went non-finite would poison every later solve.
@@ -190,9 +191,13 @@ class ImplicitMethod(AbstractMethod):
             state = jax.tree_util.tree_map(
                 lambda v: jnp.where(usable, v, jnp.zeros_like(v)), info.inverse_hvp)
         stats = {"outer_loss": info.outer_loss, "finite": info.finite,
-                 "converged": info.converged, "residual_norm": info.residual_norm,
+                 # The solve's own verdict; whether the warm-started inner parameters are
+                 # stationary is its own column.
+                 "converged": (info.status == hvp.Status.CONVERGED) & info.finite,
+                 "residual_norm": info.residual_norm,
                  "iterations": info.iterations, "hvp_count": info.hvp_count,
-                 "status": info.status}
+                 "status": info.status, "stationary": info.stationary,
+                 "inner_grad_norm": info.inner_grad_norm}
         return grad, params, state, stats
 
 
@@ -234,7 +239,7 @@ class UnrolledMethod(AbstractMethod):
                                         inner_args=inner.inner_args,
                                         outer_args=inner.outer_args, mode=self.mode,
                                         checkpoint_every=self.checkpoint_every,
-                                        truncate=self.truncate)
+                                        truncate=self.truncate, on_failure="ignore")
         stats = {"outer_loss": info.outer_loss, "finite": info.finite}
         return grad, info.params, state, stats
 
@@ -289,7 +294,8 @@ class ESMethod(AbstractMethod):
 
         grad, info = es_hypergrad(meta_loss, hparams, key, population=self.population,
                                   sigma=self.sigma, antithetic=self.antithetic,
-                                  args=(params, inner.inner_args, inner.outer_args))
+                                  args=(params, inner.inner_args, inner.outer_args),
+                                  on_failure="ignore")
         final = unroll(hparams, params, inner.inner_args)
         stats = {"outer_loss": inner.outer_loss(final, hparams, *inner.outer_args),
                  "finite": info.finite, "es_loss": info.loss, "es_loss_std": info.loss_std}

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bilevel import _common
@@ -143,9 +144,12 @@ def _scan(step: Callable, carry, xs, length: int, checkpoint_every: int | None):
     return carry, values
 
 
-def _check_int(where: str, name: str, value: Any, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+def _check_int(where: str, name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as a Python int in ``[low, high]``; NumPy integers are accepted."""
+    if (not isinstance(value, int | np.integer) or isinstance(value, bool)
+            or not low <= value <= high):
         raise ValueError(f"{where}: {name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
 
 
 def _check_per_step_args(where: str, per_step_args: tuple, steps: int) -> None:
@@ -162,15 +166,14 @@ def _resolve_checkpointing(where: str, checkpoint_every: Any, steps: int) -> int
         return None
     if checkpoint_every == "sqrt":
         return max(1, math.isqrt(steps - 1) + 1)
-    _check_int(where, "checkpoint_every", checkpoint_every, 1, steps)
-    return checkpoint_every
+    return _check_int(where, "checkpoint_every", checkpoint_every, 1, steps)
 
 
 def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTree,
                        hparams: PyTree, optimizer: Any, steps: int, inner_args: tuple = (),
                        outer_args: tuple = (), per_step_args: tuple | None = None,
                        mode: str = "mixflow", checkpoint_every: int | str | None = None,
-                       truncate: int | None = None, on_failure: str = "ignore"
+                       truncate: int | None = None, on_failure: str = "warn"
                        ) -> tuple[PyTree, UnrolledInfo]:
     """Meta-gradient of ``outer_loss(θ_T, λ)`` through ``steps`` optax updates of ``inner_loss``.
 
@@ -195,7 +198,9 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
         as √T).
       truncate: backpropagate through the last ``truncate`` steps only (the earlier steps run
         without gradient); ``None`` means through all steps.
-      on_failure: ``"ignore"``, ``"warn"`` or ``"raise"`` on a non-finite meta-gradient or loss.
+      on_failure: when the meta-gradient or the outer loss is not finite: ``"warn"``
+        (default, one :class:`hvp.SolveWarning` line attributed to the caller), ``"raise"``
+        (:class:`hvp.SolveError`) or ``"ignore"`` (``info.finite`` alone says so).
 
     Returns:
       ``(grad, info)``: the meta-gradient shaped like ``hparams`` and an :class:`UnrolledInfo`.
@@ -204,7 +209,7 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
     _common.check_on_failure(where, on_failure)
     if mode not in MODES:
         raise ValueError(f"{where}: mode must be one of {MODES}, got {mode!r}")
-    _check_int(where, "steps", steps, 1, 2**31 - 1)
+    steps = _check_int(where, "steps", steps, 1, 2**31 - 1)
     inner_args, outer_args = tuple(inner_args), tuple(outer_args)
     has_per_step = per_step_args is not None
     per_step_args = tuple(per_step_args) if has_per_step else ()
@@ -214,7 +219,7 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
     _common.check_losses(where, inner_loss, outer_loss, params0, hparams, first_step_args,
                          outer_args)
     if truncate is not None:
-        _check_int(where, "truncate", truncate, 1, steps)
+        truncate = _check_int(where, "truncate", truncate, 1, steps)
     live_steps = steps if truncate is None else truncate
     # Only the differentiated steps are checkpointed, so "sqrt" refers to their number.
     chunk = _resolve_checkpointing(where, checkpoint_every, live_steps)

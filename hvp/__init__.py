@@ -3,6 +3,8 @@
 The public API is what this module exports; everything else may change.
 """
 
+from hvp import checks
+from hvp.checks import ON_FAILURE, SolveError, SolveWarning, jit, surface_errors
 from hvp.operators import (
     DEFAULT_DENSE_LIMIT,
     DiagonalOperator,
@@ -34,6 +36,12 @@ from hvp.spectral import Spectrum, extreme_eigenvalues, lanczos, power_iteration
 
 __all__ = [
     "CG",
+    "ON_FAILURE",
+    "SolveError",
+    "SolveWarning",
+    "checks",
+    "jit",
+    "surface_errors",
     "DEFAULT_DENSE_LIMIT",
     "GMRES",
     "MINRES",

@@ -1,12 +1,20 @@
-"""Trace-time validation shared by the public functions.
+"""Argument checks and failure reporting, public for libraries built on :mod:`hvp`.
 
 Every check runs on shapes and dtypes only (``jax.eval_shape``), so a bad call fails while
 tracing with a message naming the function, the argument, what was found and what was expected.
+:func:`report_failure` is how every solve and hypergradient honours ``on_failure``: a
+:class:`SolveWarning` attributed to the user's calling line, or a :class:`SolveError`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+import functools
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +95,234 @@ def concrete_value(x: Any) -> float | None:
 
 
 def check_nonnegative(where: str, name: str, value: Any) -> None:
+    """Raise unless ``value`` is a real scalar (possibly traced) that is >= 0 where known."""
+    real_scalar(where, name, value, minimum=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Failure reporting: one vocabulary and one exception type for every solve and hypergradient.
+
+#: What a function does when its solve fails: warn (the default), raise :class:`SolveError`,
+#: or leave it to ``info`` alone.
+ON_FAILURE = ("warn", "raise", "ignore")
+
+#: Top-level packages whose frames are skipped when a warning is attributed to user code.
+_LIBRARY_PACKAGES = frozenset({"hvp", "bilevel", "semisup", "jax", "jaxlib", "functools",
+                               "contextlib", "equinox", "optax"})
+
+
+class SolveError(RuntimeError, FloatingPointError):
+    """A solve or hypergradient failed and ``on_failure="raise"`` was asked for.
+
+    Its message names the function that was called and carries the solve's status, iterations
+    and residual. It subclasses ``RuntimeError`` and ``FloatingPointError``, the types raised
+    before it existed, so older ``except`` clauses still catch it.
+    """
+
+
+class SolveWarning(RuntimeWarning):
+    """A solve or hypergradient failed and ``on_failure="warn"`` (the default) was in force."""
+
+
+def check_on_failure(where: str, on_failure: Any) -> None:
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"{where}: on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+
+
+def _user_frame() -> Any:
+    """The innermost stack frame that belongs to neither this library nor JAX."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        package = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+        if package not in _LIBRARY_PACKAGES:
+            return frame
+        frame = frame.f_back
+    return sys._getframe(1)
+
+
+class _Location(NamedTuple):
+    filename: str
+    lineno: int
+    module: str
+    registry: dict
+
+
+def user_location() -> _Location:
+    """Where the user's code called into the library: warnings are attributed to this line.
+
+    Captured when a function is called (eagerly) or traced (under ``jit``), so a warning raised
+    later from a callback still points at the user's call, not at JAX or this library.
+    """
+    frame = _user_frame()
+    registry = frame.f_globals.setdefault("__warningregistry__", {})
+    return _Location(frame.f_code.co_filename, frame.f_lineno,
+                     str(frame.f_globals.get("__name__", "<unknown>")), registry)
+
+
+#: The last few errors raised from callbacks, so :func:`surface_errors` can re-raise them as
+#: themselves when JAX wraps them in a ``JaxRuntimeError``.
+_RAISED: collections.deque = collections.deque(maxlen=32)
+
+
+def _first_failure(failed: np.ndarray, values: tuple) -> tuple[tuple, int, int]:
+    """Values of the first failed element of a (possibly ``vmap``-batched) report."""
+    failed = np.asarray(failed)
+    flat = np.ravel(failed)
+    count, first = int(flat.sum()), int(np.argmax(flat))
+    picked = []
+    for value in values:
+        value = np.asarray(value)
+        picked.append(np.ravel(np.broadcast_to(value, failed.shape))[first]
+                      if failed.ndim else value)
+    return tuple(picked), count, flat.size
+
+
+def _act(where: str, describe: Callable[..., str], on_failure: str, location: _Location,
+         failed: Any, *values: Any) -> None:
+    failed = np.asarray(failed)
+    if not failed.any():
+        return
+    picked, count, total = _first_failure(failed, values)
+    message = f"{where}: {describe(*picked)}"
+    if total > 1:
+        message += f" ({count} of {total} batched calls failed; the first is shown)"
+    if on_failure == "raise":
+        error = SolveError(message)
+        _RAISED.append(error)
+        raise error
+    warnings.warn_explicit(message, SolveWarning, location.filename, location.lineno,
+                           module=location.module, registry=location.registry)
+
+
+def report_failure(where: str, failed: Any, describe: Callable[..., str], values: tuple,
+                   on_failure: str) -> None:
+    """Warn or raise when ``failed`` holds, eagerly or, through a callback, under ``jit``.
+
+    Args:
+      where: the public function the user called, which starts the message.
+      failed: a boolean array (batched under ``vmap``).
+      describe: ``describe(*values) -> str``, called on the host with concrete scalars of the
+        first failed element.
+      values: arrays passed to ``describe``.
+      on_failure: one of :data:`ON_FAILURE`.
+
+    The warning is attributed to the user's line that called ``where``; under ``jit`` the
+    callback runs only on failure (inside ``lax.cond``), so a successful solve costs no host
+    round trip. Under ``jit`` a raised :class:`SolveError` reaches the caller wrapped in JAX's
+    ``JaxRuntimeError``, unless the call goes through :func:`hvp.jit` or
+    :func:`surface_errors`, which re-raise it as itself.
+    """
+    if on_failure == "ignore":
+        return
+    act = functools.partial(_act, where, describe, on_failure, user_location())
+    try:
+        concrete = np.asarray(failed)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None
+    if concrete is not None:
+        act(concrete, *values)
+        return
+    jax.lax.cond(jnp.any(failed), lambda: jax.debug.callback(act, failed, *values),
+                 lambda: None)
+
+
+def _original_error(error: BaseException) -> SolveError | None:
+    text = str(error)
+    for raised in reversed(_RAISED):
+        if str(raised) in text:
+            return raised
+    return None
+
+
+def surface_errors(fun: Callable) -> Callable:
+    """Wrap ``fun`` so a :class:`SolveError` raised inside a compiled call surfaces as itself.
+
+    JAX reports an exception raised by a host callback as ``jax.errors.JaxRuntimeError`` whose
+    text contains the original. Calls made through the wrapper re-raise the original
+    :class:`SolveError` (message and type) instead; every other error passes unchanged.
+    """
+
+    @functools.wraps(fun)
+    def wrapper(*args, **kwargs):
+        try:
+            return fun(*args, **kwargs)
+        except jax.errors.JaxRuntimeError as error:
+            original = _original_error(error)
+            if original is None:
+                raise
+            raise original.with_traceback(None) from None
+
+    return wrapper
+
+
+class _Jitted:
+    """``jax.jit(fun)`` whose calls re-raise a failed solve's :class:`SolveError` as itself."""
+
+    def __init__(self, jitted: Callable):
+        self._jitted = jitted
+        self._call = surface_errors(jitted)
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # lower, trace, eval_shape, ...
+        return getattr(self._jitted, name)
+
+
+def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
+    """``jax.jit`` that lets ``on_failure="raise"`` surface as :class:`SolveError`.
+
+    Under a plain ``jax.jit`` an exception raised from inside the compiled computation reaches
+    the caller as ``jax.errors.JaxRuntimeError`` (its text carries the original message); this
+    wrapper re-raises the original instead. Usable as ``hvp.jit(f, static_argnums=...)`` or as a
+    decorator, with or without arguments.
+    """
+    if fun is None:
+        return functools.partial(jit, **jit_kwargs)
+    return _Jitted(jax.jit(fun, **jit_kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Scalars given as arguments: Python or NumPy numbers, checked where they enter.
+
+
+def integer(where: str, name: str, value: Any, minimum: int | None = None,
+            maximum: int | None = None) -> int:
+    """``value`` as a Python int; NumPy integers are accepted, bools and floats are not."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{where}: {name} must be an integer, got {value!r} "
+                        f"({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        low = "" if minimum is None else f">= {minimum}"
+        high = "" if maximum is None else f"<= {maximum}"
+        bounds = " and ".join(filter(None, (low, high)))
+        raise ValueError(f"{where}: {name} must be an integer {bounds}, got {value}")
+    return value
+
+
+def real_scalar(where: str, name: str, value: Any, minimum: float | None = None) -> Any:
+    """Check a real scalar argument that may also be a (traced) 0-d array.
+
+    Python and NumPy numbers and 0-d real arrays are accepted; strings, bools, complex numbers,
+    ``None`` and arrays with more than one element are refused. A concrete value must be finite
+    and at least ``minimum``. Returns ``value`` unchanged.
+    """
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise TypeError(f"{where}: {name} must be a real number, got {value!r} "
+                        f"({type(value).__name__})")
+    try:
+        dtype, shape = jnp.result_type(value), np.shape(value)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be a real number, got {value!r} "
+                        f"({type(value).__name__})") from None
+    if shape != () or not (jnp.issubdtype(dtype, jnp.floating)
+                           or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{where}: {name} must be a real scalar, got {dtype} of shape {shape}")
     concrete = concrete_value(value)
-    if concrete is not None and not concrete >= 0.0:
-        raise ValueError(f"{where}: {name} must be >= 0, got {concrete}")
+    if concrete is not None and not math.isfinite(concrete):
+        raise ValueError(f"{where}: {name} must be finite, got {concrete}")
+    if concrete is not None and minimum is not None and not concrete >= minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum:g}, got {concrete}")
+    return value

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from hvp import _checks
+from hvp import checks as _checks
 from hvp.products import _ggn_unchecked, _hvp_unchecked
 
 PyTree = Any

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hvp import _checks
+from hvp import checks as _checks
 
 PyTree = Any
 

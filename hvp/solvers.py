@@ -18,9 +18,10 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from hvp import _checks
+from hvp import checks as _checks
 from hvp.operators import LinearOperator
 from hvp.spectral import power_iteration
 
@@ -69,24 +70,39 @@ def status_message(info: SolveInfo) -> str:
 # Validation helpers for the dataclass fields.
 
 
+def _set(solver: Any, name: str, value: Any) -> None:
+    object.__setattr__(solver, name, value)  # frozen: normalise NumPy scalars to Python ones
+
+
 def _positive_int(solver: Any, name: str) -> None:
     value = getattr(solver, name)
+    if isinstance(value, np.integer):
+        _set(solver, name, value := int(value))
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{type(solver).__name__}: {name} must be an integer >= 1, got {value!r}")
 
 
-def _tolerance(solver: Any, name: str = "tol", allow_none: bool = False) -> None:
+def _real(solver: Any, name: str) -> Any:
     value = getattr(solver, name)
+    if isinstance(value, np.integer | np.floating):
+        _set(solver, name, value := float(value))
+    return value
+
+
+def _tolerance(solver: Any, name: str = "tol", allow_none: bool = False) -> None:
+    value = _real(solver, name)
     if value is None and allow_none:
         return
-    if not isinstance(value, int | float) or not 0.0 <= value < math.inf:
+    if (not isinstance(value, int | float) or isinstance(value, bool)
+            or not 0.0 <= value < math.inf):
         raise ValueError(f"{type(solver).__name__}: {name} must be a finite number >= 0, "
                          f"got {value!r}")
 
 
 def _positive_or_none(solver: Any, name: str) -> None:
-    value = getattr(solver, name)
-    if value is not None and (not isinstance(value, int | float) or not 0.0 < value < math.inf):
+    value = _real(solver, name)
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                              or not 0.0 < value < math.inf):
         raise ValueError(f"{type(solver).__name__}: {name} must be None or a finite number > 0, "
                          f"got {value!r}")
 
@@ -688,29 +704,14 @@ class Dense(AbstractSolver):
 # The entry point.
 
 
-def _raise_if_failed(info: SolveInfo, where: str) -> None:
-    def check(status, iterations, hvps, residual):
-        if int(status) != Status.CONVERGED:
-            message = status_message(SolveInfo(residual, iterations, status == 0, hvps, status))
-            raise RuntimeError(f"{where}: the solve failed: {message}")
-
-    try:
-        concrete = [bool(jnp.all(info.converged))]
-    except jax.errors.ConcretizationTypeError:
-        concrete = None
-    if concrete is None:
-        jax.debug.callback(lambda *a: jax.tree_util.tree_map(lambda *x: check(*x), *a),
-                           info.status, info.iterations, info.hvp_count, info.residual_norm)
-    elif not concrete[0]:
-        flat = [jnp.ravel(f) for f in (info.status, info.iterations, info.hvp_count,
-                                       info.residual_norm)]
-        for status, iterations, hvps, residual in zip(*flat, strict=True):
-            check(status, iterations, hvps, residual)
+def _describe_solve(status, iterations, hvps, residual) -> str:
+    return "the solve failed: " + status_message(
+        SolveInfo(residual, iterations, status == Status.CONVERGED, hvps, status))
 
 
 def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
           preconditioner: LinearOperator | None = None, init: PyTree | None = None,
-          key: jax.Array | None = None, on_failure: str = "ignore") -> tuple[PyTree, SolveInfo]:
+          key: jax.Array | None = None, on_failure: str = "warn") -> tuple[PyTree, SolveInfo]:
     """Solve ``A x = b`` for a symmetric operator with any solver: ``x ≈ A⁻¹ b``.
 
     Args:
@@ -722,9 +723,11 @@ def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
       init: a starting guess (warm start), for the iterative solvers that accept one.
       key: PRNG key for randomised solvers (Nyström, LiSSA, Neumann's power iteration); ``None``
         means ``jax.random.key(solver.seed)`` (or 0), so results are reproducible.
-      on_failure: ``"ignore"`` (default: failures are reported in ``info``) or ``"raise"``
-        (raise ``RuntimeError`` with the status, iterations and residual; under ``jit`` the
-        error surfaces when the computation runs).
+      on_failure: what to do when the solve did not converge: ``"warn"`` (default: one
+        :class:`hvp.SolveWarning` line with the status, iterations and residual, attributed to
+        the line that called ``hvp.solve``), ``"raise"`` (:class:`hvp.SolveError`; under
+        ``jit`` it surfaces as itself through :func:`hvp.jit`) or ``"ignore"`` (``info``
+        alone says so).
 
     Returns:
       ``(x, info)``: x shaped like ``vector``, and a :class:`SolveInfo`.
@@ -736,8 +739,7 @@ def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"{where}: solver must be an hvp solver such as hvp.CG(), got "
                         f"{type(solver).__name__}")
-    if on_failure not in ("ignore", "raise"):
-        raise ValueError(f"{where}: on_failure must be 'ignore' or 'raise', got {on_failure!r}")
+    _checks.check_on_failure(where, on_failure)
     _checks.check_floating(where, "vector", vector)
     _checks.check_same_structure(where, "vector", vector, "operator.structure",
                                  operator.structure)
@@ -765,8 +767,9 @@ def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
     problem = _Problem(lambda v: operator.flat_mv(v).astype(dtype), b,
                        lambda v: precondition(v).astype(dtype), x0, key, operator)
     x, info = solver._solve(problem)
-    if on_failure == "raise":
-        _raise_if_failed(info, where)
+    _checks.report_failure(where, ~info.converged, _describe_solve,
+                           (info.status, info.iterations, info.hvp_count, info.residual_norm),
+                           on_failure)
     solution = jax.tree_util.tree_map(lambda x_, v: x_.astype(jnp.result_type(v)),
                                       operator.unravel(x), vector)
     return solution, info

@@ -478,7 +478,8 @@ def meta_gradient(config: Config, params, conf_params, batch, key=None):
     return bilevel.hypergrad(inner, outer, theta, conf_params, inner_args, outer_args,
                              solver=make_solver(config.solver, config.solver_iters,
                                                 config.damping),
-                             damping=config.damping, key=key)
+                             damping=config.damping, key=key, on_failure="ignore",
+                             stationarity_tol=None)
 
 
 def _meta_step(config: Config, state: State, data: Split) -> State:

@@ -156,8 +156,9 @@ TRACE_TIME_CASES = [
          lambda p: hvp.solve(jnp.eye(SIZE), flat(p), hvp.CG()), TypeError,
          re.escape("hvp.solve: operator must be an hvp.LinearOperator")),
     case("solve-on_failure",
-         lambda p: hvp.solve(hvp.hessian(loss, p), p, hvp.CG(), on_failure="warn"), ValueError,
-         re.escape("hvp.solve: on_failure must be 'ignore' or 'raise', got 'warn'")),
+         lambda p: hvp.solve(hvp.hessian(loss, p), p, hvp.CG(), on_failure="loud"), ValueError,
+         re.escape("hvp.solve: on_failure must be one of ('warn', 'raise', 'ignore'), got "
+                   "'loud'")),
     case("lissa-without-batch_argnums",
          lambda p: hvp.solve(hvp.hessian(loss, p), p, hvp.LiSSA(batch_size=2)), ValueError,
          re.escape("hvp.LiSSA: the operator must be built with batch_argnums")),

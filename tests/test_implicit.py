@@ -239,7 +239,7 @@ def test_bad_inputs_raise_clear_errors(ridge):
     with pytest.raises(ValueError, match="on_failure must be one of"):
         bilevel.hypergrad(inner, outer, theta, lam, ridge["data"], ridge["val"],
                           on_failure="explode")
-    with pytest.raises(ValueError, match="hvp.hessian: damping must be >= 0"):
+    with pytest.raises(ValueError, match="bilevel.hypergrad: damping must be >= 0"):
         bilevel.hypergrad(inner, outer, theta, lam, ridge["data"], ridge["val"], damping=-1.0)
 
 
