@@ -287,21 +287,6 @@ def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
 # Scalars given as arguments: Python or NumPy numbers, checked where they enter.
 
 
-def integer(where: str, name: str, value: Any, minimum: int | None = None,
-            maximum: int | None = None) -> int:
-    """``value`` as a Python int; NumPy integers are accepted, bools and floats are not."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{where}: {name} must be an integer, got {value!r} "
-                        f"({type(value).__name__})")
-    value = int(value)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        low = "" if minimum is None else f">= {minimum}"
-        high = "" if maximum is None else f"<= {maximum}"
-        bounds = " and ".join(filter(None, (low, high)))
-        raise ValueError(f"{where}: {name} must be an integer {bounds}, got {value}")
-    return value
-
-
 def real_scalar(where: str, name: str, value: Any, minimum: float | None = None) -> Any:
     """Check a real scalar argument that may also be a (traced) 0-d array.
 
