@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import hvp
 from bilevel import _common
@@ -68,10 +69,11 @@ def _describe_hypergrad(status, iterations, hvps, residual, finite, stationary,
     if not bool(finite):
         parts.append("an input or the result is not finite (NaN or inf)")
     if bool(finite) and not bool(stationary):
+        ratio = float(inner_grad_norm) / float(outer_grad_norm) if outer_grad_norm else np.inf
         parts.append(f"params is not a stationary point of inner_loss: ||∇_θ inner_loss|| = "
-                     f"{float(inner_grad_norm):.3e} is {float(inner_grad_norm / outer_grad_norm):.3g}"
-                     f" × ||∇_θ outer_loss|| (stationarity_tol={float(tol):.3g}), so the implicit "
-                     f"function theorem does not hold there; solve the inner problem further")
+                     f"{float(inner_grad_norm):.3e} is {ratio:.3g} × ||∇_θ outer_loss|| "
+                     f"(stationarity_tol={float(tol):.3g}), so the implicit function theorem "
+                     f"does not hold there; solve the inner problem further")
     if int(status) != hvp.Status.CONVERGED:
         parts.append("the solve failed: " + hvp.status_message(
             hvp.SolveInfo(residual, iterations, status == 0, hvps, status)))
