@@ -6,6 +6,7 @@ Submodules are imported on first use (PEP 562), so that ``import bilevel.cli`` -
 ``bilevel --help`` -- does not pay for importing JAX.
 """
 
+# ruff: noqa: F401  (the TYPE_CHECKING imports name the lazily loaded public API)
 from __future__ import annotations
 
 import importlib
@@ -86,9 +87,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from bilevel import distributed
     from bilevel.es import ESInfo, PESState, es_hypergrad, pes_hypergrad, pes_init
     from bilevel.implicit import HypergradInfo, hypergrad, implicit
-    from bilevel.problems import (PROBLEMS, BilevelProblem, data_reweighting, digits_mlp,
-                                  imaml_regression, logistic_l2, make_problem, ridge)
-    from bilevel.trainer import (AbstractMethod, ESMethod, ImplicitMethod, TrainerConfig,
-                                 TrainResult, UnrolledMethod, train, train_problem)
+    from bilevel.problems import (
+        PROBLEMS,
+        BilevelProblem,
+        data_reweighting,
+        digits_mlp,
+        imaml_regression,
+        logistic_l2,
+        make_problem,
+        ridge,
+    )
+    from bilevel.trainer import (
+        AbstractMethod,
+        ESMethod,
+        ImplicitMethod,
+        TrainerConfig,
+        TrainResult,
+        UnrolledMethod,
+        train,
+        train_problem,
+    )
     from bilevel.unrolled import UnrolledInfo, unrolled_hypergrad
     from hvp.checks import SolveError, SolveWarning

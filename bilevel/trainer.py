@@ -135,8 +135,9 @@ class ImplicitMethod(AbstractMethod):
     ``dL_out/dλ = ∂_λ L_out − ∂²_{λθ} L_in · H⁻¹ ∇_θ L_out``, the inverse HVP from ``solver``.
     The history gets ``residual_norm``, ``iterations``, ``hvp_count`` and ``converged`` of the
     solve, and ``stationary`` / ``inner_grad_norm`` of the inner parameters (see
-    :func:`bilevel.hypergrad`). With ``warm_start=True`` the solve starts from the previous outer step's inverse HVP
-    (``info.inverse_hvp``), which is carried, and checkpointed, from step to step.
+    :func:`bilevel.hypergrad`). With ``warm_start=True`` the solve starts from the previous outer
+    step's inverse HVP (``info.inverse_hvp``), which is carried, and checkpointed, from step to
+    step.
 
     Attributes:
       solver: any :mod:`hvp` solver; with ``warm_start`` one that accepts ``init``.

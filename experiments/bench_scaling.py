@@ -118,7 +118,8 @@ def hypergrad_fn(cfg: Config) -> Callable:
         # negative curvature instead of running its k iterations.
         grad, info = bilevel.hypergrad(inner_loss, outer_loss, params, hparams, (x, y),
                                        (x_val, y_val), damping=1.0,
-                                       solver=hvp.CG(maxiter=cfg.cg_iters, tol=0.0))
+                                       solver=hvp.CG(maxiter=cfg.cg_iters, tol=0.0),
+                                       on_failure="ignore", stationarity_tol=None)
         return grad, info.hvp_count
 
     return fun
@@ -128,7 +129,8 @@ def unrolled_fn(cfg: Config) -> Callable:
     def fun(params, hparams, x, y, x_val, y_val):
         grad, _ = bilevel.unrolled_hypergrad(inner_loss, outer_loss, params, hparams,
                                              optax.adam(1e-3), cfg.steps, inner_args=(x, y),
-                                             outer_args=(x_val, y_val), mode="mixflow")
+                                             outer_args=(x_val, y_val), mode="mixflow",
+                                             on_failure="ignore")
         return grad, jnp.int32(0)
 
     return fun
@@ -152,7 +154,8 @@ def es_fn(cfg: Config, population: int, mesh: jax.sharding.Mesh | None) -> Calla
     def fun(params, hparams, x, y, x_val, y_val):
         args, key = (params, x, y, x_val, y_val), jax.random.key(7)
         if mesh is None:
-            grad, _ = bilevel.es_hypergrad(meta_loss, hparams, key, population, 0.01, args)
+            grad, _ = bilevel.es_hypergrad(meta_loss, hparams, key, population, 0.01, args,
+                                           on_failure="ignore")
         else:
             grad, _ = distributed.sharded_es_hypergrad(meta_loss, hparams, key, population,
                                                        0.01, args, mesh=mesh)

@@ -48,7 +48,7 @@ def influences(config: fixmatch.Config, params, data, key, solver: str, iters: i
     grad, info = bilevel.hypergrad(inner, outer, theta, jnp.ones_like(mask), inner_args,
                                    outer_args,
                                    solver=fixmatch.make_solver(solver, iters, damping),
-                                   damping=damping)
+                                   damping=damping, on_failure="ignore", stationarity_tol=None)
     return grad, mask, data.unlabelled_ood[index], index, info.finite
 
 

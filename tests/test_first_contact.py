@@ -116,7 +116,8 @@ def _calls(kind: str):
     if kind == "solve-eager":
         return hvp.solve(INDEFINITE, RHS, hvp.CG(maxiter=10))  # CALL solve-eager
     if kind == "solve-jit":
-        return jax.jit(lambda b: hvp.solve(INDEFINITE, b, hvp.CG(maxiter=10)))(RHS)  # CALL solve-jit
+        solve = jax.jit(lambda b: hvp.solve(INDEFINITE, b, hvp.CG(maxiter=10)))  # CALL solve-jit
+        return solve(RHS)
     if kind == "hypergrad-eager":
         return bilevel.hypergrad(PROBLEM.inner_loss, PROBLEM.outer_loss,  # CALL hypergrad-eager
                                  PROBLEM.params, PROBLEM.hparams, PROBLEM.inner_args,
