@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from bilevel import _common
+from hvp import checks as _checks
 
 PyTree = Any
 MODES = ("mixflow", "reverse")
@@ -41,6 +42,8 @@ class UnrolledInfo(NamedTuple):
       outer_loss: ``L_out(θ_T, λ)``.
       inner_losses: ``L_in(θ_t, λ)`` at each of the ``steps`` steps, shape ``(steps,)``.
       params: θ_T, the final inner parameters (to warm-start the next unroll).
+      opt_state: the inner optimizer's final state; with ``params``, pass it as ``params0`` and
+        ``opt_state`` to continue the inner run in the next truncation without re-running it.
     """
 
     converged: jax.Array
@@ -48,6 +51,7 @@ class UnrolledInfo(NamedTuple):
     outer_loss: jax.Array
     inner_losses: jax.Array
     params: PyTree
+    opt_state: PyTree
 
 
 def _mixflow_value_and_grad(inner_loss: Callable) -> Callable:
@@ -173,8 +177,8 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
                        hparams: PyTree, optimizer: Any, steps: int, inner_args: tuple = (),
                        outer_args: tuple = (), per_step_args: tuple | None = None,
                        mode: str = "mixflow", checkpoint_every: int | str | None = None,
-                       truncate: int | None = None, on_failure: str = "warn"
-                       ) -> tuple[PyTree, UnrolledInfo]:
+                       truncate: int | None = None, on_failure: str = "warn",
+                       opt_state: PyTree | None = None) -> tuple[PyTree, UnrolledInfo]:
     """Meta-gradient of ``outer_loss(θ_T, λ)`` through ``steps`` optax updates of ``inner_loss``.
 
     Args:
@@ -198,6 +202,9 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
         as √T).
       truncate: backpropagate through the last ``truncate`` steps only (the earlier steps run
         without gradient); ``None`` means through all steps.
+      opt_state: the inner optimizer's state at θ_0 (not differentiated); ``None`` means
+        ``optimizer.init(params0)``. Pass the previous call's ``info.params`` and
+        ``info.opt_state`` to unroll truncations of one long inner run.
       on_failure: when the meta-gradient or the outer loss is not finite: ``"warn"``
         (default, one :class:`hvp.SolveWarning` line attributed to the caller), ``"raise"``
         (:class:`hvp.SolveError`) or ``"ignore"`` (``info.finite`` alone says so).
@@ -237,8 +244,17 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
             return None
         return jax.tree_util.tree_map(lambda x: x[start:stop], xs_all)
 
+    if opt_state is not None:
+        expected = jax.eval_shape(lambda h: _resolve_optimizer(where, optimizer, h).init(params0),
+                                  hparams)
+        _checks.check_same_structure(where, "opt_state", opt_state, "optimizer.init(params0)",
+                                     expected)
+        opt_state = jax.lax.stop_gradient(opt_state)
+
     def meta_objective(h):
-        carry = (params0, _resolve_optimizer(where, optimizer, h).init(params0))
+        start = (_resolve_optimizer(where, optimizer, h).init(params0) if opt_state is None
+                 else opt_state)
+        carry = (params0, start)
         frozen_steps = steps - live_steps
         losses = []
         if frozen_steps:
@@ -249,15 +265,14 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
             losses.append(head)
         carry, tail = run(h, carry, split(xs, frozen_steps, steps), live_steps, chunk)
         losses.append(tail)
-        params_final = carry[0]
-        value = outer_loss(params_final, h, *outer_args)
-        return value, (jnp.concatenate(losses), params_final)
+        value = outer_loss(carry[0], h, *outer_args)
+        return value, (jnp.concatenate(losses), carry)
 
-    (value, (losses, params_final)), grad = jax.value_and_grad(meta_objective, has_aux=True)(
-        hparams)
+    (value, (losses, (params_final, state_final))), grad = jax.value_and_grad(
+        meta_objective, has_aux=True)(hparams)
     finite = _common.tree_all_finite(grad) & jnp.isfinite(value)
     info = UnrolledInfo(converged=finite, finite=finite, outer_loss=value, inner_losses=losses,
-                        params=params_final)
+                        params=params_final, opt_state=state_final)
     _common.report_failure(where, ~finite,
                            lambda v: f"the meta-gradient or the outer loss ({float(v):.3e}) is "
                                      f"not finite: the inner loop may have diverged",

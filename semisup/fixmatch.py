@@ -584,7 +584,8 @@ def _unrolled_python(config, params, key, data, x_eval, y_eval, steps, truncate)
         grad = grad + weights_ct
     finite = jnp.all(jnp.isfinite(grad)) & jnp.isfinite(value)
     return grad, bilevel.UnrolledInfo(converged=finite, finite=finite, outer_loss=value,
-                                      inner_losses=jnp.stack(losses), params=final)
+                                      inner_losses=jnp.stack(losses), params=final,
+                                      opt_state=carries[-1][1])
 
 
 def unrolled_influence(config: Config, state: State, data: Split, x_eval, y_eval,
