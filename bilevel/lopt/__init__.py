@@ -3,43 +3,74 @@ hierarchy, as optax transformations, with the tasks they are meta-trained and ev
 
 The public API is what this module exports; everything else may change.
 
+Submodules are imported on first use (PEP 562), so that the command line's option
+declarations (:mod:`bilevel.lopt.options`, and with them ``bilevel lopt --help``) do not pay
+for importing JAX.
+
 >>> from bilevel import lopt
 >>> meta, metadata = lopt.pretrained("star_lopt")               # doctest: +SKIP
 >>> opt = lopt.star_lopt(meta, **metadata["optimizer_kwargs"])   # doctest: +SKIP
 """
 
-from bilevel.lopt import tasks
-from bilevel.lopt.optimizers import (
-    LOptState,
-    available_pretrained,
-    init_mlp_lopt,
-    init_star_lopt,
-    load_meta_params,
-    mlp_lopt,
-    num_meta_params,
-    pretrained,
-    save_meta_params,
-    star_lopt,
-)
-from bilevel.lopt.tasks import TASKS, Task, sample_task
-from bilevel.lopt.velo import VeLOState, init_velo_lopt, velo_lopt
+from __future__ import annotations
 
-__all__ = [
-    "TASKS",
-    "LOptState",
-    "Task",
-    "VeLOState",
-    "available_pretrained",
-    "init_mlp_lopt",
-    "init_star_lopt",
-    "init_velo_lopt",
-    "load_meta_params",
-    "mlp_lopt",
-    "num_meta_params",
-    "pretrained",
-    "sample_task",
-    "save_meta_params",
-    "star_lopt",
-    "tasks",
-    "velo_lopt",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "LOptState": "bilevel.lopt.optimizers",
+    "available_pretrained": "bilevel.lopt.optimizers",
+    "init_mlp_lopt": "bilevel.lopt.optimizers",
+    "init_star_lopt": "bilevel.lopt.optimizers",
+    "load_meta_params": "bilevel.lopt.optimizers",
+    "mlp_lopt": "bilevel.lopt.optimizers",
+    "num_meta_params": "bilevel.lopt.optimizers",
+    "pretrained": "bilevel.lopt.optimizers",
+    "save_meta_params": "bilevel.lopt.optimizers",
+    "star_lopt": "bilevel.lopt.optimizers",
+    "TASKS": "bilevel.lopt.tasks",
+    "Task": "bilevel.lopt.tasks",
+    "sample_task": "bilevel.lopt.tasks",
+    "VeLOState": "bilevel.lopt.velo",
+    "init_velo_lopt": "bilevel.lopt.velo",
+    "velo_lopt": "bilevel.lopt.velo",
+}
+#: Submodules reachable as attributes (``lopt.tasks``); ``optimizers`` and ``velo`` too, as when
+#: this module imported them eagerly.
+_SUBMODULES = ("optimizers", "tasks", "velo")
+
+__all__ = sorted([*_EXPORTS, "tasks"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"bilevel.lopt.{name}")
+    else:
+        raise AttributeError(f"module 'bilevel.lopt' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bilevel.lopt import tasks  # noqa: F401
+    from bilevel.lopt.optimizers import (  # noqa: F401
+        LOptState,
+        available_pretrained,
+        init_mlp_lopt,
+        init_star_lopt,
+        load_meta_params,
+        mlp_lopt,
+        num_meta_params,
+        pretrained,
+        save_meta_params,
+        star_lopt,
+    )
+    from bilevel.lopt.tasks import TASKS, Task, sample_task  # noqa: F401
+    from bilevel.lopt.velo import VeLOState, init_velo_lopt, velo_lopt  # noqa: F401

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,19 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel._argtypes import positive_int as _positive_int
-from bilevel.lopt import tasks
+from bilevel.lopt import options, tasks
+from bilevel.lopt.options import BASELINES, DEFAULT_LRS, LEARNED  # noqa: F401
 
 PyTree = Any
-
-#: Baseline names accepted by :func:`baseline`, in table order.
-BASELINES = ("adam", "nadamw", "sgdm")
-#: Learned optimizers the CLI knows, in table order.
-LEARNED = ("mlp_lopt", "star_lopt", "velo_lopt")
-OPTIMIZERS = LEARNED + BASELINES
-#: Half-decade grid 1e-4 ... 1 (9 values), VeLO's spacing over the range where these tasks'
-#: tuned learning rates lie for all three baselines (SGD-momentum's optimum is the largest).
-DEFAULT_LRS = tuple(float(10.0 ** e) for e in np.arange(-4.0, 0.01, 0.5))
+OPTIMIZERS = options.EVAL_OPTIMIZERS
 #: NAdamW's decoupled weight decay (optax's default) and SGD's heavy-ball momentum.
 NADAMW_WEIGHT_DECAY = 1e-4
 SGD_MOMENTUM = 0.9
@@ -552,80 +545,15 @@ def learned_factory(name: str, meta: dict, metadata: dict) -> Callable[[int], An
     return make
 
 
-def _comma_names(choices: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-        unknown = [t for t in items if t not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {unknown[0] if unknown else text!r}; choose from "
-                f"{', '.join(choices)}")
-        return items
-    return parse
+add_arguments = options.add_eval_arguments
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of numbers, e.g. 1e-3,1e-2; got {text!r}") from None
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0, got {text!r}")
-    return tuple(sorted(set(values)))
-
-
-
-
-def _meta_params(text: str) -> dict[str, Path]:
-    """``PATH`` (for the one learned optimizer selected) or ``mlp_lopt=PATH,star_lopt=PATH``."""
-    entries = {}
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = "", item
-        elif name not in LEARNED:
-            raise argparse.ArgumentTypeError(
-                f"unknown learned optimizer {name!r} in {item!r}; use NAME=PATH with NAME in "
-                f"{', '.join(LEARNED)}, or a single PATH")
-        entries[name] = Path(path)
-    if not entries or ("" in entries and len(entries) > 1):
-        raise argparse.ArgumentTypeError(f"expected PATH or NAME=PATH[,NAME=PATH], got {text!r}")
-    return entries
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``bilevel lopt eval``."""
-    from bilevel.lopt.tasks import TASKS
-
-    parser.add_argument("--optimizers", type=_comma_names(OPTIMIZERS, "optimizer"),
-                        default=OPTIMIZERS, metavar="LIST",
-                        help=f"comma list from {', '.join(OPTIMIZERS)} (default: all)")
-    parser.add_argument("--tasks", type=_comma_names(tuple(TASKS), "task"), default=None,
-                        metavar="LIST", help="comma list of lopt.TASKS names (default: every "
-                        "task whose data is available: all of them with --data-dir)")
-    parser.add_argument("--meta-params", type=_meta_params, default=None, metavar="PATH",
-                        help="meta-parameter file(s): PATH for the one learned optimizer "
-                        "selected, or mlp_lopt=PATH,star_lopt=PATH (default: the shipped sets, "
-                        "lopt.pretrained)")
-    parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="training steps per run (default: each task's horizon)")
-    parser.add_argument("--seeds", type=_positive_int, default=3,
-                        help="seeds per optimizer and learning rate (default: %(default)s)")
-    parser.add_argument("--lrs", type=_float_list, default=DEFAULT_LRS, metavar="LIST",
-                        help="baselines' learning-rate grid (default: 1e-4 ... 1, half-decade, "
-                        "9 values)")
-    parser.add_argument("--evals", type=_positive_int, default=20,
-                        help="full-training-set evaluations per run, at most (default: "
-                        "%(default)s); they resolve the speed-up")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder of the file-based datasets (MNIST, Fashion-MNIST IDX files)")
-    parser.add_argument("--out", type=Path, default=Path("bilevel-lopt-eval"),
-                        help="folder for eval.csv, eval.md, profile.png (default: %(default)s)")
+#: What a --meta-params file must be.
+_META_FILE = "an .npz written by bilevel lopt train or lopt.save_meta_params"
 
 
 def _load_learned(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Callable]:
-    """``{name: make(steps)}``; raises ValueError/OSError with a message for the user."""
+    """``{name: make(steps)}``; raises ValueError with a message for the user."""
     from bilevel import lopt
 
     given = dict(args.meta_params or {})
@@ -640,22 +568,96 @@ def _load_learned(args: argparse.Namespace, names: Sequence[str]) -> dict[str, C
     makers = {}
     for name in names:
         if name in given:
-            meta, metadata = lopt.load_meta_params(given[name])
+            makers[name] = learned_from_file(name, given[name])
         else:
-            meta, metadata = lopt.pretrained(name)
-        makers[name] = learned_factory(name, meta, metadata)
+            makers[name] = learned_factory(name, *lopt.pretrained(name))
     return makers
 
 
-def _select_tasks(args: argparse.Namespace) -> list[str]:
-    from bilevel.lopt import tasks
+def learned_from_file(name: str, path: Path) -> Callable[[int], Any]:
+    """:func:`learned_factory` of the meta-parameters in ``path``, after checking that one
+    update of the optimizer they make traces.
 
-    if args.tasks is not None:
-        missing = [t for t in args.tasks if t in tasks.NEEDS_DATA_DIR and args.data_dir is None]
-        if missing:
-            raise ValueError(f"--tasks: {missing[0]} reads dataset files; pass --data-dir")
-        return list(args.tasks)
-    return [t for t in tasks.TASKS if args.data_dir is not None or t not in tasks.NEEDS_DATA_DIR]
+    Raises:
+      ValueError: ``--meta-params: ...``, when ``path`` is missing or not a meta-parameter file
+        for ``name`` (any other file: text, a pickle, an ``.npz`` of other arrays).
+    """
+    from bilevel import lopt
+
+    if not Path(path).is_file():
+        raise ValueError(f"--meta-params: no file {str(path)!r}")
+    try:
+        meta, metadata = lopt.load_meta_params(path)
+    except Exception:  # any failure to read it means one thing to the user  # noqa: BLE001
+        raise ValueError(f"--meta-params: {path} is not a meta-parameter file "
+                         f"({_META_FILE})") from None
+    if not meta or not isinstance(metadata, dict):
+        raise ValueError(f"--meta-params: {path} is not a meta-parameter file ({_META_FILE}); "
+                         f"it holds no meta-parameters")
+    try:
+        make = learned_factory(name, meta, metadata)
+        _trace_one_update(make(2))
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+        reason = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(f"--meta-params: {path} is not a {name} meta-parameter file "
+                         f"({reason})") from None
+    return make
+
+
+def _trace_one_update(optimizer) -> None:
+    """Trace (without running) one update on a small matrix and vector."""
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros((2,))}
+
+    def update(params):
+        state = optimizer.init(params)
+        return optimizer.update(params, state, params, loss=jnp.zeros(()))
+
+    jax.eval_shape(update, params)
+
+
+def load_tasks(names: Sequence[str] | None, data_dir: Path | None
+               ) -> tuple[list, list[tuple[str, str]]]:
+    """The evaluation tasks ``names`` (``None``: all of :data:`bilevel.lopt.TASKS`) whose data
+    are available, and ``(name, what is missing)`` for the others."""
+    from bilevel.lopt.tasks import NEEDS_DATA_DIR, TASKS
+
+    built, missing = [], []
+    for name in TASKS if names is None else names:
+        if name in NEEDS_DATA_DIR and data_dir is None:
+            missing.append((name, "needs its dataset files: pass --data-dir"))
+            continue
+        try:
+            built.append(TASKS[name](data_dir=data_dir))
+        except ImportError as error:
+            missing.append((name, _install_hint(error)))
+        except (OSError, ValueError) as error:
+            missing.append((name, f"cannot read its data: {error}"))
+    return built, missing
+
+
+#: Packages that an extra of this project installs.
+_EXTRAS = {"mlxtend": "data"}
+
+
+def _install_hint(error: ImportError) -> str:
+    module = (getattr(error.__cause__, "name", None) or error.name or "").partition(".")[0]
+    if module in _EXTRAS:
+        return f"needs {module} (pip install -e '.[{_EXTRAS[module]}]')"
+    return str(error)
+
+
+def _tasks_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list:
+    """Tasks whose data are there; explicit ``--tasks`` without their data exit with status 2,
+    the default set skips them with a line each."""
+    tasks, missing = load_tasks(args.tasks, args.data_dir)
+    if missing and args.tasks is not None:
+        name, why = missing[0]
+        parser.error(f"--tasks: {name} {why}")
+    for name, why in missing:
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    if not tasks:
+        parser.error("no evaluation task has its data; see the lines above")
+    return tasks
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -663,19 +665,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bilevel.lopt.tasks import TASKS
-
     learned_names = [n for n in args.optimizers if n in LEARNED]
     baselines = [n for n in args.optimizers if n in BASELINES]
     try:
-        task_names = _select_tasks(args)
         makers = _load_learned(args, learned_names)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / ".write-test").touch()
-        (args.out / ".write-test").unlink()
-        tasks = [TASKS[name](data_dir=args.data_dir) for name in task_names]
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         parser.error(str(error))
+    tasks = _tasks_or_exit(args, parser)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create {str(args.out)!r}: {error.strerror}")
     stderr = Console(stderr=True)
     progress = Progress(TextColumn("{task.description:<36}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=stderr, transient=True,

@@ -40,6 +40,7 @@ import math
 import os
 import pickle
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,96 +53,16 @@ import numpy as np
 import optax
 
 import bilevel
-from bilevel._argtypes import nonnegative_float as _nonnegative_float
-from bilevel._argtypes import positive_float as _positive_float
-from bilevel._argtypes import positive_int as _positive_int
-from bilevel.lopt import optimizers, tasks
+from bilevel.lopt import optimizers, options, tasks
+from bilevel.lopt.options import ESTIMATORS, OPTIMIZERS, MetaTrainConfig  # noqa: F401
 
 PyTree = Any
-OPTIMIZERS = ("mlp", "star")
-ESTIMATORS = ("mixflow", "pes")
 #: The outer minibatch of the mixflow meta-loss is this many inner batches.
 OUTER_BATCH_MULTIPLE = 4
 CHECKPOINT_NAME = "checkpoint.pkl"
-
-
-@dataclasses.dataclass(frozen=True)
-class MetaTrainConfig:
-    """Hyperparameters of meta-training; checked when constructed.
-
-    Attributes:
-      optimizer: ``"mlp"`` (:func:`~bilevel.lopt.mlp_lopt`) or ``"star"``.
-      estimator: ``"mixflow"`` or ``"pes"``.
-      steps: outer (meta) steps.
-      unroll: inner steps per truncation.
-      horizon: the longest inner run at the end of the curriculum.
-      horizon_start: the shortest inner run, and the curriculum's starting maximum.
-      slots: inner runs advanced (and averaged) per outer step.
-      learning_rate: outer Adam learning rate.
-      clip_norm: global-norm clip of the averaged meta-gradient.
-      weight_decay: decoupled weight decay on the meta-parameters (STAR: 0.1-0.5).
-      horizon_features: give the optimizer fraction-of-training features (``num_steps`` = the
-        slot's horizon).
-      nominal_step: STAR's α_nom.
-      population: PES population (even).
-      sigma: PES perturbation scale.
-      divergence: a slot whose normalised meta-loss exceeds this is skipped and reset.
-      kinds: the task kinds to draw from (see :data:`bilevel.lopt.tasks.KIND_WEIGHTS`).
-      seed: PRNG seed.
-      hidden: the optimizer network's hidden widths.
-      pool: the number of family configurations drawn (by ``seed``) at the start; slots draw
-        their tasks from this pool. Each configuration compiles its own truncation (20-45 s on
-        a laptop-class CPU), which dominates short runs; initialisations, data and horizons
-        still differ at every reset.
-    """
-
-    optimizer: str = "mlp"
-    estimator: str = "mixflow"
-    steps: int = 200
-    unroll: int = 10
-    horizon: int = 200
-    horizon_start: int = 20
-    slots: int = 2
-    learning_rate: float = 3e-3
-    clip_norm: float = 1.0
-    weight_decay: float = 0.0
-    horizon_features: bool = False
-    nominal_step: float = 1e-3
-    population: int = 8
-    sigma: float = 0.01
-    divergence: float = 10.0
-    kinds: tuple[str, ...] = ("mlp", "logistic", "quadratic")
-    seed: int = 0
-    hidden: tuple[int, ...] = (4, 4)
-    pool: int = 8
-
-    def __post_init__(self):
-        where = "MetaTrainConfig"
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{where}: optimizer must be one of {OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"{where}: estimator must be one of {ESTIMATORS}, "
-                             f"got {self.estimator!r}")
-        for name in ("steps", "unroll", "horizon", "horizon_start", "slots", "population",
-                     "pool"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
-        if self.population % 2:
-            raise ValueError(f"{where}: population must be even, got {self.population}")
-        if not self.unroll <= self.horizon_start <= self.horizon:
-            raise ValueError(f"{where}: need unroll <= horizon_start <= horizon, got "
-                             f"{self.unroll}, {self.horizon_start}, {self.horizon}")
-        for name in ("learning_rate", "clip_norm", "sigma", "divergence"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 < value < math.inf:
-                raise ValueError(f"{where}: {name} must be a finite number > 0, got {value!r}")
-        for name in ("weight_decay", "nominal_step"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value < math.inf:
-                raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
-        tasks.sample_member(jax.random.key(0), self.kinds)  # validates kinds
+#: :mod:`bilevel.lopt.velo_train`'s checkpoint; both trainers write the outputs below.
+VELO_CHECKPOINT_NAME = "velo_checkpoint.pkl"
+OUTPUTS = ("meta_params.npz", "meta_loss.csv", "meta_loss.png", "metadata.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,11 +364,28 @@ def save_checkpoint(path: str | os.PathLike, state: NamedTuple) -> None:
             os.remove(tmp)
 
 
+def read_checkpoint(path: str | os.PathLike) -> NamedTuple:
+    """The state pickled in ``path`` by :func:`save_checkpoint`, as stored (either trainer's).
+
+    Raises:
+      ValueError: ``path`` is not such a file (truncated, another format, another program's).
+    """
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except Exception as error:  # noqa: BLE001 -- whatever broke it, it is not a checkpoint
+        raise ValueError(f"lopt.train.read_checkpoint: {path} is not a meta-training checkpoint "
+                         f"({type(error).__name__}: {error})") from None
+    if not all(hasattr(state, name) for name in ("config", "step", "meta", "_replace")):
+        raise ValueError(f"lopt.train.read_checkpoint: {path} is not a meta-training checkpoint "
+                         f"(it holds a {type(state).__name__})")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, kind: type = MetaTrainState) -> MetaTrainState:
     """Read a checkpoint written by :func:`save_checkpoint` (a file this program wrote) holding
     a ``kind`` (a state with ``meta`` and ``outer_state``)."""
-    with open(path, "rb") as f:
-        state = pickle.load(f)
+    state = read_checkpoint(path)
     if not isinstance(state, kind):
         raise ValueError(f"lopt.train.load_checkpoint: {path} does not hold a {kind.__name__}")
     return state._replace(meta=jax.tree_util.tree_map(jnp.asarray, state.meta),
@@ -487,54 +425,9 @@ def _cpu_model() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line.
+# Command line (options: :func:`bilevel.lopt.options.add_train_arguments`).
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``bilevel lopt train``."""
-    d = MetaTrainConfig()
-    parser.add_argument("--optimizer", choices=OPTIMIZERS + ("velo",), default=d.optimizer,
-                        help="velo: velo_lopt meta-trained by full-unroll ES "
-                             "(bilevel.lopt.velo_train; --slots tasks per step, --population "
-                             "and --sigma its ES, --estimator and --unroll unused)")
-    parser.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator)
-    parser.add_argument("--steps", type=_positive_int, default=d.steps, help="outer steps")
-    parser.add_argument("--unroll", type=_positive_int, default=d.unroll,
-                        help="inner steps per truncation")
-    parser.add_argument("--horizon", type=_positive_int, default=d.horizon,
-                        help="longest inner run (end of the curriculum)")
-    parser.add_argument("--horizon-start", type=_positive_int, default=d.horizon_start)
-    parser.add_argument("--slots", type=_positive_int, default=d.slots,
-                        help="inner runs per outer step")
-    parser.add_argument("--learning-rate", type=_positive_float, default=d.learning_rate)
-    parser.add_argument("--clip-norm", type=_positive_float, default=d.clip_norm)
-    parser.add_argument("--weight-decay", type=_nonnegative_float, default=None,
-                        help="decay on the meta-parameters (default 0.1 for star, 0 for mlp)")
-    parser.add_argument("--horizon-features", action="store_true",
-                        help="give the optimizer fraction-of-training (num_steps) inputs")
-    parser.add_argument("--population", type=_positive_int, default=d.population,
-                        help="PES population (even)")
-    parser.add_argument("--sigma", type=_positive_float, default=d.sigma, help="PES sigma")
-    parser.add_argument("--kinds", default=",".join(d.kinds),
-                        help="task kinds, comma-separated: mlp,logistic,quadratic")
-    parser.add_argument("--pool", type=_positive_int, default=d.pool,
-                        help="family configurations drawn at the start (each compiles once)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--out", type=Path, default=Path("lopt_run"),
-                        help="directory for the checkpoint, meta-parameters, log and plot")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/checkpoint.pkl")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=10)
-    parser.add_argument("--data-dir", default=None,
-                        help="folder of local dataset files (the family needs none)")
-
-
-
-
-
-
-
-
+add_arguments = options.add_train_arguments
 
 
 def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
@@ -600,49 +493,182 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                              final_metadata=final_metadata, label="meta-train")
 
 
+# The run folder: resume, finished, refused or afresh (the rule in options.RESUME_RULE).
+
+#: Config fields whose command-line option is named otherwise.
+_OPTION_NAMES = {"tasks_per_step": "--slots"}
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
+def changed_options(stored: Any, requested: Any, done: int) -> list[str]:
+    """``"--seed 0 there, 3 here"`` for each option in which the config ``requested`` differs
+    from the ``stored`` run's, which has done ``done`` steps; raising ``steps`` (to continue a
+    run further) is no difference."""
+    kind = (getattr(stored, "optimizer", "velo"), getattr(requested, "optimizer", "velo"))
+    if type(stored) is not type(requested):
+        return [f"--optimizer {kind[0]} there, {kind[1]} here"]
+    changed = []
+    for field in dataclasses.fields(requested):
+        there, here = getattr(stored, field.name), getattr(requested, field.name)
+        option = _OPTION_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        if field.name == "steps":
+            if here < done:
+                changed.append(f"--steps {there} there (at step {done}), {here} here")
+        elif there != here:
+            changed.append(f"{option} {_shown(there)} there, {_shown(here)} here")
+    return changed
+
+
+def _stored_run(out: Path, checkpoint_name: str, parser: argparse.ArgumentParser):
+    """``(path, state)`` of the checkpoint in ``out`` (this trainer's first), or ``None``."""
+    names = (checkpoint_name,) + tuple(n for n in (CHECKPOINT_NAME, VELO_CHECKPOINT_NAME)
+                                       if n != checkpoint_name)
+    for path in (out / name for name in names):
+        if path.is_file():
+            try:
+                return path, read_checkpoint(path)
+            except ValueError as error:
+                parser.error(f"--out: {str(error).split(': ', 1)[1]}; use --overwrite to start "
+                             f"afresh, or another --out")
+    return None
+
+
+def _remove_run(out: Path) -> list[str]:
+    removed = []
+    for name in (CHECKPOINT_NAME, VELO_CHECKPOINT_NAME) + OUTPUTS:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def _refuse(parser: argparse.ArgumentParser, out: Path, what: str) -> None:
+    parser.error(f"--out {out} holds {what}; use --overwrite to start afresh, or another --out")
+
+
+class Start(NamedTuple):
+    """Where a run begins: ``state`` (``None``: afresh), or nothing to do (``finished``)."""
+
+    state: Any = None
+    finished: bool = False
+
+
+def start_state(args: argparse.Namespace, parser: argparse.ArgumentParser, config: Any,
+                checkpoint_name: str) -> Start:
+    """Apply the run-folder rule (:data:`bilevel.lopt.options.RESUME_RULE`) to ``--out``:
+    print what happens and say where the run starts; refusals exit with status 2."""
+    out: Path = args.out
+    if args.overwrite:
+        removed = _remove_run(out)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {out}; starting afresh")
+        return Start()
+    stored = _stored_run(out, checkpoint_name, parser)
+    if stored is None:
+        if args.resume:
+            parser.error(f"--resume: no checkpoint at {out / checkpoint_name}")
+        outputs = [name for name in OUTPUTS if (out / name).exists()]
+        if outputs:
+            _refuse(parser, out, f"the outputs of a run ({', '.join(outputs)}) but no "
+                                 f"checkpoint to resume")
+        return Start()
+    path, state = stored
+    changed = changed_options(state.config, config, state.step)
+    if changed:
+        _refuse(parser, out, f"a run with other options ({'; '.join(changed)})")
+    if state.step == config.steps and all((out / name).is_file() for name in OUTPUTS):
+        print(f"{out} holds a finished run (step {state.step} of {config.steps}); left "
+              f"untouched (--overwrite trains it afresh, a larger --steps continues it)")
+        return Start(finished=True)
+    raised = (f"; --steps raised from {state.config.steps}" if config.steps > state.config.steps
+              else "")
+    print(f"resuming from step {state.step} of {config.steps} ({path}{raised})")
+    return Start(load_checkpoint(path, type(state))._replace(config=config))
+
+
+def check_task_data(config: Any, parser: argparse.ArgumentParser) -> None:
+    """Exit with one line if a dataset of the task pool is not installed (MNIST-5k needs the
+    ``data`` extra), before any work rather than at the first slot that draws it."""
+    from bilevel import datasets
+
+    for name in sorted({m.dataset for m in task_pool(config) if m.dataset}):
+        try:
+            datasets.load(name)
+        except ImportError as error:
+            parser.error(f"--kinds {','.join(config.kinds)}: the task pool drawn for --seed "
+                         f"{config.seed} holds {name} tasks: {error} (or use --kinds quadratic)")
+
+
+def _train_with_progress(state: Any, step: Callable, checkpoint: Path, every: int,
+                         label: str) -> tuple[Any, bool]:
+    """Train to ``state.config.steps`` with a progress bar and checkpoints; on Ctrl-C, save
+    the last finished step. Returns ``(state, interrupted)``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]{label}[/]"), BarColumn(), TextColumn("{task.completed}/"
+               "{task.total}"), TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
+    last = [state]
+    total = state.config.steps
+
+    def on_step(new_state, record):
+        last[0] = new_state
+        progress.update(bar, completed=new_state.step,
+                        loss=f"meta-loss {record['meta_loss']:.4f}")
+        if new_state.step % every == 0 or new_state.step == total:
+            save_checkpoint(checkpoint, new_state)
+
+    try:
+        with Progress(*columns) as progress:
+            bar = progress.add_task("meta", total=total, completed=state.step, loss="")
+            state = meta_train(state, on_step, step)
+    except KeyboardInterrupt:
+        save_checkpoint(checkpoint, last[0])
+        print(f"interrupted at step {last[0].step} of {total}; saved {checkpoint}; run the "
+              f"same command again to resume", file=sys.stderr)
+        return last[0], True
+    save_checkpoint(checkpoint, state)
+    return state, False
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def run_meta_training(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
                       config_from_args: Callable, init: Callable, step: Callable, kind: type,
                       checkpoint_name: str, write_outputs: Callable, final_metadata: Callable,
                       label: str) -> int:
-    """The command-line shell of a meta-trainer: options to a config, a fresh or resumed state
-    (``--resume`` refuses a checkpoint made with other options), a progress bar, a checkpoint
-    every ``--checkpoint-every`` steps and at the end, then the outputs in ``--out``."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
+    """The command-line shell of a meta-trainer: options to a config, where the run-folder rule
+    starts it (afresh, resumed, finished or refused), a progress bar, a checkpoint every
+    ``--checkpoint-every`` steps, at the end and on Ctrl-C, then the outputs in ``--out``."""
+    del kind  # the checkpoint says which trainer wrote it
     out: Path = args.out
-    checkpoint = out / checkpoint_name
     try:
         config = config_from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    if args.resume:
-        if not checkpoint.is_file():
-            parser.error(f"--resume: no checkpoint at {checkpoint}")
-        state = load_checkpoint(checkpoint, kind)
-        if state.config != dataclasses.replace(config, steps=state.config.steps):
-            parser.error(f"--resume: the checkpoint at {checkpoint} was made with different "
-                         f"options ({state.config})")
-        state = state._replace(config=dataclasses.replace(state.config, steps=config.steps))
-    else:
-        state = init(config)
-
-    columns = (TextColumn(f"[bold]{label}[/]"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total}"), TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns) as progress:
-        bar = progress.add_task("meta", total=config.steps, completed=state.step, loss="")
-
-        def on_step(state, record):
-            progress.update(bar, completed=state.step,
-                            loss=f"meta-loss {record['meta_loss']:.4f}")
-            if state.step % args.checkpoint_every == 0 or state.step == config.steps:
-                save_checkpoint(checkpoint, state)
-
-        state = meta_train(state, on_step, step)
-    save_checkpoint(checkpoint, state)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other: a rerun resumes by "
+                     "itself; --overwrite starts afresh")
+    if args.overwrite:  # the old run goes only once the new one can start
+        check_task_data(config, parser)
+    start = start_state(args, parser, config, checkpoint_name)
+    if start.finished:
+        return 0
+    if not args.overwrite:
+        check_task_data(config, parser)
+    state = init(config) if start.state is None else start.state
+    state, interrupted = _train_with_progress(state, step, out / checkpoint_name,
+                                              args.checkpoint_every, label)
+    if interrupted:
+        return 130
     write_outputs(out, state)
     meta = final_metadata(state)
     print(f"meta-trained {meta['optimizer']} for {state.step} outer steps in "
-          f"{state.seconds:.0f} s; meta-loss {meta['first_meta_loss']:.4f} (first) -> "
-          f"{meta['final_meta_loss_last20_mean']:.4f} (mean of last 20); "
+          f"{state.seconds:.0f} s; meta-loss {_number(meta['first_meta_loss'])} (first) -> "
+          f"{_number(meta['final_meta_loss_last20_mean'])} (mean of last 20); "
           f"wrote {out / 'meta_params.npz'}")
     return 0

@@ -45,7 +45,7 @@ from bilevel.lopt import optimizers, tasks, train, velo
 PyTree = Any
 #: The final loss is averaged over this many fresh minibatches.
 SCORE_BATCHES = 4
-CHECKPOINT_NAME = "velo_checkpoint.pkl"
+CHECKPOINT_NAME = train.VELO_CHECKPOINT_NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +329,7 @@ def write_outputs(out: Path, state: VeLOTrainState) -> None:
 
 def run(args, parser) -> int:
     """``bilevel lopt train --optimizer velo``: ES meta-training with a progress bar,
-    checkpoints and resume."""
+    checkpoints and the run-folder rule of :func:`bilevel.lopt.train.run_meta_training`."""
     return train.run_meta_training(
         args, parser, config_from_args=config_from_args, init=init_velo_train,
         step=velo_train_step, kind=VeLOTrainState, checkpoint_name=CHECKPOINT_NAME,
