@@ -24,15 +24,26 @@ def save(path: str | Path, state: Any) -> None:
     os.replace(temporary, path)
 
 
+def _read_leaves(path: Path) -> list[np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return [archive[f"leaf_{i:05d}"] for i in range(len(archive.files))]
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- whatever broke it, it is not a checkpoint
+        raise ValueError(f"semisup.checkpoint.load: {path} is not a checkpoint written by "
+                         f"semisup.checkpoint.save ({type(error).__name__})") from None
+
+
 def load(path: str | Path, template: Any) -> Any:
     """Read a checkpoint written by :func:`save` into the structure of ``template``.
 
     Raises:
-      ValueError: the file does not match the template (another configuration wrote it).
+      ValueError: the file is not a checkpoint (truncated, another format), or it does not match
+        the template (another configuration wrote it).
     """
     leaves, treedef = jax.tree_util.tree_flatten(template)
-    with np.load(Path(path)) as archive:
-        stored = [archive[f"leaf_{i:05d}"] for i in range(len(archive.files))]
+    stored = _read_leaves(Path(path))
     if len(stored) != len(leaves) or any(a.shape != np.shape(b) for a, b in zip(stored, leaves,
                                                                              strict=True)):
         raise ValueError(f"semisup.checkpoint.load: {path} does not match this configuration "

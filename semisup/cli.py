@@ -1,26 +1,57 @@
 """``bilevel ssl train`` and ``bilevel ssl eval``: one class-mismatch FixMatch run from the shell.
 
 ``train`` writes ``options.json`` and an atomic ``checkpoint.npz`` into ``--out`` every
-``--checkpoint-every`` periods and resumes from them when run again with the same options;
-``eval`` reloads the run and prints (and writes ``metrics.json``) its metrics.
+``--checkpoint-every`` periods and follows the run-folder rule (:data:`RESUME_RULE`): run again
+with the same options it resumes, a finished run is left untouched, other options are refused
+unless ``--overwrite``. ``eval`` reloads the run and prints (and writes ``metrics.json``) its
+metrics.
+
+Declaring the options imports no JAX (the choices come from :mod:`semisup.options`), so
+``--help`` answers at once; :func:`run` imports the modules that do the work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from bilevel._argtypes import out_dir
 from bilevel._argtypes import positive_int as _positive_int
+from semisup import options as choices
 
 HELP = "FixMatch with a meta-learned confidence network on a class-mismatch benchmark."
 
-MODELS = {"mlp": ((), 64), "cnn": ((16, 32), 64)}
+MODELS = choices.MODELS
+#: The options that say which data a run reads (``eval`` rebuilds its split from them).
 _DATA_OPTIONS = ("dataset", "data_dir", "ood", "ood_ratio", "design", "labels_per_class",
                  "validation_per_class", "unlabelled", "seed")
+#: Arguments that are not options of the run (so not stored in, nor compared with, options.json).
+_NOT_RUN_OPTIONS = ("ssl_command", "command", "out", "stop_after", "overwrite")
+#: Stored options that may differ on a resumed run.
+_FREE_OPTIONS = ("checkpoint_every",)
+#: What ``train`` writes into --out.
+_RUN_FILES = ("options.json", "checkpoint.npz", "metrics.json")
 
+RESUME_RULE = """\
+Run folders (--out): running the same command again on an --out that holds an
+unfinished run resumes it from its last checkpoint (it prints where from) and
+ends bit-identical to an uninterrupted run; a finished run is reported and left
+untouched (exit 0); a run made with other options is refused with the options
+that differ (exit 2). --overwrite deletes the run in --out and starts afresh;
+nothing is overwritten without it. Ctrl-C saves a checkpoint first."""
 
+TRAIN_DESCRIPTION = f"""\
+Train one FixMatch run on a class-mismatch split; --out receives options.json and
+checkpoint.npz.
+
+{RESUME_RULE}"""
+
+EVAL_DESCRIPTION = """\
+Print the metrics of the run in --out (a folder `bilevel ssl train` wrote) and save them
+to --out/metrics.json."""
 
 
 def _float_in(low: float, high: float, closed_low: bool = True):
@@ -36,68 +67,124 @@ def _float_in(low: float, high: float, closed_low: bool = True):
     return parse
 
 
+def run_folder(text: str) -> Path:
+    """An argparse type: a folder ``bilevel ssl train`` wrote, which eval may write into."""
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no folder {text!r} (expected the --out of "
+                                         f"bilevel ssl train)")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected the folder "
+                                         f"bilevel ssl train wrote")
+    if not (path / "options.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} holds no run (no options.json); train one "
+                                         f"first")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"folder {text!r} is not writable (eval writes "
+                                         f"metrics.json there)")
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` and ``eval`` subcommands to ``parser``."""
-    from semisup import fixmatch, protocol
     sub = parser.add_subparsers(title="subcommands", dest="ssl_command", metavar="SUBCOMMAND")
-    train = sub.add_parser("train", help="train one run (resumes from --out if it holds one)",
-                           description="Train one FixMatch run on a class-mismatch split.")
-    train.add_argument("--out", required=True, help="folder for options, checkpoint, metrics")
-    data = train.add_argument_group("data")
-    data.add_argument("--dataset", default="digits",
-                      choices=("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10"))
-    data.add_argument("--data-dir", default=None, help="folder with the standard data files")
+    train = sub.add_parser("train", help="train one run (a rerun resumes it)",
+                           description=TRAIN_DESCRIPTION, formatter_class=choices.HelpFormatter)
+    _add_train_arguments(train)
+    evaluate = sub.add_parser("eval", help="evaluate a trained run",
+                              description=EVAL_DESCRIPTION,
+                              formatter_class=choices.HelpFormatter)
+    evaluate.add_argument("--out", required=True, type=run_folder,
+                          help="the folder `train` wrote")
+    evaluate.add_argument("--data-dir", default=None,
+                          help="override the data folder recorded by train (default: the "
+                               "recorded one)")
+
+
+def _add_train_arguments(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--out", required=True, type=out_dir,
+                       help="run folder for options, checkpoint, metrics")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the run in --out and start afresh")
+    _add_data_arguments(train.add_argument_group("data"))
+    _add_training_arguments(train.add_argument_group("training"))
+    _add_meta_arguments(train.add_argument_group("confidence network"))
+    train.add_argument("--checkpoint-every", type=_positive_int, default=20,
+                       help="periods (of --meta-every steps) between checkpoints")
+    train.add_argument("--stop-after", type=_positive_int, default=None,
+                       help="stop (checkpointed) after this many periods in this invocation "
+                            "(default: run to --steps)")
+
+
+def _add_data_arguments(data) -> None:
+    data.add_argument("--dataset", default="digits", choices=choices.DATASETS,
+                      help="in-distribution dataset")
+    data.add_argument("--data-dir", default=None,
+                      help="folder with the standard data files (default: none; digits and "
+                           "mnist5k need none)")
     data.add_argument("--ood", default="near",
                       help="near, far, or a dataset name (cifar100, svhn, ...) read from "
                            "--data-dir")
     data.add_argument("--ood-ratio", type=_float_in(0.0, 10.0), default=1.0,
                       help="OOD per ID unlabelled image (add) or OOD share (swap)")
-    data.add_argument("--design", choices=protocol.DESIGNS, default="add")
-    data.add_argument("--labels-per-class", type=_positive_int, default=4)
-    data.add_argument("--validation-per-class", type=_positive_int, default=10)
+    data.add_argument("--design", choices=choices.DESIGNS, default="add",
+                      help="add OOD images to the ID pool, or swap them in at a fixed size")
+    data.add_argument("--labels-per-class", type=_positive_int, default=4,
+                      help="labelled training images per ID class")
+    data.add_argument("--validation-per-class", type=_positive_int, default=10,
+                      help="labelled validation images per ID class")
     data.add_argument("--unlabelled", type=_positive_int, default=300,
                       help="ID unlabelled images (add) or the pool size (swap)")
-    data.add_argument("--seed", type=int, default=0)
-    run = train.add_argument_group("training")
-    run.add_argument("--method", choices=fixmatch.METHODS, default="confnet")
-    run.add_argument("--model", choices=tuple(MODELS), default="mlp")
-    run.add_argument("--steps", type=_positive_int, default=1000)
-    run.add_argument("--batch-size", type=_positive_int, default=32)
-    run.add_argument("--mu", type=_positive_int, default=4)
-    run.add_argument("--threshold", type=_float_in(0.0, 1.0, closed_low=False), default=0.95)
-    run.add_argument("--lambda-u", type=_float_in(0.0, 1e3), default=1.0)
-    run.add_argument("--lr", type=_float_in(0.0, 10.0, closed_low=False), default=0.03)
-    run.add_argument("--ema", type=_float_in(0.0, 0.9999999), default=0.99)
+    data.add_argument("--seed", type=int, default=0, help="seed of the split and the run")
+
+
+def _add_training_arguments(run) -> None:
+    run.add_argument("--method", choices=choices.METHODS, default="confnet",
+                     help="how the unlabelled images are weighted")
+    run.add_argument("--model", choices=tuple(MODELS), default="mlp", help="the classifier")
+    run.add_argument("--steps", type=_positive_int, default=1000,
+                     help="classifier steps (a multiple of --meta-every)")
+    run.add_argument("--batch-size", type=_positive_int, default=32,
+                     help="labelled images per step")
+    run.add_argument("--mu", type=_positive_int, default=4,
+                     help="unlabelled images per labelled one in a step")
+    run.add_argument("--threshold", type=_float_in(0.0, 1.0, closed_low=False), default=0.95,
+                     help="FixMatch's confidence threshold")
+    run.add_argument("--lambda-u", type=_float_in(0.0, 1e3), default=1.0,
+                     help="weight of the unlabelled loss")
+    run.add_argument("--lr", type=_float_in(0.0, 10.0, closed_low=False), default=0.03,
+                     help="SGD learning rate (cosine-decayed)")
+    run.add_argument("--ema", type=_float_in(0.0, 0.9999999), default=0.99,
+                     help="decay of the weight average used for evaluation")
     run.add_argument("--flip", choices=("auto", "yes", "no"), default="auto",
                      help="flip in the augmentations (auto: only for CIFAR-10)")
-    meta = train.add_argument_group("confidence network")
-    meta.add_argument("--solver", choices=fixmatch.SOLVERS, default="cg")
-    meta.add_argument("--solver-iters", type=_positive_int, default=10)
-    meta.add_argument("--curvature", choices=fixmatch.CURVATURES, default="last")
-    meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0)
-    meta.add_argument("--meta-every", type=_positive_int, default=5)
-    meta.add_argument("--meta-lr", type=_float_in(0.0, 10.0, closed_low=False), default=3e-3)
-    meta.add_argument("--meta-optimizer", choices=fixmatch.META_OPTIMIZERS, default="adam",
+
+
+def _add_meta_arguments(meta) -> None:
+    meta.add_argument("--solver", choices=choices.SOLVERS, default="cg",
+                      help="inverse-HVP approximation of the meta-gradient")
+    meta.add_argument("--solver-iters", type=_positive_int, default=10,
+                      help="its iterations (Neumann terms, CG iterations, Nystrom rank)")
+    meta.add_argument("--curvature", choices=choices.CURVATURES, default="last",
+                      help="Hessian of the head (last) or of the whole classifier (all)")
+    meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0,
+                      help="added to the Hessian in the solve")
+    meta.add_argument("--meta-every", type=_positive_int, default=5,
+                      help="classifier steps per meta-step")
+    meta.add_argument("--meta-lr", type=_float_in(0.0, 10.0, closed_low=False), default=3e-3,
+                      help="the confidence network's learning rate")
+    meta.add_argument("--meta-optimizer", choices=choices.META_OPTIMIZERS, default="adam",
                       help="the confidence network's optimizer (sgd steps by the raw "
                            "meta-gradient times --meta-lr)")
     meta.add_argument("--meta-weight-decay", type=_float_in(0.0, 1e6), default=0.0,
                       help="decoupled weight decay on the confidence network (pulls the weights "
                            "towards 1)")
-    meta.add_argument("--conf-inputs", choices=fixmatch.CONF_INPUTS, default="image",
+    meta.add_argument("--conf-inputs", choices=choices.CONF_INPUTS, default="image",
                       help="what the confidence network reads: the weak view, or also the "
                            "classifier's class probabilities of it")
-    meta.add_argument("--meta-data", choices=fixmatch.META_DATA, default="validation",
+    meta.add_argument("--meta-data", choices=choices.META_DATA, default="validation",
                       help="the meta loss's data: the held-out validation set, or the labelled "
                            "training set (DS3L; the validation labels then join training)")
-    train.add_argument("--checkpoint-every", type=_positive_int, default=20,
-                       help="periods (of --meta-every steps) between checkpoints")
-    train.add_argument("--stop-after", type=_positive_int, default=None,
-                       help="stop (checkpointed) after this many periods in this invocation")
-    evaluate = sub.add_parser("eval", help="evaluate a trained run",
-                              description="Print and save the metrics of a run in --out.")
-    evaluate.add_argument("--out", required=True, help="the folder `train` wrote")
-    evaluate.add_argument("--data-dir", default=None,
-                          help="override the data folder recorded by train")
 
 
 def _config(options: dict):
@@ -143,67 +230,155 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if getattr(args, "ssl_command", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    out = Path(args.out)
     try:
         if args.ssl_command == "train":
-            options = {k: v for k, v in vars(args).items()
-                       if not k.startswith("_") and k not in ("ssl_command", "command", "out",
-                                                              "stop_after")}
-            config = _config(options)
-            split = _split(options, config)
-            return _train(parser, out, options, config, split, args.stop_after)
-        options_path = out / "options.json"
-        if not options_path.exists():
-            return _fail(parser, f"{out} holds no run (no options.json); train one first")
-        options = json.loads(options_path.read_text())
-        if args.data_dir is not None:
-            options["data_dir"] = args.data_dir
-        config = _config(options)
-        return _evaluate(out, options, config, _split(options, config))
-    except (ValueError, FileNotFoundError, ImportError) as error:
+            return _run_train(args, parser)
+        return _run_eval(args, parser)
+    except (ValueError, OSError, ImportError) as error:
         return _fail(parser, str(error))
 
 
-def _train(parser, out: Path, options: dict, config, split, stop_after) -> int:
+# --------------------------------------------------------------------------------------------
+# train: the run-folder rule, then the training loop.
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The options that define the run (what options.json stores)."""
+    return {k: v for k, v in vars(args).items()
+            if not k.startswith("_") and k not in _NOT_RUN_OPTIONS}
+
+
+def changed_options(stored: dict, requested: dict) -> list[str]:
+    """``"--seed 0 there, 3 here"`` for each run option that differs."""
+    return [f"--{k.replace('_', '-')} {stored.get(k)} there, {requested.get(k)} here"
+            for k in sorted(set(stored) | set(requested))
+            if k not in _FREE_OPTIONS and stored.get(k) != requested.get(k)]
+
+
+def _read_options(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        stored = None
+    if not isinstance(stored, dict):
+        raise ValueError(f"--out: {path} is not the options.json of bilevel ssl train; use "
+                         f"--overwrite to start afresh, or another --out")
+    return stored
+
+
+def _remove_run(out: Path) -> list[str]:
+    removed = []
+    for name in _RUN_FILES + ("checkpoint.npz.tmp",):
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def check_run_folder(out: Path, options: dict) -> bool:
+    """Whether ``out`` holds a run of these ``options`` to resume (``False``: none, start afresh).
+
+    Raises:
+      ValueError: ``out`` holds another run, or files of a run without its options.json.
+    """
+    refuse = "; use --overwrite to start afresh, or another --out"
+    if not (out / "options.json").exists():
+        found = [name for name in _RUN_FILES if (out / name).exists()]
+        if found:
+            raise ValueError(f"--out {out} holds {', '.join(found)} but no options.json{refuse}")
+        return False
+    changed = changed_options(_read_options(out / "options.json"), options)
+    if changed:
+        raise ValueError(f"--out {out} holds a run with other options ({'; '.join(changed)})"
+                         f"{refuse}")
+    return True
+
+
+def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import jax
+
+    from semisup import checkpoint, fixmatch
+    out: Path = args.out
+    options = run_options(args)
+    config = _config(options)
+    if not args.overwrite:
+        check_run_folder(out, options)
+    split = _split(options, config)
+    if args.overwrite:  # the old run goes only once the new one can start
+        removed = _remove_run(out)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {out}; starting afresh")
+    state = fixmatch.init(config, jax.random.key(options["seed"]), split)
+    checkpoint_path = out / "checkpoint.npz"
+    if checkpoint_path.exists():
+        state = checkpoint.load(checkpoint_path, state)
+        step = int(state.step)
+        if step >= config.steps:
+            print(f"{out} holds a finished run (step {step} of {config.steps}); left "
+                  f"untouched (--overwrite trains it afresh)")
+            return 0
+        print(f"resuming from step {step} of {config.steps} ({checkpoint_path})")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "options.json", json.dumps(options, indent=2))
+    return _train(out, options, config, split, state, args.stop_after)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _train(out: Path, options: dict, config, split, state, stop_after) -> int:
     from rich.progress import Progress
 
     from semisup import checkpoint, fixmatch
-    out.mkdir(parents=True, exist_ok=True)
-    options_path, checkpoint_path = out / "options.json", out / "checkpoint.npz"
-    if options_path.exists():
-        stored = json.loads(options_path.read_text())
-        changed = sorted(k for k in set(stored) | set(options)
-                         if k != "checkpoint_every" and stored.get(k) != options.get(k))
-        if changed:
-            return _fail(parser, f"{out} holds a run with other options ({', '.join(changed)}); "
-                                 f"use another --out")
-    options_path.write_text(json.dumps(options, indent=2))
-    state = fixmatch.init(config, jax.random.key(options["seed"]), split)
-    if checkpoint_path.exists():
-        state = checkpoint.load(checkpoint_path, state)
+    checkpoint_path = out / "checkpoint.npz"
     done = int(state.step) // config.meta_every
     todo = config.periods - done
     if stop_after is not None:
         todo = min(todo, stop_after)
-    with Progress() as progress:
-        task = progress.add_task(f"{config.method} {options['dataset']}", total=config.periods,
-                                 completed=done)
-        count = [0]
+    count, last = [0], [state]
 
-        def after_period(new_state):
-            count[0] += 1
-            progress.advance(task)
-            if count[0] % options["checkpoint_every"] == 0 or count[0] == todo:
-                checkpoint.save(checkpoint_path, new_state)
+    def after_period(new_state):
+        count[0] += 1
+        last[0] = new_state
+        progress.advance(task)
+        if count[0] % options["checkpoint_every"] == 0 or count[0] == todo:
+            checkpoint.save(checkpoint_path, new_state)
 
-        state, losses = fixmatch.run_periods(config, state, split, todo, after_period)
-    if todo == 0:
-        checkpoint.save(checkpoint_path, state)
+    try:
+        with Progress() as progress:
+            task = progress.add_task(f"{config.method} {options['dataset']}",
+                                     total=config.periods, completed=done)
+            state, losses = fixmatch.run_periods(config, state, split, todo, after_period)
+    except KeyboardInterrupt:
+        checkpoint.save(checkpoint_path, last[0])
+        print(f"interrupted at step {int(last[0].step)} of {config.steps}; saved "
+              f"{checkpoint_path}; run the same command again to resume", file=sys.stderr)
+        return 130
     print(f"trained to step {int(state.step)} of {config.steps}"
           + (f"; last loss {float(losses[-1]):.4f}" if len(losses) else "")
           + f"; checkpoint {checkpoint_path}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    out: Path = args.out
+    options = _read_options(out / "options.json")
+    if args.data_dir is not None:
+        options["data_dir"] = args.data_dir
+    try:
+        config = _config(options)
+        split = _split(options, config)
+    except KeyError as error:
+        raise ValueError(f"--out: {out / 'options.json'} lacks the option {error}; is it from "
+                         f"bilevel ssl train?") from None
+    return _evaluate(out, options, config, split)
 
 
 def _evaluate(out: Path, options: dict, config, split) -> int:
@@ -216,7 +391,7 @@ def _evaluate(out: Path, options: dict, config, split) -> int:
     state = checkpoint.load(checkpoint_path, fixmatch.init(config, jax.random.key(0), split))
     result = {"step": int(state.step), "steps": config.steps,
               **metrics.evaluate(config, state, split)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    _write_atomic(out / "metrics.json", json.dumps(result, indent=2))
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float)
