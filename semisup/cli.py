@@ -36,12 +36,12 @@ _FREE_OPTIONS = ("checkpoint_every",)
 _RUN_FILES = ("options.json", "checkpoint.npz", "metrics.json")
 
 RESUME_RULE = """\
-Run folders (--out): running the same command again on an --out that holds an
-unfinished run resumes it from its last checkpoint (it prints where from) and
-ends bit-identical to an uninterrupted run; a finished run is reported and left
-untouched (exit 0); a run made with other options is refused with the options
-that differ (exit 2). --overwrite deletes the run in --out and starts afresh;
-nothing is overwritten without it. Ctrl-C saves a checkpoint first."""
+Run folders (--out): running the same command again on an --out that holds an unfinished
+run resumes it from its last checkpoint (it prints where from) and ends bit-identical to
+an uninterrupted run; a finished run is reported and left untouched (exit 0); a run made
+with other options is refused with the options that differ (exit 2). --overwrite deletes
+the run in --out and starts afresh; nothing is overwritten without it. Ctrl-C saves a
+checkpoint first."""
 
 TRAIN_DESCRIPTION = f"""\
 Train one FixMatch run on a class-mismatch split; --out receives options.json and
@@ -91,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train one run (a rerun resumes it)",
                            description=TRAIN_DESCRIPTION, formatter_class=choices.HelpFormatter)
     _add_train_arguments(train)
+    train.set_defaults(_ssl_parser=train)
     evaluate = sub.add_parser("eval", help="evaluate a trained run",
                               description=EVAL_DESCRIPTION,
                               formatter_class=choices.HelpFormatter)
@@ -99,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--data-dir", default=None,
                           help="override the data folder recorded by train (default: the "
                                "recorded one)")
+    evaluate.set_defaults(_ssl_parser=evaluate)
 
 
 def _add_train_arguments(train: argparse.ArgumentParser) -> None:
@@ -230,6 +232,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if getattr(args, "ssl_command", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    parser = getattr(args, "_ssl_parser", parser)  # errors name the subcommand
     try:
         if args.ssl_command == "train":
             return _run_train(args, parser)
@@ -261,8 +264,7 @@ def _read_options(path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError):
         stored = None
     if not isinstance(stored, dict):
-        raise ValueError(f"--out: {path} is not the options.json of bilevel ssl train; use "
-                         f"--overwrite to start afresh, or another --out")
+        raise ValueError(f"--out: {path} is not the options.json of bilevel ssl train")
     return stored
 
 
@@ -287,7 +289,11 @@ def check_run_folder(out: Path, options: dict) -> bool:
         if found:
             raise ValueError(f"--out {out} holds {', '.join(found)} but no options.json{refuse}")
         return False
-    changed = changed_options(_read_options(out / "options.json"), options)
+    try:
+        stored = _read_options(out / "options.json")
+    except ValueError as error:
+        raise ValueError(f"{error}{refuse}") from None
+    changed = changed_options(stored, options)
     if changed:
         raise ValueError(f"--out {out} holds a run with other options ({'; '.join(changed)})"
                          f"{refuse}")
@@ -311,7 +317,11 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     state = fixmatch.init(config, jax.random.key(options["seed"]), split)
     checkpoint_path = out / "checkpoint.npz"
     if checkpoint_path.exists():
-        state = checkpoint.load(checkpoint_path, state)
+        try:
+            state = checkpoint.load(checkpoint_path, state)
+        except ValueError as error:
+            raise ValueError(f"--out: {error}; use --overwrite to start afresh, or another "
+                             f"--out") from None
         step = int(state.step)
         if step >= config.steps:
             print(f"{out} holds a finished run (step {step} of {config.steps}); left "
@@ -387,7 +397,7 @@ def _evaluate(out: Path, options: dict, config, split) -> int:
     from semisup import checkpoint, fixmatch, metrics
     checkpoint_path = out / "checkpoint.npz"
     if not checkpoint_path.exists():
-        raise FileNotFoundError(f"{out} holds no checkpoint.npz; train first")
+        raise FileNotFoundError(f"--out {out} holds no checkpoint.npz; train first")
     state = checkpoint.load(checkpoint_path, fixmatch.init(config, jax.random.key(0), split))
     result = {"step": int(state.step), "steps": config.steps,
               **metrics.evaluate(config, state, split)}

@@ -113,6 +113,7 @@ def test_finished_run_untouched_other_options_refused_overwrite_afresh(tmp_path,
     assert _snapshot(out) == before
     err = _error_line(capsys, ["ssl", "train", "--out", str(out), *TRAIN, "--seed", "3",
                                "--lr", "0.1"])
+    assert err.startswith("bilevel ssl train: error: --out ")  # names the subcommand
     assert "--seed 0 there, 3 here" in err and "--lr 0.03 there, 0.1 here" in err
     assert "--overwrite" in err
     assert _snapshot(out) == before
@@ -138,7 +139,9 @@ def test_folders_that_are_not_this_run_are_refused(tmp_path, capsys):
     (garbled / "options.json").write_text("{not json")
     for command in (["train", *TRAIN], ["eval"]):
         err = _error_line(capsys, ["ssl", command[0], "--out", str(garbled), *command[1:]])
+        assert err.startswith(f"bilevel ssl {command[0]}: error: --out: ")
         assert "is not the options.json of bilevel ssl train" in err
+        assert ("--overwrite" in err) == (command[0] == "train")
 
 
 def test_a_checkpoint_that_is_not_one_is_one_error_line(tmp_path, capsys):
@@ -148,6 +151,7 @@ def test_a_checkpoint_that_is_not_one_is_one_error_line(tmp_path, capsys):
     for command in (["train", *TRAIN], ["eval"]):
         err = _error_line(capsys, ["ssl", command[0], "--out", str(out), *command[1:]])
         assert "is not a checkpoint written by semisup.checkpoint.save" in err
+        assert ("--overwrite" in err) == (command[0] == "train")
 
 
 def test_checkpoint_load_names_the_file_for_any_bad_file(tmp_path):
