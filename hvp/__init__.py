@@ -1,9 +1,14 @@
 """hvp: curvature products, linear operators and inverse-HVP solvers for JAX pytrees.
 
-The public API is what this module exports; everything else may change.
+The public API is what this module exports; everything else may change. Solvers are listed by
+name in :data:`SOLVERS` (``make_solver(name, budget)`` builds one); a new solver is a module
+that registers itself (see :class:`AbstractSolver` for the protocol, :mod:`hvp.bicgstab` for an
+example) and one import line below.
 """
 
+# ruff: noqa: F401  (__all__ is computed: it lists every registered solver)
 from hvp import checks
+from hvp.bicgstab import BiCGStab
 from hvp.checks import ON_FAILURE, SolveError, SolveWarning, jit, surface_errors
 from hvp.operators import (
     DEFAULT_DENSE_LIMIT,
@@ -21,44 +26,40 @@ from hvp.solvers import (
     CG,
     GMRES,
     MINRES,
+    SOLVERS,
     AbstractSolver,
     Dense,
+    FlatProblem,
     Identity,
     LiSSA,
     Neumann,
     Nystrom,
     SolveInfo,
     Status,
+    make_solver,
+    register,
     solve,
     status_message,
 )
 from hvp.spectral import Spectrum, extreme_eigenvalues, lanczos, power_iteration
 
-__all__ = [
-    "CG",
-    "ON_FAILURE",
-    "SolveError",
-    "SolveWarning",
-    "checks",
-    "jit",
-    "surface_errors",
-    "DEFAULT_DENSE_LIMIT",
-    "GMRES",
-    "MINRES",
+__all__ = sorted({
     "AbstractSolver",
-    "Dense",
+    "DEFAULT_DENSE_LIMIT",
     "DiagonalOperator",
+    "FlatProblem",
     "GGNOperator",
     "HessianOperator",
-    "Identity",
-    "LiSSA",
     "LinearOperator",
     "MatrixOperator",
-    "Neumann",
-    "Nystrom",
+    "ON_FAILURE",
+    "SOLVERS",
+    "SolveError",
     "SolveInfo",
+    "SolveWarning",
     "Spectrum",
     "Status",
+    "checks",
     "cross_vp",
     "extreme_eigenvalues",
     "ggn",
@@ -67,8 +68,14 @@ __all__ = [
     "hvp",
     "hvp_and_cross_vp",
     "jacobi_preconditioner",
+    "jit",
     "lanczos",
+    "make_solver",
     "power_iteration",
+    "register",
     "solve",
     "status_message",
-]
+    "surface_errors",
+    # Every registered solver class, so a new one needs no line here.
+    *(solver.__name__ for solver in SOLVERS.values()),
+})

@@ -184,7 +184,11 @@ GGNOperator = _register(GGNOperator, ["params", "model_args", "loss_args", "damp
 
 
 class MatrixOperator(LinearOperator):
-    """A symmetric matrix acting on flat vectors; useful for tests and known curvature."""
+    """A square matrix acting on flat vectors; useful for tests and known curvature.
+
+    Symmetric for most solvers; those with ``symmetric_only = False`` (GMRES, BiCGStab, Dense)
+    also take a non-symmetric one.
+    """
 
     matrix: jax.Array
 

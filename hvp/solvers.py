@@ -74,7 +74,7 @@ def _set(solver: Any, name: str, value: Any) -> None:
     object.__setattr__(solver, name, value)  # frozen: normalise NumPy scalars to Python ones
 
 
-def _positive_int(solver: Any, name: str) -> None:
+def check_positive_int(solver: Any, name: str) -> None:
     value = getattr(solver, name)
     if isinstance(value, np.integer):
         _set(solver, name, value := int(value))
@@ -89,7 +89,7 @@ def _real(solver: Any, name: str) -> Any:
     return value
 
 
-def _tolerance(solver: Any, name: str = "tol", allow_none: bool = False) -> None:
+def check_tolerance(solver: Any, name: str = "tol", allow_none: bool = False) -> None:
     value = _real(solver, name)
     if value is None and allow_none:
         return
@@ -99,7 +99,7 @@ def _tolerance(solver: Any, name: str = "tol", allow_none: bool = False) -> None
                          f"got {value!r}")
 
 
-def _positive_or_none(solver: Any, name: str) -> None:
+def check_positive_or_none(solver: Any, name: str) -> None:
     value = _real(solver, name)
     if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
                               or not 0.0 < value < math.inf):
@@ -111,10 +111,10 @@ def _positive_or_none(solver: Any, name: str) -> None:
 # The shared ending: true residual, status, info.
 
 
-def _finish(matvec: Callable[[Flat], Flat], b: Flat, x: Flat, iterations: Any, hvps: Any,
-            tol: float | None, *, hint: Any = Status.CONVERGED, divergence: float | None = None,
-            residual: jax.Array | None = None, start_residual: jax.Array | None = None
-            ) -> tuple[Flat, SolveInfo]:
+def finish(matvec: Callable[[Flat], Flat], b: Flat, x: Flat, iterations: Any, hvps: Any,
+           tol: float | None, *, hint: Any = Status.CONVERGED, divergence: float | None = None,
+           residual: jax.Array | None = None, start_residual: jax.Array | None = None
+           ) -> tuple[Flat, SolveInfo]:
     """Check the returned ``x`` against the operator and build its :class:`SolveInfo`.
 
     ``residual`` may be passed when the solver already computed ``||b − Ax||`` exactly;
@@ -138,7 +138,7 @@ def _finish(matvec: Callable[[Flat], Flat], b: Flat, x: Flat, iterations: Any, h
     return x, info
 
 
-class _Problem(NamedTuple):
+class FlatProblem(NamedTuple):
     """What a solver receives: flat products, right-hand side, preconditioner, start, key."""
 
     matvec: Callable[[Flat], Flat]
@@ -149,14 +149,14 @@ class _Problem(NamedTuple):
     operator: LinearOperator
 
 
-def _start(problem: _Problem) -> tuple[Flat, Flat, int]:
+def start_point(problem: FlatProblem) -> tuple[Flat, Flat, int]:
     """Initial iterate, residual and the products spent computing it."""
     if problem.x0 is None:
         return jnp.zeros_like(problem.b), problem.b, 0
     return problem.x0, problem.b - problem.matvec(problem.x0), 1
 
 
-def _threshold(tol: float, b: Flat) -> jax.Array:
+def stopping_threshold(tol: float, b: Flat) -> jax.Array:
     """The residual an iteration stops at: ``tol ||b||``, but never below a few ulps of ``||b||``.
 
     Iterating past the precision floor does not improve x; in float32 the recurrences then
@@ -167,20 +167,101 @@ def _threshold(tol: float, b: Flat) -> jax.Array:
 
 
 class AbstractSolver:
-    """Protocol: ``_solve(problem) -> (x_flat, info)``; fields are hyperparameters."""
+    """The protocol every solver implements; :func:`hvp.solve` is its only caller.
+
+    A solver is a frozen dataclass (use :func:`register`) whose fields are its hyperparameters,
+    checked in ``__post_init__`` with the ``check_*`` helpers of this module. It implements:
+
+    * ``solve_flat(problem) -> (x, info)``: solve ``A x = b`` on the flat vectors of a
+      :class:`FlatProblem` (``matvec``, ``b``, ``precondition``, warm start ``x0`` or None,
+      ``key``), under ``jit`` (``lax`` loops only), and end with :func:`finish`, which computes
+      the true residual and the :class:`SolveInfo`;
+    * ``from_budget(budget, **options)`` (a classmethod): the solver that spends about
+      ``budget`` operator products (Krylov solvers leave one of them for the final residual
+      check; Neumann, LiSSA and Nyström spend ``budget`` and the check comes on top), with
+      ``tol=0`` unless ``options`` say otherwise; :attr:`budget_rule` says how in one line, and
+      ``hvps_at_budget(budget)`` returns exactly the ``hvp_count`` it reports when nothing
+      stops it early;
+    * optionally ``check_operator(operator)``, trace-time checks that need the operator, and
+      the class flags ``accepts_preconditioner``, ``accepts_init``, ``symmetric_only`` (False
+      for solvers such as GMRES and BiCGStab that take non-symmetric operators),
+      ``needs_positive_definite`` (CG, Neumann, LiSSA), ``stationary_iteration`` (Neumann,
+      LiSSA: the error shrinks by ``1 − α λ_min`` per product, so an ill-conditioned operator
+      needs about κ products) and ``approximation`` (Identity, Nyström, LiSSA: not an exact
+      solve however large the budget).
+    """
 
     accepts_preconditioner: ClassVar[bool] = False
     accepts_init: ClassVar[bool] = False
+    symmetric_only: ClassVar[bool] = True
+    needs_positive_definite: ClassVar[bool] = False
+    stationary_iteration: ClassVar[bool] = False
+    approximation: ClassVar[bool] = False
+    #: The name in :data:`SOLVERS`, set by :func:`register`.
+    name: ClassVar[str] = ""
+    #: How :meth:`from_budget` turns a budget into settings, one line.
+    budget_rule: ClassVar[str] = ""
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:  # pragma: no cover
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:  # pragma: no cover
         raise NotImplementedError
 
-    def _check(self, operator: LinearOperator) -> None:
+    def check_operator(self, operator: LinearOperator) -> None:
         """Trace-time checks that need the operator (sizes, capabilities)."""
 
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> AbstractSolver:  # pragma: no cover
+        raise NotImplementedError(f"{cls.__name__} does not say how a budget maps to it")
 
-def _solver(cls):
-    return dataclasses.dataclass(frozen=True)(cls)
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+
+#: Solver name -> class, filled by :func:`register`; :func:`make_solver` builds from it.
+SOLVERS: dict[str, type[AbstractSolver]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make ``cls`` a frozen dataclass and enter it in :data:`SOLVERS`."""
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"hvp.register: name must be a lower-case identifier, got {name!r}")
+
+    def decorate(cls: type) -> type:
+        if name in SOLVERS:
+            raise ValueError(f"hvp.register: a solver named {name!r} exists ({SOLVERS[name]})")
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        cls.name = name
+        SOLVERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def make_solver(name: str, budget: int | None = None, **options: Any) -> AbstractSolver:
+    """A solver by its :data:`SOLVERS` name: ``cls.from_budget(budget, **options)`` with a
+    budget, else ``cls(**options)``.
+
+    Options a solver does not have are refused, naming the solver and its fields.
+    """
+    where = "hvp.make_solver"
+    if name not in SOLVERS:
+        raise ValueError(f"{where}: unknown solver {name!r}; choose from {tuple(SOLVERS)}")
+    cls = SOLVERS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(f"{where}: {cls.__name__} has no option {', '.join(unknown)}; its "
+                        f"fields are {', '.join(sorted(fields)) or 'none'}")
+    if budget is None:
+        return cls(**options)
+    if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget < 1:
+        raise ValueError(f"{where}: budget must be an integer >= 1 or None, got {budget!r}")
+    return cls.from_budget(int(budget), **options)
+
+
+def _iterations(budget: int) -> int:
+    """Iterations of one product each that leave one product for the residual check."""
+    return max(budget - 1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,15 +273,15 @@ def _solver(cls):
 _REFINEMENTS = 3
 
 
-def _refined(iterate: Callable, problem: _Problem, maxiter: int, tol: float
+def _refined(iterate: Callable, problem: FlatProblem, maxiter: int, tol: float
              ) -> tuple[Flat, SolveInfo]:
     """Run a Krylov ``iterate(x, r, budget) -> (x, iterations, hint)`` to ``tol`` on the true
     residual: after each run the residual is recomputed and, if the estimate drifted, the method
     restarts from the current iterate (residual replacement), at most ``_REFINEMENTS`` times.
     """
     mv, b = problem.matvec, problem.b
-    x, r, spent = _start(problem)
-    threshold = _threshold(tol, b)
+    x, r, spent = start_point(problem)
+    threshold = stopping_threshold(tol, b)
 
     def cond(state):
         k, _, r, hint, runs = state
@@ -216,10 +297,10 @@ def _refined(iterate: Callable, problem: _Problem, maxiter: int, tol: float
     k, x, r, hint, runs = jax.lax.while_loop(cond, body, init)
     drifted = (k < maxiter) & (hint == Status.CONVERGED)
     hint = jnp.where(drifted, Status.STAGNATED, hint)
-    return _finish(mv, b, x, k, k + runs + spent, tol, hint=hint, residual=jnp.linalg.norm(r))
+    return finish(mv, b, x, k, k + runs + spent, tol, hint=hint, residual=jnp.linalg.norm(r))
 
 
-@_solver
+@register("cg")
 class CG(AbstractSolver):
     """Preconditioned conjugate gradients, for symmetric positive-definite operators.
 
@@ -233,18 +314,29 @@ class CG(AbstractSolver):
     accepts_preconditioner: ClassVar[bool] = True
     accepts_init: ClassVar[bool] = True
 
-    def __post_init__(self):
-        _positive_int(self, "maxiter")
-        _tolerance(self)
+    needs_positive_definite: ClassVar[bool] = True
+    budget_rule: ClassVar[str] = "maxiter = max(budget-1, 1); hvp_count = maxiter + 1 (the check)"
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> CG:
+        return cls(**{"maxiter": _iterations(budget), "tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        return _iterations(budget) + 1
+
+    def __post_init__(self):
+        check_positive_int(self, "maxiter")
+        check_tolerance(self)
+
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         # One loop, one product per iteration: either a CG step (A p) or a check of the true
         # residual (A x). A check follows every apparent convergence, negative curvature and the
         # end of the budget; if the recursive residual drifted, CG restarts from the true one
         # (at most _REFINEMENTS times). A single call site of the operator keeps the compiled
         # program as small as a hand-written CG's.
         mv, precondition, b = problem.matvec, problem.precondition, problem.b
-        threshold = _threshold(self.tol, b)
+        threshold = stopping_threshold(self.tol, b)
         start = jnp.zeros_like(b) if problem.x0 is None else problem.x0
         z = precondition(b)
         check_first = (problem.x0 is not None) | (jnp.linalg.norm(b) <= threshold)
@@ -288,11 +380,11 @@ class CG(AbstractSolver):
         s = jax.lax.while_loop(lambda s: ~s["stop"], body, state)
         drifted = (s["k"] < self.maxiter) & (s["hint"] == Status.CONVERGED)
         hint = jnp.where(drifted, Status.STAGNATED, s["hint"])
-        return _finish(mv, b, s["x"], s["k"], s["hvps"], self.tol, hint=hint,
+        return finish(mv, b, s["x"], s["k"], s["hvps"], self.tol, hint=hint,
                        residual=s["residual"])
 
 
-@_solver
+@register("minres")
 class MINRES(AbstractSolver):
     """Minimum-residual method for symmetric, possibly indefinite, operators.
 
@@ -306,9 +398,19 @@ class MINRES(AbstractSolver):
     accepts_preconditioner: ClassVar[bool] = True
     accepts_init: ClassVar[bool] = True
 
+    budget_rule: ClassVar[str] = "maxiter = max(budget-1, 1); hvp_count = maxiter + 1 (the check)"
+
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> MINRES:
+        return cls(**{"maxiter": _iterations(budget), "tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        return _iterations(budget) + 1
+
     def __post_init__(self):
-        _positive_int(self, "maxiter")
-        _tolerance(self)
+        check_positive_int(self, "maxiter")
+        check_tolerance(self)
 
     def _iterate(self, mv, precondition, b_norm, x, r1, budget):
         dtype = r1.dtype
@@ -355,7 +457,7 @@ class MINRES(AbstractSolver):
         s = jax.lax.while_loop(cond, body, state)
         return s["x"], s["k"], jnp.asarray(Status.CONVERGED, jnp.int32)
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         # phibar estimates the residual in the preconditioner's norm; compare it with ||b|| in
         # the same norm so that tol is relative in both.
         b_norm = jnp.sqrt(jnp.maximum(jnp.vdot(problem.b, problem.precondition(problem.b)), 0.0))
@@ -367,7 +469,7 @@ class MINRES(AbstractSolver):
         return _refined(iterate, problem, self.maxiter, self.tol)
 
 
-@_solver
+@register("gmres")
 class GMRES(AbstractSolver):
     """Restarted GMRES(m) with right preconditioning, for general (also non-symmetric) operators.
 
@@ -382,10 +484,30 @@ class GMRES(AbstractSolver):
     accepts_preconditioner: ClassVar[bool] = True
     accepts_init: ClassVar[bool] = True
 
+    symmetric_only: ClassVar[bool] = False
+    budget_rule: ClassVar[str] = ("cycles = ceil(budget/21), restart = max(budget//cycles - 1, 1); "
+                                  "hvp_count = cycles * (restart + 1)")
+
+    @classmethod
+    def _cycles(cls, budget: int) -> tuple[int, int]:
+        """``(cycles, restart)`` with ``cycles · (restart + 1) <= budget`` and restart <= 20."""
+        cycles = math.ceil(budget / 21)
+        return cycles, max(budget // cycles - 1, 1)
+
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> GMRES:
+        cycles, restart = cls._cycles(budget)
+        return cls(**{"maxiter": restart * cycles, "restart": restart, "tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        cycles, restart = cls._cycles(budget)
+        return cycles * (restart + 1)
+
     def __post_init__(self):
-        _positive_int(self, "maxiter")
-        _positive_int(self, "restart")
-        _tolerance(self)
+        check_positive_int(self, "maxiter")
+        check_positive_int(self, "restart")
+        check_tolerance(self)
 
     def _cycle(self, mv, precondition, x, r):
         m = self.restart
@@ -410,10 +532,10 @@ class GMRES(AbstractSolver):
         coefficients = jnp.linalg.lstsq(hessenberg, rhs)[0]
         return x + precondition(basis[:m].T @ coefficients)
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         mv, b, precondition = problem.matvec, problem.b, problem.precondition
-        x, r, spent = _start(problem)
-        threshold = _threshold(self.tol, b)
+        x, r, spent = start_point(problem)
+        threshold = stopping_threshold(self.tol, b)
 
         def cond(state):
             k, _, r = state
@@ -429,7 +551,7 @@ class GMRES(AbstractSolver):
         k, x, r = jax.lax.while_loop(cond, body, (jnp.array(0), x, r))
         cycles = k // self.restart
         hint = jnp.where(k < self.maxiter, Status.STAGNATED, Status.CONVERGED)
-        return _finish(mv, b, x, k, k + cycles + spent, self.tol, hint=hint,
+        return finish(mv, b, x, k, k + cycles + spent, self.tol, hint=hint,
                        residual=jnp.linalg.norm(r))
 
 
@@ -437,7 +559,7 @@ class GMRES(AbstractSolver):
 # Series and approximations.
 
 
-def _step_size(alpha: float | None, problem: _Problem, power_iters: int
+def _step_size(alpha: float | None, problem: FlatProblem, power_iters: int
                ) -> tuple[jax.Array, int]:
     """A Neumann step ``α`` and the products spent choosing it.
 
@@ -462,7 +584,7 @@ class _FlatOperator(LinearOperator):
         return self._matvec(vector)
 
 
-@_solver
+@register("neumann")
 class Neumann(AbstractSolver):
     """Truncated Neumann series ``H⁻¹b ≈ α Σ_{j<K} (I − αH)^j b`` (Lorraine et al. 2020).
 
@@ -488,21 +610,34 @@ class Neumann(AbstractSolver):
     accepts_preconditioner: ClassVar[bool] = True
     accepts_init: ClassVar[bool] = True
 
-    def __post_init__(self):
-        _positive_int(self, "maxiter")
-        _positive_or_none(self, "alpha")
-        _tolerance(self)
-        _positive_int(self, "power_iters")
-        _positive_or_none(self, "divergence")
+    needs_positive_definite: ClassVar[bool] = True
+    stationary_iteration: ClassVar[bool] = True
+    budget_rule: ClassVar[str] = ("maxiter = budget terms; hvp_count = budget + 1 (the check), "
+                                  "plus power_iters when alpha is None")
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> Neumann:
+        return cls(**{"maxiter": budget, "tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        return budget + 1
+
+    def __post_init__(self):
+        check_positive_int(self, "maxiter")
+        check_positive_or_none(self, "alpha")
+        check_tolerance(self)
+        check_positive_int(self, "power_iters")
+        check_positive_or_none(self, "divergence")
+
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         mv, b, precondition = problem.matvec, problem.b, problem.precondition
         alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
-        x, r, spent = _start(problem)
+        x, r, spent = start_point(problem)
         # Divergence is growth past the start: ||b|| from zero, or a warm start's own residual.
         start_residual = jnp.linalg.norm(r)
         limit = self.divergence * jnp.maximum(jnp.linalg.norm(b), start_residual)
-        threshold = _threshold(self.tol, b)
+        threshold = stopping_threshold(self.tol, b)
 
         def cond(state):
             k, _, r = state
@@ -517,11 +652,11 @@ class Neumann(AbstractSolver):
 
         k, x, _ = jax.lax.while_loop(cond, body, (jnp.array(0), x, r))
         hint = jnp.where(k < self.maxiter, Status.STAGNATED, Status.CONVERGED)
-        return _finish(mv, b, x, k, k + spent + spent_alpha, self.tol, hint=hint,
+        return finish(mv, b, x, k, k + spent + spent_alpha, self.tol, hint=hint,
                        divergence=self.divergence, start_residual=start_residual)
 
 
-@_solver
+@register("lissa")
 class LiSSA(AbstractSolver):
     """LiSSA: the Neumann series with a fresh minibatch Hessian per term (Agarwal et al. 2017).
 
@@ -550,20 +685,34 @@ class LiSSA(AbstractSolver):
     divergence: float = 1.0
     seed: int = 0
 
+    approximation: ClassVar[bool] = True
+    needs_positive_definite: ClassVar[bool] = True
+    stationary_iteration: ClassVar[bool] = True
+    budget_rule: ClassVar[str] = ("maxiter = budget minibatch products; hvp_count = budget + 1 "
+                                  "(the check), plus power_iters when alpha is None")
+
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> LiSSA:
+        return cls(**{"maxiter": budget, "tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        return budget + 1
+
     def __post_init__(self):
         for name in ("maxiter", "batch_size", "num_samples", "power_iters"):
-            _positive_int(self, name)
-        _positive_or_none(self, "alpha")
-        _tolerance(self, allow_none=True)
-        _positive_or_none(self, "divergence")
+            check_positive_int(self, name)
+        check_positive_or_none(self, "alpha")
+        check_tolerance(self, allow_none=True)
+        check_positive_or_none(self, "divergence")
 
-    def _check(self, operator: LinearOperator) -> None:
+    def check_operator(self, operator: LinearOperator) -> None:
         if getattr(operator, "batch_argnums", None) is None:
             raise ValueError("hvp.LiSSA: the operator must be built with batch_argnums, e.g. "
                              "hvp.hessian(loss, params, x, y, batch_argnums=(0, 1)), so that LiSSA "
                              "can draw a minibatch Hessian per term")
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         operator, b = problem.operator, problem.b
         alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
 
@@ -577,12 +726,12 @@ class LiSSA(AbstractSolver):
 
         keys = jax.random.split(problem.key, self.num_samples)
         x = jnp.mean(jax.vmap(chain)(keys), axis=0)
-        return _finish(problem.matvec, b, x, self.maxiter,
+        return finish(problem.matvec, b, x, self.maxiter,
                        self.maxiter * self.num_samples + spent_alpha, self.tol,
                        hint=Status.INACCURATE, divergence=self.divergence)
 
 
-@_solver
+@register("nystrom")
 class Nystrom(AbstractSolver):
     """Nyström low-rank inverse: ``(C W⁺ Cᵀ + ρI)⁻¹ b``.
 
@@ -608,22 +757,33 @@ class Nystrom(AbstractSolver):
     tol: float | None = 1.0
     seed: int = 0
 
+    approximation: ClassVar[bool] = True
+    budget_rule: ClassVar[str] = "rank = budget (one batch of products); hvp_count = budget + 1"
+
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> Nystrom:
+        return cls(**{"rank": budget, "tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        return budget + 1
+
     def __post_init__(self):
-        _positive_int(self, "rank")
-        _positive_or_none(self, "rho")
+        check_positive_int(self, "rank")
+        check_positive_or_none(self, "rho")
         if self.rho is None:
             raise ValueError("Nystrom: rho must be a finite number > 0, got None")
         if self.sketch not in ("columns", "gaussian"):
             raise ValueError(f"Nystrom: sketch must be 'columns' or 'gaussian', "
                              f"got {self.sketch!r}")
-        _tolerance(self, allow_none=True)
+        check_tolerance(self, allow_none=True)
 
-    def _check(self, operator: LinearOperator) -> None:
+    def check_operator(self, operator: LinearOperator) -> None:
         if self.rank > operator.size:
             raise ValueError(f"hvp.Nystrom: rank={self.rank} exceeds the problem size "
                              f"{operator.size}")
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         b = problem.b
         n, k = b.shape[0], self.rank
         if self.sketch == "columns":
@@ -644,10 +804,10 @@ class Nystrom(AbstractSolver):
         coefficients = basis.T @ b
         outside = (b - basis @ coefficients) / self.rho  # the part of b the sketch does not see
         x = basis @ (coefficients / (eigenvalues + self.rho)) + outside
-        return _finish(problem.matvec, b, x, 1, k, self.tol, hint=Status.INACCURATE)
+        return finish(problem.matvec, b, x, 1, k, self.tol, hint=Status.INACCURATE)
 
 
-@_solver
+@register("identity")
 class Identity(AbstractSolver):
     """``H⁻¹ ≈ scale · I`` (times the preconditioner, if given): the one-step look-ahead.
 
@@ -660,18 +820,29 @@ class Identity(AbstractSolver):
     tol: float | None = 1.0
     accepts_preconditioner: ClassVar[bool] = True
 
+    approximation: ClassVar[bool] = True
+    budget_rule: ClassVar[str] = "x = scale * b whatever the budget; hvp_count = 1 (the check)"
+
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> Identity:
+        return cls(**{"tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        return 1
+
     def __post_init__(self):
-        _positive_or_none(self, "scale")
+        check_positive_or_none(self, "scale")
         if self.scale is None:
             raise ValueError("Identity: scale must be a finite number > 0, got None")
-        _tolerance(self, allow_none=True)
+        check_tolerance(self, allow_none=True)
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         x = self.scale * problem.precondition(problem.b)
-        return _finish(problem.matvec, problem.b, x, 0, 0, self.tol, hint=Status.INACCURATE)
+        return finish(problem.matvec, problem.b, x, 0, 0, self.tol, hint=Status.INACCURATE)
 
 
-@_solver
+@register("dense")
 class Dense(AbstractSolver):
     """Exact solve on the materialised operator (``size`` products, then LU): the reference.
 
@@ -682,21 +853,32 @@ class Dense(AbstractSolver):
     max_size: int = 5000
     tol: float | None = None
 
-    def __post_init__(self):
-        _positive_int(self, "max_size")
-        _tolerance(self, allow_none=True)
+    symmetric_only: ClassVar[bool] = False
+    budget_rule: ClassVar[str] = "the whole matrix whatever the budget; hvp_count = n"
 
-    def _check(self, operator: LinearOperator) -> None:
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> Dense:
+        return cls(**options)
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        raise ValueError("hvp.Dense spends one product per row of the operator, not a budget")
+
+    def __post_init__(self):
+        check_positive_int(self, "max_size")
+        check_tolerance(self, allow_none=True)
+
+    def check_operator(self, operator: LinearOperator) -> None:
         if operator.size > self.max_size:
             raise ValueError(f"hvp.Dense: the operator has {operator.size} rows, more than "
                              f"max_size={self.max_size}; use an iterative solver or raise "
                              f"max_size")
 
-    def _solve(self, problem: _Problem) -> tuple[Flat, SolveInfo]:
+    def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         matrix = problem.operator.dense(self.max_size).astype(problem.b.dtype)
         x = jnp.linalg.solve(matrix, problem.b)
         residual = jnp.linalg.norm(problem.b - matrix @ x)
-        return _finish(problem.matvec, problem.b, x, 1, problem.b.shape[0], self.tol,
+        return finish(problem.matvec, problem.b, x, 1, problem.b.shape[0], self.tol,
                        residual=residual)
 
 
@@ -748,7 +930,7 @@ def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
         raise ValueError(f"{where}: {name} does not take a preconditioner")
     if init is not None and not solver.accepts_init:
         raise ValueError(f"{where}: {name} does not take init (a warm start)")
-    solver._check(operator)
+    solver.check_operator(operator)
 
     # Solve in the operator's dtypes; hand x back in the vector's own dtypes.
     as_operator = jax.tree_util.tree_map(lambda v, s: v.astype(s.dtype), vector,
@@ -764,9 +946,9 @@ def solve(operator: LinearOperator, vector: PyTree, solver: AbstractSolver, *,
     precondition = (lambda v: v) if preconditioner is None else preconditioner.flat_mv
     if key is None:
         key = jax.random.key(getattr(solver, "seed", 0))
-    problem = _Problem(lambda v: operator.flat_mv(v).astype(dtype), b,
+    problem = FlatProblem(lambda v: operator.flat_mv(v).astype(dtype), b,
                        lambda v: precondition(v).astype(dtype), x0, key, operator)
-    x, info = solver._solve(problem)
+    x, info = solver.solve_flat(problem)
     _checks.report_failure(where, ~info.converged, _describe_solve,
                            (info.status, info.iterations, info.hvp_count, info.residual_norm),
                            on_failure)

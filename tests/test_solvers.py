@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_spd
-from helpers import CASES, PROBLEMS, SIZE, SOLVERS, TEMPLATE, flat, relative_error
+from helpers import APPROXIMATIONS, CASES, PROBLEMS, SIZE, SOLVERS, TEMPLATE, flat, relative_error
 
 import hvp
 
@@ -305,3 +305,74 @@ def test_neumann_from_a_poor_warm_start_still_converges():
                         init=jnp.full(3, 3.0))
     assert bool(info.converged), hvp.status_message(info)
     np.testing.assert_allclose(x, b / jnp.array([1.0, 0.5, 0.1]), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: names, budgets and the public protocol.
+
+BUDGETED = sorted(name for name in hvp.SOLVERS if name != "dense")
+
+
+def _operator(name, problem):
+    """The problem's Hessian; for LiSSA, as a mean over (three equal) examples it can sample."""
+    operator = problem.operator()
+    if name != "lissa":
+        return operator
+    return hvp.hessian(lambda p, w: jnp.mean(w) * problem.loss(p), operator.params, jnp.ones(3),
+                       batch_argnums=0)
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+@pytest.mark.parametrize("budget", [3, 8])
+def test_a_budget_spends_what_the_solver_says(name, budget):
+    problem = PROBLEMS["spd"]
+    options = {"alpha": 0.1} if "alpha" in hvp.SOLVERS[name].__dataclass_fields__ else {}
+    options |= {"batch_size": 1} if name == "lissa" else {}
+    operator = _operator(name, problem)
+    solver = hvp.make_solver(name, budget, **options)
+    _, info = hvp.solve(operator, problem.rhs(), solver, on_failure="ignore")
+    assert int(info.hvp_count) == hvp.SOLVERS[name].hvps_at_budget(budget) <= budget + 1
+    assert hvp.SOLVERS[name].budget_rule
+
+
+@pytest.mark.parametrize("name", APPROXIMATIONS)
+def test_an_approximation_is_never_called_converged_when_it_missed_tol(name):
+    problem = PROBLEMS["ill"]
+    operator = _operator(name, problem)
+    options = {"batch_size": 1} if name == "lissa" else {}
+    x, info = hvp.solve(operator, problem.rhs(), hvp.make_solver(name, 3, tol=1e-6, **options),
+                        on_failure="ignore")
+    missed = relative_error(x, problem.reference(problem.rhs())) > 1e-3
+    assert missed and not bool(info.converged), hvp.status_message(info)
+
+
+def test_make_solver_names_what_is_wrong():
+    with pytest.raises(ValueError, match=r"hvp\.make_solver: unknown solver 'cgg'; choose from"):
+        hvp.make_solver("cgg")
+    with pytest.raises(TypeError, match=r"hvp\.make_solver: CG has no option rank; its fields"):
+        hvp.make_solver("cg", 5, rank=3)
+    with pytest.raises(ValueError, match=r"hvp\.make_solver: budget must be an integer >= 1"):
+        hvp.make_solver("cg", 0)
+    assert hvp.make_solver("cg", np.int64(6)) == hvp.CG(maxiter=5, tol=0.0)
+    assert hvp.make_solver("minres", maxiter=7) == hvp.MINRES(maxiter=7)
+
+
+def test_register_refuses_a_taken_name():
+    with pytest.raises(ValueError, match=r"hvp\.register: a solver named 'cg' exists"):
+        hvp.register("cg")(type("Other", (hvp.AbstractSolver,), {}))
+
+
+def test_every_registered_solver_is_exported_by_its_class_name():
+    for name, cls in hvp.SOLVERS.items():
+        assert getattr(hvp, cls.__name__) is cls and cls.__name__ in hvp.__all__
+        assert cls.name == name
+
+
+def test_bicgstab_solves_where_the_symmetric_solvers_cannot():
+    problem = PROBLEMS["nonsymmetric"]
+    b = problem.rhs()
+    x, info = hvp.solve(problem.operator(), b, hvp.BiCGStab(maxiter=50, tol=1e-12))
+    assert bool(info.converged) and relative_error(x, problem.reference(b)) < 1e-10
+    wrong, _ = hvp.solve(problem.operator(), b, hvp.CG(maxiter=50, tol=1e-12),
+                         on_failure="ignore")
+    assert relative_error(wrong, problem.reference(b)) > 1e-3
