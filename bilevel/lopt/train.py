@@ -91,12 +91,6 @@ def make_optimizer(config: MetaTrainConfig, meta: dict, num_steps: Any
     return optimizers.star_lopt(meta, num_steps, **optimizer_kwargs(config))
 
 
-def _continuing(transformation, state):
-    """The same update rule whose ``init`` returns ``state``: a truncation that resumes an inner
-    run (``unrolled_hypergrad`` initialises the optimizer at the start of its unroll)."""
-    return optax.GradientTransformationExtraArgs(lambda params: state, transformation.update)
-
-
 def outer_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
     """Clip by global norm, then Adam (AdamW with ``weight_decay > 0``)."""
     if config.weight_decay > 0:
@@ -144,14 +138,14 @@ def _truncation_fn(config: MetaTrainConfig, member: tasks.FamilyMember) -> Calla
             per_batch = jax.vmap(task.loss, in_axes=(None, 0))(params, outer_batches)
             return jnp.mean(per_batch) / scale
 
+        # The truncation continues the inner run: it starts from the carried optimizer state and
+        # hands back the final one, so the unroll runs once.
         grad, info = bilevel.unrolled_hypergrad(
             inner_loss, outer_loss, params, meta,
-            optimizer=lambda h: _continuing(make_optimizer(config, h, num_steps), opt_state),
+            optimizer=lambda h: make_optimizer(config, h, num_steps), opt_state=opt_state,
             steps=config.unroll, per_step_args=(batches,), outer_args=(outer_batch,),
-            mode="mixflow")
-        # unrolled_hypergrad returns θ_T but not the optimizer state: one forward pass more.
-        new_state, _ = _inner_run(config, task, jax.lax.stop_gradient(meta), inner_state,
-                                  batches, num_steps)
+            mode="mixflow", on_failure="ignore")
+        new_state = (info.params, info.opt_state)
         finite = info.finite & _all_finite(new_state)
         return Truncation(grad, new_state, info.outer_loss, finite)
 
@@ -163,7 +157,8 @@ def _truncation_fn(config: MetaTrainConfig, member: tasks.FamilyMember) -> Calla
         del outer_batch
         grad, new_state, info = bilevel.pes_hypergrad(unroll, meta, pes_state, key,
                                                       sigma=config.sigma,
-                                                      args=(batches, scale, num_steps))
+                                                      args=(batches, scale, num_steps),
+                                                      on_failure="ignore")
         finite = info.finite & _all_finite(new_state.inner_state)
         return Truncation(grad, new_state, info.loss, finite)
 
