@@ -40,12 +40,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bilevel import es
+from hvp import checks as _checks
 
 PyTree = Any
 
@@ -293,9 +293,17 @@ def _mine(tree: PyTree, axes: tuple, count: int) -> PyTree:
         lambda x: jax.lax.dynamic_slice_in_dim(x, start, count, axis=0), tree)
 
 
+def _device_split(axes: tuple, count: int) -> es.PopulationSplit:
+    """The estimator kernels' population split over the devices of a ``shard_map``."""
+    return es.PopulationSplit(local=lambda tree: _mine(tree, axes, count),
+                              gather=lambda losses: jax.lax.all_gather(losses, axes, tiled=True),
+                              total=lambda tree: jax.lax.psum(tree, axes))
+
+
 def sharded_es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array,
                          population: int = 64, sigma: float = 0.01, args: tuple = (),
-                         antithetic: bool = True, *, mesh: Mesh) -> tuple[PyTree, es.ESInfo]:
+                         antithetic: bool = True, *, mesh: Mesh, on_failure: str = "warn"
+                         ) -> tuple[PyTree, es.ESInfo]:
     """:func:`bilevel.es_hypergrad` with the population split over the devices of ``mesh``.
 
     The same estimator, ``ĝ = mean_i (L(λ + σε_i) − L(λ − σε_i)) ε_i / (2σ)`` (antithetic) or
@@ -311,6 +319,7 @@ def sharded_es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array,
         :func:`bilevel.es_hypergrad`; ``hparams``, ``key`` and ``args`` are replicated.
       mesh: the mesh whose devices share the population (e.g. :func:`data_mesh`);
         ``population`` must be a multiple of its size.
+      on_failure: as in :func:`bilevel.es_hypergrad`.
 
     Returns:
       ``(grad, info)`` as :func:`bilevel.es_hypergrad` returns them, replicated.
@@ -321,28 +330,18 @@ def sharded_es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array,
     where = "bilevel.distributed.sharded_es_hypergrad"
     _check_mesh(where, mesh)
     args = tuple(args)
-    es._check_es_inputs(where, meta_loss, hparams, key, population, sigma, args, antithetic)
+    _checks.check_on_failure(where, on_failure)
+    es.check_es_inputs(where, meta_loss, hparams, key, population, sigma, args, antithetic)
     _check_population_split(where, population, mesh)
-    axes = tuple(mesh.axis_names)
-    count = population // mesh.size
+    split = _device_split(tuple(mesh.axis_names), population // mesh.size)
 
     def body(hparams, key, args):
-        draws = population // 2 if antithetic else population
-        noise = es._standard_normal(key, hparams, draws)
-        directions = es._antithetic(noise) if antithetic else noise
-        mine = _mine(es._scaled(directions, sigma), axes, count)
-        local = jax.vmap(lambda h: meta_loss(h, *args))(es._shifted(hparams, mine))
-        losses = jax.lax.all_gather(local, axes, tiled=True)
-        if antithetic:
-            weights = (losses[:draws] - losses[draws:]) / (2 * sigma * draws)
-            finite = jnp.all(jnp.isfinite(losses))
-        else:
-            baseline = meta_loss(hparams, *args)
-            weights = (losses - baseline) / (sigma * population)
-            finite = jnp.all(jnp.isfinite(losses)) & jnp.isfinite(baseline)
-        return es._finish(es._weighted_sum(weights, noise), losses, finite)
+        return es.es_kernel(meta_loss, hparams, key, int(population), sigma, args, antithetic,
+                            split)
 
-    return _per_device(mesh, body, (P(), P(), P()), P())(hparams, key, args)
+    grad, info = _per_device(mesh, body, (P(), P(), P()), P())(hparams, key, args)
+    es.report(where, info, on_failure)
+    return grad, info
 
 
 def shard_pes_state(state: es.PESState, mesh: Mesh) -> es.PESState:
@@ -361,8 +360,8 @@ def shard_pes_state(state: es.PESState, mesh: Mesh) -> es.PESState:
 
 
 def sharded_pes_hypergrad(unroll: Callable, hparams: PyTree, state: es.PESState,
-                          key: jax.Array, sigma: float = 0.01, args: tuple = (), *, mesh: Mesh
-                          ) -> tuple[PyTree, es.PESState, es.ESInfo]:
+                          key: jax.Array, sigma: float = 0.01, args: tuple = (), *, mesh: Mesh,
+                          on_failure: str = "warn") -> tuple[PyTree, es.PESState, es.ESInfo]:
     """:func:`bilevel.pes_hypergrad` with the particles split over the devices of ``mesh``.
 
     Each device keeps its particles' inner states and perturbation sums ``ξ_i`` and runs their
@@ -377,6 +376,7 @@ def sharded_pes_hypergrad(unroll: Callable, hparams: PyTree, state: es.PESState,
         state with :func:`shard_pes_state` first (otherwise every call moves it).
       mesh: the mesh whose devices share the particles; the population must be a multiple of
         its size.
+      on_failure: as in :func:`bilevel.pes_hypergrad`.
 
     Returns:
       ``(grad, new_state, info)`` as :func:`bilevel.pes_hypergrad`, with ``new_state``'s
@@ -388,29 +388,20 @@ def sharded_pes_hypergrad(unroll: Callable, hparams: PyTree, state: es.PESState,
     where = "bilevel.distributed.sharded_pes_hypergrad"
     _check_mesh(where, mesh)
     args = tuple(args)
-    population = es._check_pes_inputs(where, unroll, hparams, state, key, sigma, args)
+    _checks.check_on_failure(where, on_failure)
+    population = es.check_pes_inputs(where, unroll, hparams, state, key, sigma, args)
     _check_population_split(where, population, mesh)
-    axes, spec = tuple(mesh.axis_names), P(tuple(mesh.axis_names))
-    count, pairs = population // mesh.size, population // 2
+    spec = P(tuple(mesh.axis_names))
+    split = _device_split(tuple(mesh.axis_names), population // mesh.size)
 
     def body(hparams, inner_state, xi, key, args):
-        keys = jax.random.split(key, pairs + 1)
-        noise_key, data_keys = keys[0], keys[1:]
-        perturbations = _mine(es._scaled(
-            es._antithetic(es._standard_normal(noise_key, hparams, pairs)), sigma), axes, count)
-        pair_keys = _mine(jnp.concatenate([data_keys, data_keys]), axes, count)
-        xi = jax.tree_util.tree_map(jnp.add, xi, perturbations)
-        inner_state, local = jax.vmap(lambda h, s, k: unroll(h, s, k, *args))(
-            es._shifted(hparams, perturbations), inner_state, pair_keys)
-        losses = jax.lax.all_gather(local, axes, tiled=True)
-        weights = _mine((losses - jnp.mean(losses)) / (sigma**2 * population), axes, count)
-        grad = jax.lax.psum(es._weighted_sum(weights, xi), axes)
-        grad, info = es._finish(grad, losses, jnp.all(jnp.isfinite(losses)))
-        return grad, inner_state, xi, info
+        return es.pes_kernel(unroll, hparams, inner_state, xi, key, population, sigma, args,
+                             split)
 
     grad, inner_state, xi, info = _per_device(
         mesh, body, (P(), spec, spec, P(), P()), (P(), spec, spec, P()))(
         hparams, state.inner_state, state.perturbation_sum, key, args)
+    es.report(where, info, on_failure)
     return grad, es.PESState(inner_state, xi, state.truncations + 1), info
 
 

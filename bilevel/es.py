@@ -116,8 +116,9 @@ def _check_key(where: str, key: Any) -> None:
                     f"jax.random.PRNGKey(seed)), got {found}")
 
 
-def _check_es_inputs(where: str, meta_loss: Callable, hparams: PyTree, key: Any,
-                     population: Any, sigma: Any, args: Any, antithetic: bool) -> None:
+def check_es_inputs(where: str, meta_loss: Callable, hparams: PyTree, key: Any,
+                    population: Any, sigma: Any, args: Any, antithetic: bool) -> None:
+    """Trace-time checks of :func:`es_hypergrad`'s inputs, errors naming ``where``."""
     _check_callable(where, "meta_loss", meta_loss)
     _check_args(where, args)
     if not isinstance(antithetic, bool):
@@ -134,9 +135,10 @@ def _population_of(where: str, state: PESState, hparams: PyTree) -> int:
     xi = state.perturbation_sum
     if jax.tree_util.tree_structure(xi) != jax.tree_util.tree_structure(hparams):
         raise ValueError(f"{where}: state.perturbation_sum has structure "
-                         f"{_checks._describe(xi)}, hparams has {_checks._describe(hparams)}")
+                         f"{_checks.describe_structure(xi)}, hparams has "
+                         f"{_checks.describe_structure(hparams)}")
     sizes = set()
-    for path, x, h in zip(_checks._paths(hparams), jax.tree_util.tree_leaves(xi),
+    for path, x, h in zip(_checks.leaf_paths(hparams), jax.tree_util.tree_leaves(xi),
                           jax.tree_util.tree_leaves(hparams), strict=True):
         if np.ndim(x) != np.ndim(h) + 1 or np.shape(x)[1:] != np.shape(h):
             raise ValueError(f"{where}: state.perturbation_sum leaf {path} has shape "
@@ -178,8 +180,9 @@ def _check_unroll(where: str, unroll: Callable, hparams: PyTree, inner_state: Py
                          f"shapes and dtypes of one particle's inner_state {one}, got {new_state}")
 
 
-def _check_pes_inputs(where: str, unroll: Callable, hparams: PyTree, state: Any, key: Any,
-                      sigma: Any, args: Any) -> int:
+def check_pes_inputs(where: str, unroll: Callable, hparams: PyTree, state: Any, key: Any,
+                     sigma: Any, args: Any) -> int:
+    """Trace-time checks of :func:`pes_hypergrad`'s inputs; returns the population size."""
     _check_callable(where, "unroll", unroll)
     _check_args(where, args)
     _check_sigma(where, sigma)
@@ -233,14 +236,14 @@ def _weighted_sum(weights: jax.Array, stacked: PyTree) -> PyTree:
         lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), stacked)
 
 
-def _report(where: str, losses: jax.Array, finite: jax.Array, on_failure: str) -> None:
-    bad = jnp.sum(~jnp.isfinite(losses))
+def report(where: str, info: ESInfo, on_failure: str) -> None:
+    """Honour ``on_failure`` for an estimate whose ``info.finite`` is False."""
     _common.report_failure(
-        where, ~finite,
-        lambda bad, total: f"{int(bad)} of {int(total)} perturbed losses are not finite (or the "
-                           f"baseline is not), so the estimate is NaN: the unroll may have "
-                           f"diverged; lower sigma or the inner learning rate",
-        (bad, jnp.asarray(losses.shape[0])), on_failure)
+        where, ~info.finite,
+        lambda total: f"some of the {int(total)} perturbed losses (or the baseline) are not "
+                      f"finite, so the estimate is NaN: the unroll may have diverged; lower "
+                      f"sigma or the inner learning rate",
+        (info.population,), on_failure)
 
 
 def _finish(grad: PyTree, losses: jax.Array, finite: jax.Array) -> tuple[PyTree, ESInfo]:
@@ -249,6 +252,84 @@ def _finish(grad: PyTree, losses: jax.Array, finite: jax.Array) -> tuple[PyTree,
     info = ESInfo(loss=jnp.mean(losses), loss_std=jnp.std(losses), finite=finite,
                   population=jnp.asarray(losses.shape[0], jnp.int32))
     return grad, info
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator kernels: the formulas, written once, over a population that may be split.
+
+
+def _whole(tree: PyTree) -> PyTree:
+    return tree
+
+
+class PopulationSplit(NamedTuple):
+    """How a kernel's population is shared between workers; the default is one worker.
+
+    Attributes:
+      local: this worker's members of a tree whose leaves lead with the population axis.
+      gather: every member's losses, from this worker's.
+      total: the sum over workers of an hparams-shaped partial sum.
+
+    :mod:`bilevel.distributed` runs the kernels inside ``jax.shard_map`` with ``local`` a
+    slice at the device's index, ``gather`` an ``all_gather`` and ``total`` a ``psum``.
+    """
+
+    local: Callable[[PyTree], PyTree] = _whole
+    gather: Callable[[jax.Array], jax.Array] = _whole
+    total: Callable[[PyTree], PyTree] = _whole
+
+
+#: One worker holds the whole population.
+WHOLE = PopulationSplit()
+
+
+def es_kernel(meta_loss: Callable, hparams: PyTree, key: jax.Array, population: int,
+              sigma: Any, args: tuple, antithetic: bool,
+              split: PopulationSplit = WHOLE) -> tuple[PyTree, ESInfo]:
+    """The ES estimate of :func:`es_hypergrad`, without its checks or failure report.
+
+    Every worker draws all the directions from ``key`` (cheap next to a meta-loss), evaluates
+    its ``split.local`` members, and forms the same weighted sum from the gathered losses.
+    """
+    draws = population // 2 if antithetic else population
+    noise = _standard_normal(key, hparams, draws)
+    directions = _antithetic(noise) if antithetic else noise
+    mine = split.local(_scaled(directions, sigma))
+    losses = split.gather(jax.vmap(lambda h: meta_loss(h, *args))(_shifted(hparams, mine)))
+    if antithetic:
+        weights = (losses[:draws] - losses[draws:]) / (2 * sigma * draws)
+        finite = jnp.all(jnp.isfinite(losses))
+    else:
+        baseline = meta_loss(hparams, *args)
+        weights = (losses - baseline) / (sigma * population)
+        finite = jnp.all(jnp.isfinite(losses)) & jnp.isfinite(baseline)
+    return _finish(_weighted_sum(weights, noise), losses, finite)
+
+
+def pes_kernel(unroll: Callable, hparams: PyTree, inner_state: PyTree, perturbation_sum: PyTree,
+               key: jax.Array, population: int, sigma: Any, args: tuple,
+               split: PopulationSplit = WHOLE
+               ) -> tuple[PyTree, PyTree, PyTree, ESInfo]:
+    """One PES truncation of :func:`pes_hypergrad` on this worker's particles, unchecked.
+
+    ``inner_state`` and ``perturbation_sum`` hold this worker's particles; returns
+    ``(grad, new_inner_state, new_perturbation_sum, info)``.
+    """
+    pairs = population // 2
+    keys = jax.random.split(key, pairs + 1)
+    noise_key, data_keys = keys[0], keys[1:]
+    perturbations = split.local(_scaled(_antithetic(_standard_normal(noise_key, hparams, pairs)),
+                                        sigma))
+    pair_keys = split.local(jnp.concatenate([data_keys, data_keys]))  # a pair shares its data
+    xi = jax.tree_util.tree_map(jnp.add, perturbation_sum, perturbations)
+    inner_state, local = jax.vmap(lambda h, s, k: unroll(h, s, k, *args))(
+        _shifted(hparams, perturbations), inner_state, pair_keys)
+    losses = split.gather(local)
+    # Σ_i ξ_i = 0 over antithetic pairs, so centring the losses changes nothing but round-off.
+    weights = split.local((losses - jnp.mean(losses)) / (sigma**2 * population))
+    grad = split.total(_weighted_sum(weights, xi))
+    grad, info = _finish(grad, losses, jnp.all(jnp.isfinite(losses)))
+    return grad, inner_state, xi, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,22 +371,11 @@ def es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array, populatio
     """
     where = "bilevel.es_hypergrad"
     _common.check_on_failure(where, on_failure)
-    _check_es_inputs(where, meta_loss, hparams, key, population, sigma, args, antithetic)
-    losses_at = jax.vmap(lambda h: meta_loss(h, *args))
-    if antithetic:
-        pairs = population // 2
-        noise = _standard_normal(key, hparams, pairs)
-        losses = losses_at(_shifted(hparams, _scaled(_antithetic(noise), sigma)))
-        weights = (losses[:pairs] - losses[pairs:]) / (2 * sigma * pairs)
-        finite = jnp.all(jnp.isfinite(losses))
-    else:
-        noise = _standard_normal(key, hparams, population)
-        losses = losses_at(_shifted(hparams, _scaled(noise, sigma)))
-        baseline = meta_loss(hparams, *args)
-        weights = (losses - baseline) / (sigma * population)
-        finite = jnp.all(jnp.isfinite(losses)) & jnp.isfinite(baseline)
-    _report(where, losses, finite, on_failure)
-    return _finish(_weighted_sum(weights, noise), losses, finite)
+    check_es_inputs(where, meta_loss, hparams, key, population, sigma, args, antithetic)
+    grad, info = es_kernel(meta_loss, hparams, key, int(population), sigma, tuple(args),
+                           antithetic)
+    report(where, info, on_failure)
+    return grad, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,18 +454,9 @@ def pes_hypergrad(unroll: Callable, hparams: PyTree, state: PESState, key: jax.A
     """
     where = "bilevel.pes_hypergrad"
     _common.check_on_failure(where, on_failure)
-    population = _check_pes_inputs(where, unroll, hparams, state, key, sigma, args)
-    pairs = population // 2
-    keys = jax.random.split(key, pairs + 1)
-    noise_key, data_keys = keys[0], keys[1:]
-    perturbations = _scaled(_antithetic(_standard_normal(noise_key, hparams, pairs)), sigma)
-    xi = jax.tree_util.tree_map(jnp.add, state.perturbation_sum, perturbations)
-    pair_keys = jnp.concatenate([data_keys, data_keys])  # both members of a pair: same data
-    inner_state, losses = jax.vmap(lambda h, s, k: unroll(h, s, k, *args))(
-        _shifted(hparams, perturbations), state.inner_state, pair_keys)
-    # Σ_i ξ_i = 0 over antithetic pairs, so centring the losses changes nothing but round-off.
-    weights = (losses - jnp.mean(losses)) / (sigma**2 * population)
-    finite = jnp.all(jnp.isfinite(losses))
-    _report(where, losses, finite, on_failure)
-    grad, info = _finish(_weighted_sum(weights, xi), losses, finite)
+    population = check_pes_inputs(where, unroll, hparams, state, key, sigma, args)
+    grad, inner_state, xi, info = pes_kernel(unroll, hparams, state.inner_state,
+                                             state.perturbation_sum, key, population, sigma,
+                                             tuple(args))
+    report(where, info, on_failure)
     return grad, PESState(inner_state, xi, state.truncations + 1), info

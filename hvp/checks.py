@@ -23,13 +23,15 @@ import numpy as np
 MODES = ("fwd_rev", "rev_rev", "rev_fwd")
 
 
-def _paths(tree: Any) -> list[str]:
+def leaf_paths(tree: Any) -> list[str]:
+    """Each leaf's path as ``jax.tree_util.keystr`` writes it (``<root>`` for a bare leaf)."""
     return [jax.tree_util.keystr(path) or "<root>" for path, _ in
             jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _describe(tree: Any) -> str:
-    paths = _paths(tree)
+def describe_structure(tree: Any) -> str:
+    """The leaf paths of ``tree`` as ``{['a'], ['b']}``, for messages."""
+    paths = leaf_paths(tree)
     return "{" + ", ".join(paths) + "}"
 
 
@@ -57,11 +59,11 @@ def check_same_structure(where: str, name: str, tree: Any, ref_name: str, ref: A
     """
     if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(ref):
         raise ValueError(
-            f"{where}: {name} has structure {_describe(tree)}, {ref_name} has {_describe(ref)}"
+            f"{where}: {name} has structure {describe_structure(tree)}, {ref_name} has "
+            f"{describe_structure(ref)}"
         )
-    for path, leaf, ref_leaf in zip(
-        _paths(tree), jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(ref), strict=True
-    ):
+    for path, leaf, ref_leaf in zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree),
+                                    jax.tree_util.tree_leaves(ref), strict=True):
         if np.shape(leaf) != np.shape(ref_leaf):
             raise ValueError(
                 f"{where}: {name} leaf {path} has shape {np.shape(leaf)}, "
