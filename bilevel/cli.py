@@ -100,6 +100,15 @@ def print_table(rows: list[dict], metadata: dict, console) -> None:
     console.print(table)
     console.print()
     console.print(LEGEND, highlight=False)
+    rules = metadata.get("budget_rules", {})
+    if rules:
+        width = max(map(len, rules))
+        console.print("\nHow each budget became the solver's settings (the class's budget_rule):",
+                      highlight=False)
+        for name, rule in rules.items():
+            console.print(textwrap.fill(rule, 79, initial_indent=f"{name:<{width}}  ",
+                                        subsequent_indent=" " * (width + 2)), highlight=False,
+                          markup=False)
     console.print(f"floor: the exact solve with damping {config['damping']:g} is "
                   f"{metadata['damping_floor']:.2e} from the reference\n"
                   f"lambda_max ~ {metadata['lambda_max']:.3g}, alpha = {metadata['alpha']:.3g}; "

@@ -35,9 +35,13 @@ PyTree = Any
 # --------------------------------------------------------------------------------------------
 # Configuration (no JAX needed)
 
-#: Solver names accepted by ``--solvers``, in table order.
-SOLVERS = ("cg", "minres", "gmres", "neumann", "nystrom", "lissa", "identity",
-           "unrolled-mixflow", "unrolled-reverse")
+#: The reference every row is compared with: the one registered solver that is not a row.
+REFERENCE = "dense"
+#: The rows that are not registered solvers: the unrolled meta-gradient, differentiated
+#: forward-over-reverse (MixFlow) or reverse-over-reverse.
+UNROLLED = ("unrolled-mixflow", "unrolled-reverse")
+#: The baseline every time is divided by (the cheapest hypergradient); always measured.
+BASELINE = "identity"
 DEFAULT_SOLVERS = ("cg", "minres", "neumann", "nystrom", "lissa", "identity", "unrolled-mixflow")
 DEFAULT_BUDGETS = (1, 5, 10, 20, 50)
 #: Tikhonov damping of the approximations' Hessian. The digits MLP's Hessian at θ* has
@@ -72,30 +76,30 @@ PROBLEM_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 DEFAULT_PROBLEM = "digits_mlp_per_parameter"
 
-#: How a budget becomes each solver's knob, and the ``hvp_count`` it reports (``info.hvp_count``:
-#: every product the solver spent, its final residual check included). :func:`solver_setting`
-#: implements the knobs, :func:`hvp_count_rule` the counts; ``--help`` prints this text.
+#: How a budget becomes a solver's settings, in general; ``--help`` prints this text (it needs no
+#: JAX). Each registered solver's own rule is its class's ``budget_rule`` (:func:`budget_rules`),
+#: printed under the table and stored in results.json; the unrolled rows' rule is here.
 BUDGET_RULES = """\
 How a budget becomes each solver's setting, and the HVPs it then reports
 (hvp_count = info.hvp_count: every product spent, the final true-residual check
-included). Every solver gets tol=0, so it spends its whole budget; only
-round-off or divergence end one early, and it then reports fewer.
-  cg, minres  maxiter = max(budget-1, 1); hvp_count = maxiter + 1 (the check),
-              i.e. budget, or 2 at budget 1
-  gmres       cycles = ceil(budget/21), restart = max(budget//cycles - 1, 1);
-              hvp_count = cycles * (restart + 1) (a residual after each
-              cycle): at most budget, or 2 at budget 1
-  neumann     terms = budget, step alpha; hvp_count = budget + 1
-  lissa       depth = budget products on minibatches of --lissa-batch examples
-              (one chain), step alpha; hvp_count = budget + 1 (the check is
-              on the full batch)
-  nystrom     rank = budget (one batch of budget products), rho =
-              --nystrom-rho; hvp_count = budget + 1
-  identity    x = alpha * b, one row whatever the budgets; hvp_count = 1
-  unrolled-*  budget SGD steps (learning rate alpha) from theta* on the inner
-              loss + damping/2 ||theta - theta*||^2; hvp_count = budget, the
-              HVP-equivalents of the backward pass (the forward pass adds
-              budget gradients); no residual check
+included). A solver of hvp.SOLVERS is hvp.make_solver(name, budget, **options):
+its class's budget_rule says how (printed under the table and stored in
+results.json), and hvps_at_budget(budget) is the count it then reports. The
+options, each given only to the solvers that have that field:
+  tol         0, so every solver spends its whole budget; only round-off,
+              breakdown or divergence end one early, and it then reports fewer
+  alpha       1/lambda_max, the fixed step (neumann, lissa)
+  scale       1/lambda_max (identity: x = scale * b)
+  rho         --nystrom-rho (nystrom)
+  batch_size  --lissa-batch, capped at the number of training examples; the
+              minibatch Hessian's products count one each, the check is on the
+              full batch (lissa)
+  seed        --seed
+A solver whose hvp_count does not depend on the budget (identity) gets one row.
+The unrolled rows (unrolled-*) take budget SGD steps (learning rate alpha) from
+theta* on the inner loss + damping/2 ||theta - theta*||^2; hvp_count = budget,
+the HVP-equivalents of the backward pass (the forward pass adds budget
+gradients); no residual check.
 alpha = 1/lambda_max, from one 50-step power iteration on H + damping*I at
 theta*, counted in no row. From a fixed point, budget unrolled steps equal the
 budget-term Neumann series. --mode does not apply to unrolled-* (mixflow is
@@ -122,13 +126,28 @@ def problem_name(text: str) -> str:
     return text
 
 
+def solver_names() -> list[str]:
+    """The names ``--solvers`` accepts, in table order: every solver in :data:`hvp.SOLVERS` but
+    :data:`REFERENCE`, in registration order, then :data:`UNROLLED` (imports :mod:`hvp`, and with
+    it JAX)."""
+    import hvp
+
+    return [*(name for name in hvp.SOLVERS if name != REFERENCE), *UNROLLED]
+
+
+def unknown_solver_message(name: str) -> str:
+    """What a name not in :func:`solver_names` is told, the names it may choose from included."""
+    why = " (it is the reference every row is compared with)" if name == REFERENCE else ""
+    return f"unknown solver {name!r}{why}; choose from {', '.join(solver_names())}"
+
+
 def solver_list(text: str) -> tuple[str, ...]:
-    """argparse type: a comma list of names from :data:`SOLVERS`, duplicates dropped."""
+    """argparse type: a comma list of names, duplicates dropped. The names are checked against
+    the registry by :func:`check_config`, after parsing: this type also parses the default, and
+    must not import JAX to do so."""
     items = tuple(item.strip() for item in text.split(",") if item.strip())
-    unknown = [item for item in items if item not in SOLVERS]
-    if unknown or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown solver {unknown[0] if unknown else text!r}; choose from {', '.join(SOLVERS)}")
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma list of solver names, got {text!r}")
     return tuple(dict.fromkeys(items))
 
 
@@ -179,7 +198,8 @@ class CompareHvpConfig:
              "digits MLP with one L2 decay per weight and bias, 1,210 hyperparameters)")
     solvers: tuple[str, ...] = _option(
         DEFAULT_SOLVERS, type=solver_list, metavar="LIST",
-        help=f"comma list from {', '.join(SOLVERS)}")
+        help=f"comma list of solvers: any name in hvp.SOLVERS except {REFERENCE} (the "
+             f"reference), or {', '.join(UNROLLED)}")
     budgets: tuple[int, ...] = _option(
         DEFAULT_BUDGETS, type=budget_list, metavar="LIST",
         help="HVP budgets, a comma list of integers >= 1; how each becomes a solver's knob is "
@@ -214,10 +234,11 @@ def check_config(config: CompareHvpConfig) -> None:
     if config.problem not in problem_names():
         raise ConfigError(f"unknown problem {config.problem!r}; known problems: "
                           f"{', '.join(problem_names())}")
-    unknown = [s for s in config.solvers if s not in SOLVERS]
-    if unknown or not config.solvers:
-        raise ConfigError(f"unknown solver {unknown[0] if unknown else ''!r}; choose from "
-                          f"{', '.join(SOLVERS)}")
+    if not config.solvers:
+        raise ConfigError(f"no solver to compare; choose from {', '.join(solver_names())}")
+    unknown = [name for name in config.solvers if name not in solver_names()]
+    if unknown:
+        raise ConfigError(unknown_solver_message(unknown[0]))
     if not config.budgets or any(not isinstance(b, int) or b < 1 for b in config.budgets):
         raise ConfigError(f"budgets must be integers >= 1, got {config.budgets}")
     if not (math.isfinite(config.damping) and config.damping >= 0):
@@ -234,38 +255,71 @@ def check_config(config: CompareHvpConfig) -> None:
 
 def check_problem(config: CompareHvpConfig, problem) -> None:
     """Raise :class:`ConfigError` for what the built ``problem`` cannot serve (before its inner
-    solve): LiSSA needs per-example data (``problem.batch_argnums``) to subsample, the dense
-    reference a small enough problem, and Nyström a rank (the budget) <= its size."""
+    solve): the dense reference needs a small enough problem, and every solver variant must pass
+    its own ``check_operator`` on the problem's Hessian (LiSSA needs per-example data to draw
+    minibatches from, Nyström a rank, the budget, <= the problem's size)."""
     import jax
 
     import hvp
 
-    if "lissa" in config.solvers and not problem.batch_argnums:
-        raise ConfigError(f"lissa needs per-example data to subsample; problem "
-                          f"{config.problem!r} has none (its batch_argnums is empty)")
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(problem.params))
     if num_params > hvp.DEFAULT_DENSE_LIMIT:
         raise ConfigError(f"problem {config.problem!r} has {num_params} parameters, too many "
                           f"for the dense float64 reference (at most {hvp.DEFAULT_DENSE_LIMIT})")
-    bad = [b for b in config.budgets if b > num_params]
-    if "nystrom" in config.solvers and bad:
-        raise ConfigError(f"nystrom's rank is the budget, which must be <= the problem's "
-                          f"{num_params} parameters, got {bad[0]}")
+    for name, budget in plan(config):
+        if name not in UNROLLED:  # built from the budget: alpha and rho need θ*, found later
+            solver = hvp.make_solver(name, budget or 1, **_fields_of(hvp.SOLVERS[name],
+                                                                     {"tol": TOL}))
+            needs_minibatches(solver, problem, f"{label(name, budget)} on {config.problem!r}")
+
+
+def needs_minibatches(solver, problem, where: str) -> bool:
+    """Whether ``solver`` needs the Hessian that draws minibatches of ``problem``'s per-example
+    data (LiSSA does): its ``check_operator`` refuses the full-batch Hessian and accepts that
+    one. Raises :class:`ConfigError`, with the solver's reason, when it accepts neither."""
+    import hvp
+
+    arguments = (problem.inner_loss, problem.params, problem.hparams, *problem.inner_args)
+    try:
+        solver.check_operator(hvp.hessian(*arguments))
+        return False
+    except ValueError as error:
+        reason = str(error)
+    if not problem.batch_argnums:
+        raise ConfigError(f"{where}: {reason}; the problem has no per-example data to draw "
+                          f"minibatches from (its batch_argnums is empty)")
+    try:
+        solver.check_operator(hvp.hessian(*arguments, batch_argnums=problem.batch_argnums))
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return True
+
+
+def _budget_free(name: str) -> bool:
+    """Whether a registered solver's ``hvp_count`` is the same at every budget (Identity's): it
+    gets one row, with budget None."""
+    import hvp
+
+    if name in UNROLLED:
+        return False
+    counts = {hvp.SOLVERS[name].hvps_at_budget(b) for b in (1, 2, 3, 10, 100, 1000)}
+    return len(counts) == 1
 
 
 def plan(config: CompareHvpConfig) -> list[tuple[str, int | None]]:
-    """The (solver, budget) variants to measure, in order; Identity's budget is None."""
+    """The (solver, budget) variants to measure, in :func:`solver_names` order; a budget-free
+    solver (Identity) has one, with budget None."""
     variants = []
-    for name in SOLVERS:
+    for name in solver_names():
         if name in config.solvers:
-            budgets = [None] if name == "identity" else sorted(set(config.budgets))
+            budgets = [None] if _budget_free(name) else sorted(set(config.budgets))
             variants += [(name, b) for b in budgets]
     return variants
 
 
 def _programs(config: CompareHvpConfig) -> list[tuple[str, int | None]]:
-    """The variants in compiling and timing order: Identity (the baseline) first, always."""
-    return [("identity", None), *(v for v in plan(config) if v[0] != "identity")]
+    """The variants in compiling and timing order: the baseline (Identity) first, always."""
+    return [(BASELINE, None), *(v for v in plan(config) if v != (BASELINE, None))]
 
 
 def num_stages(config: CompareHvpConfig) -> int:
@@ -280,26 +334,25 @@ def label(name: str, budget: int | None) -> str:
 
 
 def hvp_count_rule(name: str, budget: int) -> int:
-    """The ``hvp_count`` a solver reports at ``budget`` by :data:`BUDGET_RULES` (when no
-    round-off or divergence ends it early)."""
-    if name in ("cg", "minres"):
-        return max(budget - 1, 1) + 1
-    if name == "gmres":
-        cycles, restart = _gmres_cycles(budget)
-        return cycles * (restart + 1)
-    if name in ("neumann", "lissa", "nystrom"):
-        return budget + 1
-    if name == "identity":
-        return 1
-    if name.startswith("unrolled-"):
+    """The ``hvp_count`` a row reports at ``budget`` when no round-off, breakdown or divergence
+    ends it early: the solver class's ``hvps_at_budget``, or ``budget`` for an unrolled row."""
+    import hvp
+
+    if name in UNROLLED:
         return budget
-    raise ConfigError(f"unknown solver {name!r}")
+    if name not in solver_names():
+        raise ConfigError(unknown_solver_message(name))
+    return hvp.SOLVERS[name].hvps_at_budget(budget)
 
 
-def _gmres_cycles(budget: int) -> tuple[int, int]:
-    """``(cycles, restart)`` with ``cycles · (restart + 1) <= budget`` and restart <= 20."""
-    cycles = math.ceil(budget / 21)
-    return cycles, max(budget // cycles - 1, 1)
+def budget_rules(names: Sequence[str]) -> dict[str, str]:
+    """Each solver's rule from budget to settings and ``hvp_count``: its class's ``budget_rule``,
+    or the unrolled rows' (:data:`BUDGET_RULES` has the options they all get)."""
+    import hvp
+
+    unrolled = "budget SGD steps of learning rate alpha; hvp_count = budget (no check)"
+    return {name: unrolled if name in UNROLLED else hvp.SOLVERS[name].budget_rule
+            for name in names}
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,40 +372,56 @@ class Setup(NamedTuple):
     num_params: int
 
 
+#: The options :func:`solver_setting` gives a registered solver, each only if its class has a
+#: field of that name: field -> its value from the setup and the config. :data:`BUDGET_RULES`
+#: says the same to the user.
+SOLVER_OPTIONS: dict[str, Callable[[Setup, CompareHvpConfig], Any]] = {
+    "tol": lambda setup, config: TOL,
+    "alpha": lambda setup, config: setup.alpha,  # the fixed step: no power iteration inside
+    "scale": lambda setup, config: setup.alpha,  # Identity: x = b / lambda_max
+    "rho": lambda setup, config: setup.rho,
+    "batch_size": lambda setup, config: _batch_size(setup.problem, config),
+    "seed": lambda setup, config: config.seed,
+}
+
+
+def _fields_of(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that are fields of the solver class ``cls``."""
+    fields = {field.name for field in dataclasses.fields(cls)}
+    return {name: value for name, value in options.items() if name in fields}
+
+
 def solver_setting(name: str, budget: int, setup: Setup, config: CompareHvpConfig
                    ) -> tuple[Any, str]:
-    """The solver (or unroll length) for an HVP budget, and the knob as text.
+    """The solver (or unroll length) for an HVP budget, and its settings as text.
 
-    The mapping, and the ``hvp_count`` each reports, is :data:`BUDGET_RULES`; every solver gets
-    ``tol = TOL`` (0: spend the whole budget), Neumann, LiSSA and Identity the fixed step
-    ``α = 1/λ̂_max`` (no power iterations inside the solve).
+    A registered solver is ``hvp.make_solver(name, budget, **options)`` with the
+    :data:`SOLVER_OPTIONS` it has fields for (``tol = TOL``: spend the whole budget; the fixed
+    step ``α = 1/λ̂_max``, ...); its class's ``budget_rule`` says how the budget becomes its
+    settings. The text lists every field but ``tol``.
     """
     import hvp
 
-    iterations = max(budget - 1, 1)
-    if name == "cg":
-        return hvp.CG(maxiter=iterations, tol=TOL), f"maxiter={iterations}"
-    if name == "minres":
-        return hvp.MINRES(maxiter=iterations, tol=TOL), f"maxiter={iterations}"
-    if name == "gmres":
-        cycles, restart = _gmres_cycles(budget)
-        return (hvp.GMRES(maxiter=restart * cycles, restart=restart, tol=TOL),
-                f"restart={restart}x{cycles}")
-    if name == "neumann":
-        return (hvp.Neumann(maxiter=budget, alpha=setup.alpha, tol=TOL),
-                f"terms={budget} alpha={setup.alpha:.3g}")
-    if name == "lissa":
-        batch = min(config.lissa_batch, _num_examples(setup.problem))
-        return (hvp.LiSSA(maxiter=budget, batch_size=batch, alpha=setup.alpha, tol=TOL,
-                          seed=config.seed), f"depth={budget} batch={batch}")
-    if name == "nystrom":
-        return (hvp.Nystrom(rank=budget, rho=setup.rho, tol=TOL, seed=config.seed),
-                f"rank={budget} rho={setup.rho:.3g}")
-    if name == "identity":
-        return hvp.Identity(scale=setup.alpha, tol=TOL), f"scale=1/lambda_max={setup.alpha:.3g}"
-    if name.startswith("unrolled-"):
+    if name in UNROLLED:
         return budget, f"sgd steps={budget} lr={setup.alpha:.3g}"
-    raise ConfigError(f"unknown solver {name!r}")
+    if name not in solver_names():
+        raise ConfigError(unknown_solver_message(name))
+    wanted = _fields_of(hvp.SOLVERS[name], SOLVER_OPTIONS)
+    solver = hvp.make_solver(name, budget, **{key: value(setup, config)
+                                              for key, value in wanted.items()})
+    return solver, " ".join(f"{field.name}={_short(getattr(solver, field.name))}"
+                            for field in dataclasses.fields(solver) if field.name != "tol")
+
+
+def _short(value: Any) -> str:
+    return format(value, ".3g") if isinstance(value, float) else str(value)
+
+
+def _batch_size(problem, config: CompareHvpConfig) -> int:
+    """``--lissa-batch``, capped at the number of examples a minibatch is drawn from."""
+    if not problem.batch_argnums:
+        return config.lissa_batch
+    return min(config.lissa_batch, _num_examples(problem))
 
 
 def _num_examples(problem) -> int:
@@ -401,12 +470,12 @@ def _hypergrad_fn(problem, solver, config: CompareHvpConfig) -> Callable:
     return f
 
 
-def _lissa_fn(problem, solver, config: CompareHvpConfig) -> Callable:
+def _minibatch_fn(problem, solver, config: CompareHvpConfig) -> Callable:
     """As :func:`_hypergrad_fn`, on a Hessian that can draw minibatches (LiSSA needs one)."""
     import bilevel
     import hvp
 
-    batch_argnums = problem.batch_argnums  # the per-example arguments LiSSA subsamples
+    batch_argnums = problem.batch_argnums  # the per-example arguments the solver subsamples
 
     def f(params, hparams, inner_args, outer_args, damping):
         def curvature(p, h, *args):
@@ -577,11 +646,11 @@ def measure(compiled: Compiled, arguments: tuple, repeats: int) -> Measurement:
 
 def _variant_fn(name: str, budget: int | None, setup: Setup, config: CompareHvpConfig):
     solver, setting = solver_setting(name, budget or 1, setup, config)
-    if name.startswith("unrolled-"):
+    if name in UNROLLED:
         mode = name.removeprefix("unrolled-")
         return _unrolled_fn(setup.problem, solver, setup.alpha, mode), setting
-    if name == "lissa":
-        return _lissa_fn(setup.problem, solver, config), setting
+    if needs_minibatches(solver, setup.problem, label(name, budget)):
+        return _minibatch_fn(setup.problem, solver, config), setting
     return _hypergrad_fn(setup.problem, solver, config), setting
 
 
@@ -651,7 +720,7 @@ def compare_hvp(config: CompareHvpConfig, setup: Setup | None = None,
         measured[name, budget] = measure(program, setup.arguments, config.repeats), setting
         on_step(f"timed {label(name, budget)}: "
                 f"{1e3 * measured[name, budget][0].seconds:.2f} ms")
-    baseline = measured["identity", None][0]
+    baseline = measured[BASELINE, None][0]
     rows = [_row(name, budget, measured[name, budget][1], measured[name, budget][0], setup,
                  config, baseline.seconds) for name, budget in plan(config)]
     metadata = {
@@ -661,6 +730,7 @@ def compare_hvp(config: CompareHvpConfig, setup: Setup | None = None,
         "reference_grad": _tree_vector(setup.reference).tolist(),
         "damping_floor": setup.damping_floor, "lambda_max": setup.lambda_max,
         "alpha": setup.alpha, "nystrom_rho": setup.rho,
+        "budget_rules": budget_rules(list(dict.fromkeys(name for name, _ in plan(config)))),
         "baseline": "identity hypergradient (outer gradient + cross product + 1 HVP)",
         "baseline_ms": 1e3 * baseline.seconds,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import hvp
 from bilevel import cli, compare_hvp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def ridge_run(tmp_path_factory):
     """Every solver at two budgets on ridge, stderr piped (so progress comes as log lines)."""
     out = tmp_path_factory.mktemp("compare-hvp")
-    result = _run("compare-hvp", "--problem", "ridge", "--solvers", ",".join(compare_hvp.SOLVERS),
+    result = _run("compare-hvp", "--problem", "ridge", "--solvers",
+                  ",".join(compare_hvp.solver_names()),
                   "--budgets", ",".join(map(str, RIDGE_BUDGETS)), "--repeats", "1",
                   "--out", str(out))
     return result, out
@@ -68,11 +70,12 @@ def test_end_to_end_csv_rows(ridge_run):
     rows = _rows(out)
     # every solver at each budget; identity is budget-independent: one row.
     assert [(r["solver"], r["budget"]) for r in rows] == [
-        (name, "" if name == "identity" else str(b)) for name in compare_hvp.SOLVERS
+        (name, "" if name == "identity" else str(b)) for name in compare_hvp.solver_names()
         for b in ((None,) if name == "identity" else RIDGE_BUDGETS)]
     # LiSSA samples minibatches of 32 of ridge's 50 examples along problem.batch_argnums.
-    assert {r["setting"] for r in rows if r["solver"] == "lissa"} == {
-        f"depth={b} batch=32" for b in RIDGE_BUDGETS}
+    lissa = [r["setting"].split() for r in rows if r["solver"] == "lissa"]
+    assert [(s[0], s[1]) for s in lissa] == [(f"maxiter={b}", "batch_size=32")
+                                             for b in RIDGE_BUDGETS]
     cg = {int(r["budget"]): r for r in rows if r["solver"] == "cg"}
     # 5 CG iterations solve the 10-dim ridge system almost exactly (the damping floor is 1e-4).
     assert float(cg[6]["rel_error"]) < 1e-2 < float(cg[1]["rel_error"])
@@ -99,6 +102,7 @@ def test_hvp_count_follows_the_documented_rule(ridge_run):
     assert [compare_hvp.hvp_count_rule(n, 6) for n in ("neumann", "lissa", "nystrom")] == [7] * 3
     assert compare_hvp.hvp_count_rule("identity", 50) == 1
     assert compare_hvp.hvp_count_rule("unrolled-reverse", 6) == 6
+    assert [compare_hvp.hvp_count_rule("bicgstab", b) for b in (1, 6, 21)] == [3, 5, 21]
 
 
 def test_status_words_are_honest(ridge_run):
@@ -117,7 +121,8 @@ def test_status_words_are_honest(ridge_run):
 
 def test_progress_lines_when_stderr_is_not_a_terminal(ridge_run):
     result, _ = ridge_run
-    config = compare_hvp.CompareHvpConfig(problem="ridge", solvers=compare_hvp.SOLVERS,
+    config = compare_hvp.CompareHvpConfig(problem="ridge",
+                                          solvers=tuple(compare_hvp.solver_names()),
                                           budgets=RIDGE_BUDGETS)
     total = compare_hvp.num_stages(config)
     lines = result.stderr.splitlines()
@@ -134,7 +139,9 @@ def test_progress_lines_when_stderr_is_not_a_terminal(ridge_run):
 def test_end_to_end_json(ridge_run):
     _, out = ridge_run
     data = json.loads((out / "results.json").read_text())
-    assert len(data["rows"]) == 1 + 8 * len(RIDGE_BUDGETS)
+    budgeted = len(compare_hvp.solver_names()) - 1  # identity has one row
+    assert len(data["rows"]) == 1 + budgeted * len(RIDGE_BUDGETS)
+    assert data["budget_rules"]["bicgstab"] == hvp.BiCGStab.budget_rule
     assert data["config"]["problem"] == "ridge"
     assert "Dense" in data["reference"] and data["lambda_max"] > 0
     assert 0 <= data["damping_floor"] < 1e-2
@@ -149,7 +156,7 @@ def _fake_rows() -> list[dict]:
     statuses = ("MAX_ITERATIONS", "NEGATIVE_CURVATURE", "INACCURATE", "STAGNATED", "DIVERGED",
                 "NONFINITE", "NOT_CHECKED")
     rows = []
-    for i, name in enumerate(compare_hvp.SOLVERS):
+    for i, name in enumerate(compare_hvp.solver_names()):
         rows.append({
             "solver": name, "budget": None if name == "identity" else 500,
             "setting": "restart=20x25 and more text", "hvp_count": 1001, "cosine": -0.123456,
@@ -171,7 +178,7 @@ def test_table_fits_80_columns_without_cutting_cells():
     text = buffer.getvalue()
     assert max(map(len, text.splitlines())) <= 80, text
     assert "…" not in text, text  # rich's ellipsis: a cut cell
-    for name in compare_hvp.SOLVERS:
+    for name in compare_hvp.solver_names():
         assert name in text
     assert "1.23e+10" in text and "-0.1235" in text
     assert "not checked" in text and "max iterations" in text
@@ -194,7 +201,8 @@ def _usage_error(capsys, argv: list[str], prog: str = "bilevel compare-hvp") -> 
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--solvers", "cg,bogus"], "unknown solver 'bogus'"),
-    (["--solvers", ""], "unknown solver"),
+    (["--solvers", ""], "expected a comma list of solver names"),
+    (["--solvers", "cg,dense"], "unknown solver 'dense' (it is the reference"),
     (["--problem", "nope"], "unknown problem 'nope'"),
     (["--budgets", "1,x"], "comma-separated list of integers"),
     (["--budgets", "1,,5"], "comma-separated list of integers"),
@@ -207,7 +215,7 @@ def _usage_error(capsys, argv: list[str], prog: str = "bilevel compare-hvp") -> 
     (["--seed", "-1"], "argument --seed: must be >= 0"),
     (["--jobs", "0"], "argument --jobs: must be >= 1"),
     (["--repeats", "0"], "must be >= 1"),
-    (["--problem", "imaml", "--solvers", "lissa"], "lissa needs per-example data"),
+    (["--problem", "imaml", "--solvers", "lissa"], "the problem has no per-example data"),
 ])
 def test_bad_arguments(capsys, tmp_path, argv, fragment):
     err = _usage_error(capsys, ["compare-hvp", "--out", str(tmp_path), *argv])
@@ -225,7 +233,7 @@ def test_bad_top_level_arguments(capsys, argv, fragment):
 def test_nystrom_rank_above_the_problem_size(capsys, tmp_path):
     err = _usage_error(capsys, ["compare-hvp", "--problem", "ridge", "--solvers", "nystrom",
                                 "--budgets", "5,20", "--out", str(tmp_path)])
-    assert "must be <= the problem's 10 parameters, got 20" in err
+    assert "nystrom budget 20 on 'ridge': hvp.Nystrom: rank=20 exceeds the problem size 10" in err
 
 
 def test_usage_error_in_a_real_process(tmp_path):
@@ -317,7 +325,7 @@ def test_every_compare_hvp_option_states_its_default():
     assert "(default: digits_mlp_per_parameter)" in text
     assert "(default: 1,5,10,20,50)" in " ".join(text.split())
     assert "ok       usable as a hypergradient" in text  # the legend is in the epilog
-    assert "hvp_count = budget + 1" in text  # and the budget rules
+    assert "hvps_at_budget(budget)" in text and "unrolled-*" in text  # and the budget rules
 
 
 def test_config_defaults_round_trip_through_the_parser(tmp_path):
@@ -436,9 +444,16 @@ def test_default_problem_has_many_hyperparameters():
     assert count == sum(x.size for x in jax.tree_util.tree_leaves(problem.params)) == 1210
 
 
+def _fake_setup(problem=None) -> compare_hvp.Setup:
+    """A Setup with lambda_max 2 (alpha 0.5) and rho 0.2, for building solvers without a run."""
+    import types
+
+    problem = problem or types.SimpleNamespace(batch_argnums=())
+    return compare_hvp.Setup(problem, (), None, 0.0, 2.0, 0.5, 0.2, 1.0, 100)
+
+
 def test_budgets_map_to_solver_knobs():
-    setup = compare_hvp.Setup(None, (), None, 0.0, 2.0, 0.5, 0.2, 1.0, 100)
-    config = compare_hvp.CompareHvpConfig()
+    setup, config = _fake_setup(), compare_hvp.CompareHvpConfig()
     setting = compare_hvp.solver_setting
     assert setting("cg", 10, setup, config)[0].maxiter == 9
     assert setting("cg", 1, setup, config)[0].maxiter == 1
@@ -447,9 +462,69 @@ def test_budgets_map_to_solver_knobs():
     assert cycles * (gmres.restart + 1) <= 50 and gmres.restart <= 20
     assert setting("nystrom", 7, setup, config)[0].rank == 7
     assert setting("neumann", 7, setup, config)[0].alpha == 0.5
+    assert setting("identity", 7, setup, config)[0].scale == 0.5
     assert setting("unrolled-mixflow", 7, setup, config)[0] == 7
-    # Every solver is asked for tol=0, so a status never claims more than was reached.
-    for name in ("cg", "minres", "gmres", "neumann", "nystrom", "identity"):
-        assert setting(name, 7, setup, config)[0].tol == 0.0, name
+    assert setting("neumann", 7, setup, config)[1] == (
+        "maxiter=7 alpha=0.5 power_iters=20 divergence=1")
     config = dataclasses.replace(config, solvers=("identity", "cg"), budgets=(5, 1, 5))
     assert compare_hvp.plan(config) == [("cg", 1), ("cg", 5), ("identity", None)]
+
+
+@pytest.mark.parametrize("name", sorted(set(hvp.SOLVERS) - {"dense"}))
+def test_every_registered_solver_is_a_row(name):
+    """Every solver in hvp.SOLVERS but the reference is a compare-hvp row: accepted by the
+    check, built by hvp.make_solver from the budget, with tol=0 (every solver spends its whole
+    budget, so its status never claims more than was reached) and the options it has fields
+    for, and its hvp_count rule is its class's."""
+    setup, config = _fake_setup(), compare_hvp.CompareHvpConfig(problem="ridge", solvers=(name,))
+    compare_hvp.check_config(config)
+    solver, text = compare_hvp.solver_setting(name, 7, setup, config)
+    cls = hvp.SOLVERS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    options = {"tol": 0.0, "alpha": 0.5, "scale": 0.5, "rho": 0.2, "batch_size": 32, "seed": 0}
+    assert solver == hvp.make_solver(name, 7, **{k: v for k, v in options.items() if k in fields})
+    assert solver.tol == 0.0 and "tol=" not in text
+    assert compare_hvp.hvp_count_rule(name, 7) == cls.hvps_at_budget(7)
+    assert compare_hvp.budget_rules([name]) == {name: cls.budget_rule}
+
+
+def test_the_reference_and_unknown_names_are_refused():
+    for name, fragment in (("dense", "it is the reference"), ("bogus", "unknown solver")):
+        config = compare_hvp.CompareHvpConfig(problem="ridge", solvers=("cg", name))
+        with pytest.raises(compare_hvp.ConfigError, match=fragment) as error:
+            compare_hvp.check_config(config)
+        assert "bicgstab" in str(error.value)  # the message lists the registered names
+
+
+@pytest.fixture
+def throwaway_solver():
+    """A solver registered for one test (CG under another name), removed afterwards."""
+    name = "throwaway_cg"
+
+    try:
+        @hvp.register(name)
+        class ThrowawayCG(hvp.CG):
+            pass
+
+        yield name, ThrowawayCG
+    finally:
+        hvp.SOLVERS.pop(name, None)
+
+
+def test_a_newly_registered_solver_is_compared_with_no_other_edit(throwaway_solver, capsys,
+                                                                   tmp_path):
+    """Registering a solver is all it takes: --solvers accepts it, and it runs, with the same
+    numbers as the solver it copies."""
+    name, cls = throwaway_solver
+    assert name in compare_hvp.solver_names()
+    config = compare_hvp.CompareHvpConfig(problem="ridge", solvers=(name, "cg"), budgets=(3,),
+                                          repeats=1, jobs=1)
+    compare_hvp.check_config(config)
+    rows, metadata = compare_hvp.compare_hvp(config)
+    found = {r["solver"]: r for r in rows}
+    assert found[name]["hvp_count"] == cls.hvps_at_budget(3) == found["cg"]["hvp_count"]
+    assert found[name]["rel_error"] == found["cg"]["rel_error"]
+    assert metadata["budget_rules"][name] == cls.budget_rule
+    hvp.SOLVERS.pop(name)
+    err = _usage_error(capsys, ["compare-hvp", "--out", str(tmp_path), "--solvers", name])
+    assert f"unknown solver {name!r}" in err
