@@ -109,7 +109,7 @@ def check_nonnegative(where: str, name: str, value: Any) -> None:
 ON_FAILURE = ("warn", "raise", "ignore")
 
 #: Top-level packages whose frames are skipped when a warning is attributed to user code.
-_LIBRARY_PACKAGES = frozenset({"hvp", "bilevel", "semisup", "jax", "jaxlib", "functools",
+_LIBRARY_PACKAGES = frozenset({"hvp", "bilevel", "semisup", "jax", "jaxlib", "flax", "functools",
                                "contextlib", "equinox", "optax"})
 
 

