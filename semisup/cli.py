@@ -25,6 +25,9 @@ from semisup import options as choices
 HELP = "FixMatch with a meta-learned confidence network on a class-mismatch benchmark."
 
 MODELS = choices.MODELS
+#: What ``--solver`` accepts, said without loading the registry (which needs JAX).
+SOLVER_NAMES = ("a name in hvp.SOLVERS but dense, the exact reference, and those that need a "
+                "minibatch Hessian, such as lissa")
 #: The options that say which data a run reads (``eval`` rebuilds its split from them).
 _DATA_OPTIONS = ("dataset", "data_dir", "ood", "ood_ratio", "design", "labels_per_class",
                  "validation_per_class", "unlabelled", "seed")
@@ -163,10 +166,11 @@ def _add_training_arguments(run) -> None:
 
 
 def _add_meta_arguments(meta) -> None:
-    meta.add_argument("--solver", choices=choices.SOLVERS, default="cg",
-                      help="inverse-HVP approximation of the meta-gradient")
+    meta.add_argument("--solver", default="cg", metavar="NAME",
+                      help=f"inverse-HVP approximation of the meta-gradient: {SOLVER_NAMES}")
     meta.add_argument("--solver-iters", type=_positive_int, default=10,
-                      help="its iterations (Neumann terms, CG iterations, Nystrom rank)")
+                      help="its iterations (Neumann terms, CG iterations, Nystrom rank; any "
+                           "other solver gets the products of that many CG iterations)")
     meta.add_argument("--curvature", choices=choices.CURVATURES, default="last",
                       help="Hessian of the head (last) or of the whole classifier (all)")
     meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0,
@@ -191,6 +195,9 @@ def _add_meta_arguments(meta) -> None:
 
 def _config(options: dict):
     from semisup import fixmatch
+    if options["solver"] not in fixmatch.SOLVERS:  # checked here: the names need JAX
+        raise ValueError(f"argument --solver: unknown solver {options['solver']!r}; choose from "
+                         f"{', '.join(fixmatch.SOLVERS)} ({SOLVER_NAMES})")
     widths, hidden = MODELS[options["model"]]
     flip = {"yes": True, "no": False, "auto": options["dataset"] == "cifar10"}[options["flip"]]
     return fixmatch.Config(

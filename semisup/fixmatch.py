@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -55,7 +56,7 @@ METHODS = ("supervised", "fixmatch", "oracle", "softmax", "l2rw", "confnet")
 #: Methods whose weights are computed from the validation set; the others should train on it
 #: (:func:`semisup.protocol.merge_validation`) so that label budgets are equal.
 USES_VALIDATION = ("l2rw", "confnet")
-SOLVERS = ("identity", "neumann", "cg", "nystrom")
+#: SOLVERS, the solvers a meta-step can use, is read from hvp.SOLVERS: see make_solver below.
 CURVATURES = ("last", "all")
 CONF_INPUTS = ("image", "image+softmax")
 META_OPTIMIZERS = ("adam", "sgd")
@@ -76,8 +77,9 @@ class Config:
       flip: flip images in the augmentations (off for digits).
       widths, hidden: the classifier (see :class:`semisup.models.Body`); ``widths=()`` is an MLP
         with one hidden layer.
-      solver, solver_iters: the inverse-HVP approximation of the meta-gradient and its
-        iterations (Neumann terms, CG iterations, Nyström rank).
+      solver, solver_iters: the inverse-HVP approximation of the meta-gradient (a name in
+        :data:`SOLVERS`) and its iterations (Neumann terms, CG iterations, Nyström rank; see
+        :func:`make_solver`).
       curvature: ``"last"`` (Hessian of the head, the body's features held fixed) or ``"all"``.
       damping: added to the Hessian in the solve.
       meta_every, meta_lr: a meta-step every K inner steps, with learning rate ``meta_lr``.
@@ -395,17 +397,89 @@ def _inner_step(config: Config, state: State, data: Split) -> tuple[State, jax.A
 # The meta-step of the confidence network.
 
 
+#: The solver a meta-step never uses: the exact reference materialises the Hessian each time.
+REFERENCE = "dense"
+#: The relative residual the meta-step's iterative solvers stop at.
+SOLVER_TOL = 1e-6
+#: The settings of the solvers the committed results used, kept so that they reproduce:
+#: name -> its options from ``(solver_iters, damping)``. Every other solver of :data:`SOLVERS` is
+#: ``hvp.make_solver(name, solver_iters + 1, tol=SOLVER_TOL)``: the products of ``solver_iters``
+#: CG iterations plus the residual check (its class's ``budget_rule`` says how).
+SOLVER_SETTINGS: dict[str, Callable[[int, float], dict[str, Any]]] = {
+    "identity": lambda iters, damping: {"tol": None},
+    "neumann": lambda iters, damping: {"maxiter": iters, "tol": SOLVER_TOL},
+    "cg": lambda iters, damping: {"maxiter": iters, "tol": SOLVER_TOL},
+    "nystrom": lambda iters, damping: {"rank": iters, "rho": max(damping, 1e-3)},
+}
+
+
+def _probe_loss(params):
+    return jnp.sum(params ** 2)
+
+
+def usable_solver(name: str) -> bool:
+    """Whether the solver ``name`` of :data:`hvp.SOLVERS` can make a meta-step: it is not the
+    reference, it can be built from a budget, and its ``check_operator`` accepts the operator a
+    meta-step hands it, the full-batch Hessian of :func:`bilevel.hypergrad`. That Hessian has no
+    ``batch_argnums``: its labelled and unlabelled arguments have different batch sizes, so it
+    cannot draw one minibatch of them. LiSSA, which needs one, is refused on that ground."""
+    if name == REFERENCE or name not in hvp.SOLVERS:
+        return False
+    operator = hvp.hessian(_probe_loss, np.zeros(2, np.float32))  # abstract: nothing computed
+    try:
+        hvp.make_solver(name, 1).check_operator(operator)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+class _SolverNames(Sequence):
+    """The names of :data:`hvp.SOLVERS` that :func:`usable_solver` accepts, read from the registry
+    at every use, so that a solver registered after this module was imported is among them."""
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(name for name in hvp.SOLVERS if usable_solver(name))
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and usable_solver(name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+#: The solvers a meta-step can use (``Config.solver``): the registered ones :func:`usable_solver`
+#: accepts, in registration order; a live view of :data:`hvp.SOLVERS`.
+SOLVERS = _SolverNames()
+
+
 def make_solver(name: str, iters: int, damping: float = 0.0) -> hvp.AbstractSolver:
-    """The inverse-HVP approximation by name (:data:`SOLVERS`) with ``iters`` iterations."""
-    if name == "identity":
-        return hvp.Identity(tol=None)
-    if name == "neumann":
-        return hvp.Neumann(maxiter=iters, tol=1e-6)
-    if name == "cg":
-        return hvp.CG(maxiter=iters, tol=1e-6)
-    if name == "nystrom":
-        return hvp.Nystrom(rank=iters, rho=max(damping, 1e-3))
-    raise ValueError(f"semisup.make_solver: unknown solver {name!r}; choose from {SOLVERS}")
+    """The inverse-HVP approximation ``name`` (of :data:`SOLVERS`) with ``iters`` iterations.
+
+    The solvers of :data:`SOLVER_SETTINGS` get their settings from there (Neumann terms, CG
+    iterations, Nyström rank ``iters`` with ``rho = max(damping, 1e-3)``); any other is
+    ``hvp.make_solver(name, iters + 1, tol=SOLVER_TOL)``, the budget of ``iters`` CG iterations.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"semisup.make_solver: unknown solver {name!r}; choose from "
+                         f"{tuple(SOLVERS)}")
+    if name in SOLVER_SETTINGS:
+        return hvp.make_solver(name, **SOLVER_SETTINGS[name](iters, damping))
+    has_tol = "tol" in {field.name for field in dataclasses.fields(hvp.SOLVERS[name])}
+    return hvp.make_solver(name, iters + 1, **({"tol": SOLVER_TOL} if has_tol else {}))
 
 
 def meta_losses(config: Config, weighting=None):

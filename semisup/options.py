@@ -2,7 +2,8 @@
 JAX (``bilevel ssl --help`` reads them; :mod:`semisup.fixmatch` imports JAX and flax).
 
 The tuples equal :mod:`semisup.fixmatch`'s and :mod:`semisup.protocol`'s of the same names
-(a test checks it).
+(a test checks it). ``--solver`` has no such tuple: its names are :data:`hvp.SOLVERS`' (see
+:data:`semisup.fixmatch.SOLVERS`), which needs JAX, so the command checks it after parsing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 import copy
 
 METHODS = ("supervised", "fixmatch", "oracle", "softmax", "l2rw", "confnet")
-SOLVERS = ("identity", "neumann", "cg", "nystrom")
 CURVATURES = ("last", "all")
 CONF_INPUTS = ("image", "image+softmax")
 META_OPTIMIZERS = ("adam", "sgd")

@@ -218,11 +218,17 @@ def test_meta_gradient_with_dense_solve_matches_finite_differences(conf_inputs):
                                                    strict=True))
     assert abs(float(finite_difference)) > 1e-6  # the test can fail: the signal is not zero
     assert float(analytic) == pytest.approx(float(finite_difference), rel=1e-6, abs=1e-10)
-    # The library entry point gives the same numbers with CG to convergence.
-    config_cg = fixmatch.Config(**{**config.__dict__, "solver": "cg", "solver_iters": 50})
-    grad_cg, _ = fixmatch.meta_gradient(config_cg, {**params, "head": theta}, conf, batch)
-    # (CG stops at a relative residual of 1e-6, hence the looser tolerance.)
-    assert np.allclose(ravel_pytree(grad_cg)[0], ravel_pytree(grad)[0], rtol=1e-4, atol=1e-9)
+    # The library entry point gives the same numbers with CG to convergence, and so does every
+    # other Krylov solver of the registry that a meta-step can use (BiCGStab, ...).
+    krylov = ["cg"] if conf_inputs != "image" else [
+        name for name in fixmatch.SOLVERS
+        if not (hvp.SOLVERS[name].approximation or hvp.SOLVERS[name].stationary_iteration)]
+    for name in krylov:
+        config_k = fixmatch.Config(**{**config.__dict__, "solver": name, "solver_iters": 50})
+        grad_k, _ = fixmatch.meta_gradient(config_k, {**params, "head": theta}, conf, batch)
+        # (They stop at a relative residual of 1e-6, hence the looser tolerance.)
+        assert np.allclose(ravel_pytree(grad_k)[0], ravel_pytree(grad)[0], rtol=1e-4,
+                           atol=1e-9), name
 
 
 def test_meta_gradient_over_the_whole_classifier_matches_a_dense_formula():
@@ -513,6 +519,59 @@ def test_config_errors_name_the_field():
         fixmatch.Config(meta_optimizer="rmsprop")
     with pytest.raises(ValueError, match="semisup.Config: meta_weight_decay"):
         fixmatch.Config(meta_weight_decay=-1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The meta-step's solvers: drawn from hvp.SOLVERS.
+
+
+def test_solvers_are_the_registered_ones_a_meta_step_can_use():
+    """Every registered solver but the dense reference, and but LiSSA, whose check_operator
+    refuses the full-batch Hessian a meta-step hands it; each builds a Config."""
+    assert set(fixmatch.SOLVERS) == set(hvp.SOLVERS) - {"dense", "lissa"}
+    assert tuple(semisup.SOLVERS) == tuple(fixmatch.SOLVERS)
+    for name in fixmatch.SOLVERS:
+        assert fixmatch.Config(solver=name).solver == name
+        assert isinstance(fixmatch.make_solver(name, 5, 1e-3), hvp.SOLVERS[name])
+    for name in ("dense", "lissa", "bogus"):
+        with pytest.raises(ValueError, match=f"semisup.Config: solver .*got '{name}'"):
+            fixmatch.Config(solver=name)
+    with pytest.raises(ValueError, match="semisup.make_solver: unknown solver 'lissa'"):
+        fixmatch.make_solver("lissa", 5)
+
+
+def test_make_solver_keeps_the_settings_of_the_committed_results():
+    iters = 7
+    assert fixmatch.make_solver("identity", iters) == hvp.Identity(tol=None)
+    assert fixmatch.make_solver("neumann", iters) == hvp.Neumann(maxiter=7, tol=1e-6)
+    assert fixmatch.make_solver("cg", iters) == hvp.CG(maxiter=7, tol=1e-6)
+    assert fixmatch.make_solver("nystrom", iters, 1e-4) == hvp.Nystrom(rank=7, rho=1e-3)
+    assert fixmatch.make_solver("nystrom", iters, 0.1) == hvp.Nystrom(rank=7, rho=0.1)
+    # Any other solver: the products of `iters` CG iterations plus the residual check.
+    assert fixmatch.make_solver("minres", iters) == hvp.MINRES(maxiter=7, tol=1e-6)
+    assert fixmatch.make_solver("bicgstab", iters) == hvp.BiCGStab(maxiter=3, tol=1e-6)
+
+
+def test_a_newly_registered_solver_is_a_choice_with_no_other_edit():
+    class Minibatches(hvp.CG):  # as LiSSA: refuses an operator without batch_argnums
+        def check_operator(self, operator):
+            if getattr(operator, "batch_argnums", None) is None:
+                raise ValueError("needs batch_argnums")
+
+    try:
+        @hvp.register("throwaway_cg")
+        class ThrowawayCG(hvp.CG):
+            pass
+
+        hvp.register("throwaway_minibatch")(Minibatches)
+        assert "throwaway_cg" in fixmatch.SOLVERS and "throwaway_cg" in semisup.SOLVERS
+        assert "throwaway_minibatch" not in fixmatch.SOLVERS
+        assert fixmatch.Config(solver="throwaway_cg").solver == "throwaway_cg"
+        assert fixmatch.make_solver("throwaway_cg", 7) == ThrowawayCG(maxiter=7, tol=1e-6)
+    finally:
+        hvp.SOLVERS.pop("throwaway_cg", None)
+        hvp.SOLVERS.pop("throwaway_minibatch", None)
+    assert "throwaway_cg" not in fixmatch.SOLVERS
 
 
 def test_meta_data_decides_which_labels_the_meta_loss_reads(digits_split):

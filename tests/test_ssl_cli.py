@@ -195,10 +195,28 @@ def test_help_states_the_run_folder_rule():
 
 
 def test_light_choices_equal_the_library_ones():
-    for name in ("METHODS", "SOLVERS", "CURVATURES", "CONF_INPUTS", "META_OPTIMIZERS",
-                 "META_DATA"):
+    for name in ("METHODS", "CURVATURES", "CONF_INPUTS", "META_OPTIMIZERS", "META_DATA"):
         assert getattr(options, name) == getattr(fixmatch, name), name
     assert options.DESIGNS == protocol.DESIGNS
+
+
+def test_every_usable_registered_solver_is_accepted_by_train():
+    """--solver is not a hand list: every solver semisup can use (hvp.SOLVERS but dense and
+    lissa, BiCGStab included) parses and builds a Config."""
+    assert "bicgstab" in fixmatch.SOLVERS
+    for name in fixmatch.SOLVERS:
+        args = _parsers()["train"].parse_args(["--out", "run", "--solver", name])
+        assert ssl_cli._config(ssl_cli.run_options(args)).solver == name
+
+
+@pytest.mark.parametrize("name", ["bogus", "dense", "lissa"])
+def test_an_unusable_solver_is_one_error_line_before_any_work(tmp_path, capsys, name):
+    out = tmp_path / "run"
+    err = _error_line(capsys, ["ssl", "train", "--out", str(out), *TRAIN, "--solver", name])
+    assert err.startswith(f"bilevel ssl train: error: argument --solver: unknown solver "
+                          f"{name!r}; choose from cg, ")
+    assert "bicgstab" in err
+    assert not out.exists()
 
 
 def test_declaring_the_options_imports_no_jax():
