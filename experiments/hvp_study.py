@@ -440,6 +440,18 @@ def summarise(history: list[dict], budget_iterations: int) -> dict:
     }
 
 
+def within_budget(name: str, budget: int, **options) -> hvp.AbstractSolver:
+    """The solver ``name`` of :data:`hvp.SOLVERS` that spends at most ``budget`` products per
+    solve, its residual check included: ``hvp.make_solver`` at the largest budget whose
+    ``hvps_at_budget`` fits (CG and MINRES: ``budget - 1`` iterations; Neumann with a given
+    ``alpha``: ``budget - 1`` terms)."""
+    cls = hvp.SOLVERS[name]
+    fits = [b for b in range(1, budget + 1) if cls.hvps_at_budget(b) <= budget]
+    if not fits:
+        raise ValueError(f"hvp_study: {name} spends more than {budget} products at any budget")
+    return hvp.make_solver(name, fits[-1], **options)
+
+
 def part_c(builders: list, seeds: tuple[int, ...], outer_steps: int, budget: int,
            dampings: tuple[float, ...]) -> tuple[list[dict], list[dict]]:
     """Per seed and task: Identity, Neumann and CG, then each remedy on Neumann and CG."""
@@ -451,9 +463,9 @@ def part_c(builders: list, seeds: tuple[int, ...], outer_steps: int, budget: int
             # iteration).
             alpha = _alpha_at_optimum(task.problem, seed)
             baselines = {
-                "identity": hvp.Identity(scale=alpha),
-                "neumann": hvp.Neumann(maxiter=budget - 1, alpha=alpha, tol=TRAIN_TOL),
-                "cg": hvp.CG(maxiter=budget - 1, tol=TRAIN_TOL),
+                "identity": hvp.make_solver("identity", scale=alpha),
+                "neumann": within_budget("neumann", budget, alpha=alpha, tol=TRAIN_TOL),
+                "cg": within_budget("cg", budget, tol=TRAIN_TOL),
             }
             runs = [(name, "none", bilevel.ImplicitMethod(solver=solver))
                     for name, solver in baselines.items()]
@@ -501,11 +513,11 @@ def part_f(seeds: tuple[int, ...], outer_steps: int, budget: int,
         alpha = _alpha_at_optimum(task.problem, seed)
         n = sum(x.size for x in jax.tree_util.tree_leaves(task.problem.params))
         solvers = {
-            "cg": hvp.CG(maxiter=budget - 1, tol=TRAIN_TOL),
-            "minres": hvp.MINRES(maxiter=budget - 1, tol=TRAIN_TOL),
-            "neumann": hvp.Neumann(maxiter=budget - 1, alpha=alpha, tol=TRAIN_TOL),
-            "identity": hvp.Identity(scale=alpha),
-            "dense": hvp.Dense(max_size=n),
+            "cg": within_budget("cg", budget, tol=TRAIN_TOL),
+            "minres": within_budget("minres", budget, tol=TRAIN_TOL),
+            "neumann": within_budget("neumann", budget, alpha=alpha, tol=TRAIN_TOL),
+            "identity": hvp.make_solver("identity", scale=alpha),
+            "dense": hvp.make_solver("dense", max_size=n),
         }
         runs = [(name, "none", bilevel.ImplicitMethod(solver=solver))
                 for name, solver in solvers.items()]
