@@ -484,7 +484,8 @@ def _minibatch_fn(problem, solver, config: CompareHvpConfig) -> Callable:
 
         grad, info = bilevel.hypergrad(problem.inner_loss, problem.outer_loss, params, hparams,
                                        inner_args, outer_args, solver=solver,
-                                       curvature=curvature, on_failure="ignore",
+                                       mode=config.mode, curvature=curvature,
+                                       on_failure="ignore",
                                        stationarity_tol=None)
         return grad, info.hvp_count, info.residual_norm, info.status
 
