@@ -101,8 +101,8 @@ def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
 # Methods: how the hypergradient is computed.
 
 
-class _Inner(NamedTuple):
-    """What a method needs to know about the problem inside the jitted step."""
+class InnerProblem(NamedTuple):
+    """What a method sees of the bilevel problem inside the jitted outer step."""
 
     inner_loss: Callable
     outer_loss: Callable
@@ -112,20 +112,29 @@ class _Inner(NamedTuple):
 
 
 class AbstractMethod:
-    """A way of computing ``dL_out/dλ`` inside :func:`train`.
+    """The protocol of a way of computing ``dL_out/dλ`` inside :func:`train`.
 
-    ``_init(params)`` gives the method's carried state (e.g. a warm-start vector);
-    ``_hypergrad(inner, params, hparams, state, key)`` returns
-    ``(grad, new_params, new_state, stats)`` where ``stats`` is a dict of scalars that must hold
-    ``outer_loss`` and ``finite``.
+    A method is a frozen dataclass (its fields are its settings, checked in ``__post_init__``)
+    that implements two pure functions, both traced inside the jitted outer step:
+
+    * ``init(params) -> state``: the state the method carries from one outer step to the next
+      (e.g. :class:`ImplicitMethod`'s warm-start vector); checkpointed with the run;
+    * ``hypergrad(problem, params, hparams, state, key) -> (grad, new_params, new_state,
+      stats)``: ``problem`` is an :class:`InnerProblem`; ``grad`` is shaped like ``hparams``;
+      ``new_params`` are the inner parameters to carry on from (``params``, or θ_T of an
+      unroll); ``stats`` is a dict of scalars for the history that holds ``outer_loss`` and
+      ``finite`` (a step with ``finite`` False is skipped, not applied).
+
+    :func:`bilevel.unrolled.inner_steps` runs optax steps on the inner loss for methods that
+    need them.
     """
 
-    def _init(self, params: PyTree) -> PyTree:
+    def init(self, params: PyTree) -> PyTree:
         return ()
 
-    def _hypergrad(self, inner: _Inner, params: PyTree, hparams: PyTree, state: PyTree,
-                   key: jax.Array) -> tuple[PyTree, PyTree, PyTree, dict]:
-        raise NotImplementedError
+    def hypergrad(self, problem: InnerProblem, params: PyTree, hparams: PyTree, state: PyTree,
+                  key: jax.Array) -> tuple[PyTree, PyTree, PyTree, dict]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement hypergrad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +183,10 @@ class ImplicitMethod(AbstractMethod):
             raise ValueError("bilevel.ImplicitMethod: damping must be 0 with curvature= (add the "
                              "damping to the operator curvature builds)")
 
-    def _init(self, params):
+    def init(self, params):
         return jax.tree_util.tree_map(jnp.zeros_like, params) if self.warm_start else ()
 
-    def _hypergrad(self, inner, params, hparams, state, key):
+    def hypergrad(self, inner, params, hparams, state, key):
         init = state if self.warm_start else None
         grad, info = hypergrad(inner.inner_loss, inner.outer_loss, params, hparams,
                                inner.inner_args, inner.outer_args, solver=self.solver,
@@ -234,7 +243,7 @@ class UnrolledMethod(AbstractMethod):
                        allow_none=True)
         _check_int("UnrolledMethod", "truncate", self.truncate, 1, self.steps, allow_none=True)
 
-    def _hypergrad(self, inner, params, hparams, state, key):
+    def hypergrad(self, inner, params, hparams, state, key):
         grad, info = unrolled_hypergrad(inner.inner_loss, inner.outer_loss, params, hparams,
                                         optimizer=inner.inner_optimizer, steps=self.steps,
                                         inner_args=inner.inner_args,
@@ -280,7 +289,7 @@ class ESMethod(AbstractMethod):
         _check_positive_float("ESMethod", "sigma", self.sigma)
         _check_int("ESMethod", "steps", self.steps, 1)
 
-    def _hypergrad(self, inner, params, hparams, state, key):
+    def hypergrad(self, inner, params, hparams, state, key):
         from bilevel.es import es_hypergrad  # a sibling module; imported where it is used
 
         def unroll(h, params, inner_args):
@@ -406,16 +415,10 @@ class _State(NamedTuple):
 
 
 def _resolve_optimizer(optimizer: Any, hparams: PyTree) -> optax.GradientTransformation:
-    return unrolled._resolve_optimizer("bilevel.train: inner_optimizer", optimizer, hparams)
+    return unrolled.resolve_optimizer("bilevel.train: inner_optimizer", optimizer, hparams)
 
 
-def _inner_loop(inner_loss: Callable, transformation, carry, hparams: PyTree,
-                inner_args: tuple, steps: int):
-    """``steps`` optax steps on ``inner_loss(·, hparams, *inner_args)``; returns the final
-    ``(params, opt_state)`` and the loss before each step."""
-    step = unrolled._make_step(unrolled._plain_value_and_grad(inner_loss), transformation,
-                               hparams, tuple(inner_args), has_per_step=False)
-    return jax.lax.scan(step, carry, None, length=steps)
+_inner_loop = unrolled.inner_steps
 
 
 def _clip(grad: PyTree, norm: jax.Array, clip: float | None) -> tuple[PyTree, jax.Array]:
@@ -468,8 +471,9 @@ def _make_step(inner_loss: Callable, outer_loss: Callable, config: TrainerConfig
         (params, inner_opt_state), inner_losses = _inner_loop(
             inner_loss, transformation, (state.params, state.inner_opt_state), state.hparams,
             inner_args, config.inner_steps)
-        inner = _Inner(inner_loss, outer_loss, config.inner_optimizer, inner_args, outer_args)
-        grad, params, method_state, stats = config.method._hypergrad(
+        inner = InnerProblem(inner_loss, outer_loss, config.inner_optimizer, inner_args,
+                             outer_args)
+        grad, params, method_state, stats = config.method.hypergrad(
             inner, params, state.hparams, state.method_state, method_key)
         if config.inner_steps:
             stats["inner_loss"] = inner_losses[-1]
@@ -518,7 +522,7 @@ def _initial_state(params: PyTree, hparams: PyTree, config: TrainerConfig) -> _S
     return _strong(_State(step=jnp.zeros((), jnp.int32), params=params, hparams=hparams,
                           inner_opt_state=transformation.init(params),
                           outer_opt_state=config.outer_optimizer.init(hparams),
-                          method_state=config.method._init(params),
+                          method_state=config.method.init(params),
                           key=jax.random.key(config.seed)))
 
 

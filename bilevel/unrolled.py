@@ -93,7 +93,8 @@ def _plain_value_and_grad(inner_loss: Callable) -> Callable:
     return value_and_grad
 
 
-def _resolve_optimizer(where: str, optimizer: Any, hparams: PyTree):
+def resolve_optimizer(where: str, optimizer: Any, hparams: PyTree):
+    """``optimizer`` if it is an optax transformation, else ``optimizer(hparams)``, checked."""
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
     if callable(optimizer):
@@ -121,6 +122,17 @@ def _make_step(value_and_grad: Callable, transformation, hparams: PyTree, inner_
         return (optax.apply_updates(params, updates), opt_state), value
 
     return step
+
+
+def inner_steps(inner_loss: Callable, transformation: Any, carry: tuple, hparams: PyTree,
+                inner_args: tuple, steps: int) -> tuple[tuple, jax.Array]:
+    """``steps`` optax steps on ``inner_loss(·, hparams, *inner_args)`` from
+    ``carry = (params, opt_state)``, not set up for differentiation; returns the final
+    ``(params, opt_state)`` and the loss before each step. What trainer methods call to move
+    the inner problem."""
+    step = _make_step(_plain_value_and_grad(inner_loss), transformation, hparams,
+                      tuple(inner_args), has_per_step=False)
+    return jax.lax.scan(step, carry, None, length=steps)
 
 
 def _scan(step: Callable, carry, xs, length: int, checkpoint_every: int | None):
@@ -235,7 +247,7 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
     xs = per_step_args if has_per_step else None
 
     def run(h, carry, xs_segment, length, segment_chunk):
-        transformation = _resolve_optimizer(where, optimizer, h)
+        transformation = resolve_optimizer(where, optimizer, h)
         step = _make_step(value_and_grad, transformation, h, inner_args, has_per_step)
         return _scan(step, carry, xs_segment, length, segment_chunk)
 
@@ -245,14 +257,14 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
         return jax.tree_util.tree_map(lambda x: x[start:stop], xs_all)
 
     if opt_state is not None:
-        expected = jax.eval_shape(lambda h: _resolve_optimizer(where, optimizer, h).init(params0),
+        expected = jax.eval_shape(lambda h: resolve_optimizer(where, optimizer, h).init(params0),
                                   hparams)
         _checks.check_same_structure(where, "opt_state", opt_state, "optimizer.init(params0)",
                                      expected)
         opt_state = jax.lax.stop_gradient(opt_state)
 
     def meta_objective(h):
-        start = (_resolve_optimizer(where, optimizer, h).init(params0) if opt_state is None
+        start = (resolve_optimizer(where, optimizer, h).init(params0) if opt_state is None
                  else opt_state)
         carry = (params0, start)
         frozen_steps = steps - live_steps

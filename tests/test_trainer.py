@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+import bilevel
 import hvp
 from bilevel.trainer import (
     CHECKPOINT_NAME,
@@ -344,3 +345,34 @@ def test_warm_start_drops_vectors_from_failed_solves():
     assert statuses == {int(hvp.Status.NEGATIVE_CURVATURE)}
     norms = result.series("hypergrad_norm")
     np.testing.assert_allclose(norms, norms[0], rtol=1e-6)  # every solve starts afresh
+
+
+# --------------------------------------------------------------------------------------------
+# The public method protocol: a method written without private names.
+
+
+def test_a_user_method_written_against_the_public_protocol_trains():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class OneStepMethod(bilevel.AbstractMethod):
+        """The one-step (T1-T2) approximation: H⁻¹ ≈ lr · I, as a user would write it."""
+
+        lr: float = 0.5
+
+        def hypergrad(self, problem, params, hparams, state, key):
+            grad, info = bilevel.hypergrad(problem.inner_loss, problem.outer_loss, params,
+                                           hparams, problem.inner_args, problem.outer_args,
+                                           solver=hvp.Identity(scale=self.lr, tol=None),
+                                           on_failure="ignore", stationarity_tol=None)
+            return grad, params, state, {"outer_loss": info.outer_loss, "finite": info.finite}
+
+    problem = bilevel.ridge(jax.random.key(0), dtype=jnp.float64)
+    params = problem.solve_inner(problem.params, problem.hparams, *problem.inner_args)
+    config = bilevel.TrainerConfig(outer_steps=5, inner_steps=5, inner_optimizer=optax.sgd(0.1),
+                                   outer_optimizer=optax.sgd(0.1), method=OneStepMethod())
+    result = bilevel.train(problem.inner_loss, problem.outer_loss, params, problem.hparams,
+                           config, problem.inner_args, problem.outer_args, progress=False)
+    losses = [row["outer_loss"] for row in result.history]
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
