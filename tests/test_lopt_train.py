@@ -121,8 +121,11 @@ FULL_ARGS = [a if a != "2" or i != TINY_ARGS.index("--steps") + 1 else "4"
 
 
 def _run_cli(argv):
+    from bilevel.lopt import velo_train  # bilevel lopt train dispatches velo there
+
     parser = _parser()
-    return train.run(parser.parse_args(argv), parser)
+    args = parser.parse_args(argv)
+    return (velo_train.run if args.optimizer == "velo" else train.run)(args, parser)
 
 
 def _usage_error(capsys, argv) -> str:

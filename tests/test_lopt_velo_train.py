@@ -86,7 +86,11 @@ def test_cli_run_folder_rule_for_velo(tmp_path, capsys):
     vt.save_checkpoint(tmp_path / vt.CHECKPOINT_NAME, finished)
     for name in train.OUTPUTS:
         (tmp_path / name).write_text("")
-    assert train.run(parser.parse_args(argv), parser) == 0
+    def run(arguments):  # as bilevel lopt train dispatches
+        parsed = parser.parse_args(arguments)
+        return (vt.run if parsed.optimizer == "velo" else train.run)(parsed, parser)
+
+    assert run(argv) == 0
     assert "holds a finished run (step 2 of 2); left untouched" in capsys.readouterr().out
     for extra, fragment in ([["--seed", "4"], "--seed 3 there, 4 here"],
                             [["--population", "4"], "--population 2 there, 4 here"],
@@ -94,7 +98,7 @@ def test_cli_run_folder_rule_for_velo(tmp_path, capsys):
                             [["--optimizer", "mlp", "--unroll", "2"],
                              "--optimizer velo there, mlp here"]):
         with pytest.raises(SystemExit) as exit_info:
-            train.run(parser.parse_args(argv + extra), parser)
+            run(argv + extra)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert fragment in err and "--overwrite" in err and len(err.splitlines()) == 1, err

@@ -53,4 +53,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if getattr(args, "_lopt_module", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return importlib.import_module(args._lopt_module).run(args, args._lopt_parser)
+    return importlib.import_module(_module(args)).run(args, args._lopt_parser)
+
+
+def _module(args: argparse.Namespace) -> str:
+    """The module that runs the subcommand: VeLO's meta-training has its own trainer."""
+    if args._lopt_module == "bilevel.lopt.train" and args.optimizer == "velo":
+        return "bilevel.lopt.velo_train"
+    return args._lopt_module

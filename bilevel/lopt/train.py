@@ -478,10 +478,12 @@ def plot_meta_loss(path: Path, state: MetaTrainState) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """``bilevel lopt train``: meta-train with a progress bar, checkpoints and resume."""
+    """``bilevel lopt train`` for mlp and star: meta-train with a progress bar, checkpoints and
+    resume (``--optimizer velo`` runs :func:`bilevel.lopt.velo_train.run`; the command line
+    picks it, so that this module does not import the one that builds on it)."""
     if args.optimizer == "velo":
-        from bilevel.lopt import velo_train
-        return velo_train.run(args, parser)
+        parser.error("--optimizer velo: run bilevel.lopt.velo_train.run (bilevel lopt train "
+                     "dispatches there)")
     return run_meta_training(args, parser, config_from_args=config_from_args,
                              init=init_meta_train, step=meta_train_step, kind=MetaTrainState,
                              checkpoint_name=CHECKPOINT_NAME, write_outputs=write_outputs,
