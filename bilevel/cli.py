@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from bilevel import __version__
-from bilevel._argtypes import out_dir
+from bilevel.argtypes import out_dir
 
 #: The entry-point group other packages register their commands under.
 ENTRY_POINT_GROUP = "bilevel.commands"

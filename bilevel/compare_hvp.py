@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bilevel._argtypes import nonnegative_float, positive_float, positive_int
+from bilevel.argtypes import nonnegative_float, positive_float, positive_int
 
 PyTree = Any
 

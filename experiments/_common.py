@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel._argtypes import positive_int  # noqa: F401  (the benchmarks' argparse type)
+from bilevel.argtypes import positive_int  # noqa: F401  (the benchmarks' argparse type)
 
 ROOT = Path(__file__).resolve().parent.parent
 

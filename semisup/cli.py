@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from bilevel._argtypes import out_dir
-from bilevel._argtypes import positive_int as _positive_int
+from bilevel.argtypes import out_dir
+from bilevel.argtypes import positive_int as _positive_int
 from semisup import options as choices
 
 HELP = "FixMatch with a meta-learned confidence network on a class-mismatch benchmark."

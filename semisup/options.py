@@ -8,8 +8,7 @@ The tuples equal :mod:`semisup.fixmatch`'s and :mod:`semisup.protocol`'s of the 
 
 from __future__ import annotations
 
-import argparse
-import copy
+from bilevel.argtypes import DefaultsHelpFormatter
 
 METHODS = ("supervised", "fixmatch", "oracle", "softmax", "l2rw", "confnet")
 CURVATURES = ("last", "all")
@@ -23,21 +22,4 @@ DATASETS = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10")
 MODELS = {"mlp": ((), 64), "cnn": ((16, 32), 64)}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default unless it already says it; descriptions keep
-    their paragraphs."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("%(default)" in text or "(default:" in text or action.required
-                or action.default is argparse.SUPPRESS):
-            return text
-        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            return f"{text} (default: %(default)s)".strip()
-        return text
-
-    def _expand_help(self, action: argparse.Action) -> str:
-        if isinstance(action.default, tuple):
-            action = copy.copy(action)
-            action.default = ",".join(map(str, action.default))
-        return super()._expand_help(action)
+HelpFormatter = DefaultsHelpFormatter

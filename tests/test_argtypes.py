@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from bilevel import _argtypes
+from bilevel import argtypes as _argtypes
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -8,13 +8,18 @@ without importing JAX; :mod:`bilevel.lopt.train` and :mod:`bilevel.lopt.evaluate
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bilevel._argtypes import nonnegative_float, out_dir, positive_float, positive_int
+from bilevel.argtypes import (
+    DefaultsHelpFormatter,
+    nonnegative_float,
+    out_dir,
+    positive_float,
+    positive_int,
+)
 
 #: ``lopt train --optimizer``: the truncated-unroll trainers, then ES-trained ``velo_lopt``.
 OPTIMIZERS = ("mlp", "star")
@@ -133,25 +138,7 @@ def install_hint(error: ImportError) -> str:
 # Help text.
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default (tuples written as the comma lists the options
-    take), unless the help already says it; descriptions keep their paragraphs."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("%(default)" in text or "(default:" in text or action.required
-                or action.default is argparse.SUPPRESS):
-            return text
-        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            return f"{text} (default: %(default)s)".strip()
-        return text
-
-    def _expand_help(self, action: argparse.Action) -> str:
-        if isinstance(action.default, tuple):
-            action = copy.copy(action)
-            action.default = ",".join(f"{v:g}" if isinstance(v, float) else str(v)
-                                      for v in action.default)
-        return super()._expand_help(action)
+HelpFormatter = DefaultsHelpFormatter
 
 
 #: The run-folder rule, shared by the ``--help`` of every long-running command.

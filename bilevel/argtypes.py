@@ -1,8 +1,10 @@
-"""argparse types shared by the command lines: a bad value becomes one ``error:`` line."""
+"""argparse types shared by the command lines (public: semisup and the experiments use them): a
+bad value becomes one ``error:`` line."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
 
@@ -61,3 +63,25 @@ def out_dir(text: str):
         raise argparse.ArgumentTypeError(f"cannot create {text!r}: {str(ancestor)!r} is not "
                                          f"writable")
     return path
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                            argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (tuples written as the comma lists the options
+    take), unless the help already says it; descriptions keep their paragraphs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "(default:" in text or action.required
+                or action.default is argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)".strip()
+        return text
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if isinstance(action.default, tuple):
+            action = copy.copy(action)
+            action.default = ",".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                      for v in action.default)
+        return super()._expand_help(action)
