@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bilevel.argtypes import nonnegative_float, positive_float, positive_int
+from bilevel.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 PyTree = Any
 
@@ -164,15 +164,8 @@ def budget_list(text: str) -> tuple[int, ...]:
     return budgets
 
 
-def seed_value(text: str) -> int:
-    """argparse type: an integer >= 0 (the problem's data and the randomised solvers' key)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+#: argparse type of --seed: the problem's data and the randomised solvers' key.
+seed_value = nonnegative_int
 
 
 def _option(default: Any = dataclasses.MISSING, *, help: str, type: Callable | None = None,

@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import ROOT, cpu_model, git_commit, positive_int
+from _common import ROOT, cpu_model, git_commit, positive_int, timed_rounds
 
 import bilevel
 from bilevel.lopt import tasks, train
@@ -76,16 +75,6 @@ def describe(member: tasks.FamilyMember) -> str:
             f"{member.activation}")
 
 
-def median_time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def leaves_equal(a, b) -> float:
     """The largest relative difference between two pytrees' leaves."""
     worst = 0.0
@@ -123,8 +112,10 @@ def main() -> None:
             result = new(*call)
             difference = max(leaves_equal(result.grad, grad_old),
                              leaves_equal(result.inner_state, state_old))
-            t_old, t_new = median_time(old, call, args.repeats), median_time(new, call,
-                                                                             args.repeats)
+            calls = {"baseline": functools.partial(old, *call),
+                     "carried": functools.partial(new, *call)}
+            times = timed_rounds(calls, args.repeats, np.random.default_rng(0))
+            t_old, t_new = (float(np.median(times[name])) for name in ("baseline", "carried"))
             rows.append({"optimizer": f"{optimizer}_lopt", "task": describe(member),
                          "unroll": args.unroll, "baseline_ms": round(t_old * 1e3, 2),
                          "carried_ms": round(t_new * 1e3, 2),
@@ -147,7 +138,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         f"Machine: {cpu_model()}, {jax.devices()[0].platform}, JAX {jax.__version__}, "
         f"Python {platform.python_version()}; commit {commit[0] if commit else '?'}"
         f"{' (uncommitted changes)' if commit and commit[1] else ''}. Medians of "
-        f"{args.repeats} calls after a warm-up; both variants in the same run.",
+        f"{args.repeats} rounds after a warm-up, each calling both variants in a random order.",
         "",
         "| optimizer | task | unroll | baseline (ms) | carried (ms) | carried / baseline | "
         "max rel. difference |",
