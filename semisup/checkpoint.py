@@ -1,53 +1,46 @@
-"""Atomic checkpoints of a training :class:`~semisup.fixmatch.State` (``.npz`` of its leaves)."""
+"""Checkpoints of a training :class:`~semisup.fixmatch.State`: :mod:`bilevel.checkpoint` files
+(one atomic ``.npz``, checked against a template on load, no pickle) marked as semisup's.
+
+bilevel 0.1.0's semisup wrote bare ``.npz`` files of the state's leaves; :func:`load` still
+reads those, checking them against the template.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
+from bilevel import checkpoint
+
+_WRITER = "semisup"
 
 
 def save(path: str | Path, state: Any) -> None:
-    """Write ``state``'s leaves to ``path`` atomically: a temporary file, then ``os.replace``,
-    so a run killed while saving leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    leaves = jax.tree_util.tree_leaves(state)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        np.savez(f, **{f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def _read_leaves(path: Path) -> list[np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return [archive[f"leaf_{i:05d}"] for i in range(len(archive.files))]
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 -- whatever broke it, it is not a checkpoint
-        raise ValueError(f"semisup.checkpoint.load: {path} is not a checkpoint written by "
-                         f"semisup.checkpoint.save ({type(error).__name__})") from None
+    """Write ``state`` to ``path`` atomically (:func:`bilevel.checkpoint.save`): a run killed
+    while saving leaves the previous checkpoint intact."""
+    checkpoint.save(path, state, {"writer": _WRITER})
 
 
 def load(path: str | Path, template: Any) -> Any:
     """Read a checkpoint written by :func:`save` into the structure of ``template``.
 
     Raises:
-      ValueError: the file is not a checkpoint (truncated, another format), or it does not match
-        the template (another configuration wrote it).
+      FileNotFoundError: no file at ``path``.
+      ValueError: the file is not a checkpoint of semisup (truncated, another format, another
+        program's), or it does not match the template (another configuration wrote it); the
+        message says which leaf differs or why the file is not one.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    stored = _read_leaves(Path(path))
-    if len(stored) != len(leaves) or any(a.shape != np.shape(b) for a, b in zip(stored, leaves,
-                                                                             strict=True)):
+    try:
+        try:
+            writer = checkpoint.read_metadata(path).get("writer")
+        except checkpoint.NoHeaderError:
+            return checkpoint.load_legacy(path, like=template)[0]
+        if writer != _WRITER:
+            raise checkpoint.CheckpointError(path, f"it was written by {writer!r}")
+        return checkpoint.load(path, like=template)[0]
+    except checkpoint.MismatchError as error:
         raise ValueError(f"semisup.checkpoint.load: {path} does not match this configuration "
-                         f"({len(stored)} arrays stored, {len(leaves)} expected)")
-    return jax.tree_util.tree_unflatten(
-        treedef, [jax.numpy.asarray(a, dtype=np.asarray(b).dtype) for a, b in zip(stored, leaves,
-                                                                               strict=True)])
+                         f"({error.reason})") from None
+    except checkpoint.CheckpointError as error:
+        raise ValueError(f"semisup.checkpoint.load: {path} is not a checkpoint written by "
+                         f"semisup.checkpoint.save ({error.reason})") from None
