@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -47,7 +46,7 @@ import numpy as np
 import optax
 
 import hvp
-from bilevel import _common, unrolled
+from bilevel import _common, checkpoint, unrolled
 from bilevel.implicit import hypergrad
 from bilevel.unrolled import unrolled_hypergrad
 from hvp import checks as _checks
@@ -55,7 +54,6 @@ from hvp import checks as _checks
 PyTree = Any
 
 CHECKPOINT_NAME = "checkpoint.npz"
-_CHECKPOINT_FORMAT = 1
 #: Keys every history row has; ``metrics`` may not reuse them.
 _BASE_KEYS = ("step", "outer_loss", "hypergrad_norm", "clipped", "finite", "skipped",
               "wall_time")
@@ -527,65 +525,17 @@ def _initial_state(params: PyTree, hparams: PyTree, config: TrainerConfig) -> _S
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: one .npz of the state's leaves; the tree structure comes from the initial state.
+# Checkpoints (bilevel.checkpoint): the state's tree, checked against the initial state on load;
+# the method's name and the history go in the metadata.
 
-
-def _describe_leaves(state: _State) -> list[tuple[str, tuple, str]]:
-    """``(path, shape, dtype name)`` per leaf of the state."""
-    return [(jax.tree_util.keystr(path), tuple(np.shape(leaf)), str(leaf.dtype))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
-
-
-def _host_leaves(state: _State) -> list[np.ndarray]:
-    """The state's leaves as NumPy arrays; PRNG keys as their key data."""
-    def host(leaf):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        return np.asarray(leaf)
-    return [host(leaf) for leaf in jax.device_get(jax.tree_util.tree_leaves(state))]
-
-
-def _write_atomically(directory: str, name: str, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write to a temporary file in ``directory``, fsync it, then ``os.replace`` it into place,
-    so that a reader (or a restarted run) sees the old checkpoint or the new one, never half."""
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_WRITER = "bilevel.train"
 
 
 def _save_checkpoint(directory: str, state: _State, history: list[dict],
                      config: TrainerConfig) -> None:
-    described = _describe_leaves(state)
-    arrays = {f"leaf_{i:05d}": array for i, array in enumerate(_host_leaves(state))}
-    meta = {"format": _CHECKPOINT_FORMAT, "method": type(config.method).__name__,
-            "paths": [p for p, _, _ in described], "shapes": [list(s) for _, s, _ in described],
-            "dtypes": [d for _, _, d in described]}
-    arrays["meta"] = np.array(json.dumps(meta))
-    arrays["history"] = np.array(json.dumps(history))
-    _write_atomically(directory, CHECKPOINT_NAME, arrays)
+    checkpoint.save(os.path.join(directory, CHECKPOINT_NAME), state,
+                    {"writer": _WRITER, "method": type(config.method).__name__,
+                     "history": history})
 
 
 def _mismatch(path: str, message: str) -> ValueError:
@@ -593,23 +543,10 @@ def _mismatch(path: str, message: str) -> ValueError:
                       f"Use another checkpoint_dir, or delete the checkpoint to start afresh")
 
 
-def _check_compatible(path: str, meta: dict, template: list, config: TrainerConfig) -> None:
+def _check_method(path: str, stored: Any, config: TrainerConfig) -> None:
     method = type(config.method).__name__
-    if meta.get("format") != _CHECKPOINT_FORMAT:
-        raise _mismatch(path, f"format {meta.get('format')!r}, expected {_CHECKPOINT_FORMAT}")
-    if meta["method"] != method:
-        raise _mismatch(path, f"it was written by method {meta['method']}, this run uses {method}")
-    paths = [p for p, _, _ in template]
-    if meta["paths"] != paths:
-        extra = sorted(set(meta["paths"]) - set(paths))
-        missing = sorted(set(paths) - set(meta["paths"]))
-        raise _mismatch(path, f"its state has leaves {extra or 'in another order'} that this "
-                              f"run lacks and lacks {missing or 'none'}")
-    for (p, shape, dtype), saved_shape, saved in zip(template, meta["shapes"], meta["dtypes"],
-                                                     strict=True):
-        if list(shape) != saved_shape or dtype != saved:
-            raise _mismatch(path, f"leaf {p} is {saved}{tuple(saved_shape)} in the checkpoint, "
-                                  f"{dtype}{shape} in this run")
+    if stored != method:
+        raise _mismatch(path, f"it was written by method {stored}, this run uses {method}")
 
 
 def _load_checkpoint(directory: str, initial: _State, config: TrainerConfig
@@ -617,21 +554,48 @@ def _load_checkpoint(directory: str, initial: _State, config: TrainerConfig
     path = os.path.join(directory, CHECKPOINT_NAME)
     if not os.path.exists(path):
         return None
-    template = _describe_leaves(initial)
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta"]))
-        _check_compatible(path, meta, template, config)
-        arrays = [data[f"leaf_{i:05d}"] for i in range(len(template))]
-        history = json.loads(str(data["history"]))
-    leaves = [_restore_leaf(a, t) for a, t in
-              zip(arrays, jax.tree_util.tree_leaves(initial), strict=True)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(initial), leaves), history
+    try:
+        metadata = checkpoint.read_metadata(path)
+        if metadata.get("writer") != _WRITER:
+            raise checkpoint.CheckpointError(path, f"it was written by "
+                                                   f"{metadata.get('writer')!r}")
+        _check_method(path, metadata.get("method"), config)
+        state, metadata = checkpoint.load(path, like=initial)
+        return state, metadata["history"]
+    except checkpoint.NoHeaderError:
+        return _load_format_1(path, initial, config)
+    except checkpoint.MismatchError as error:
+        raise _mismatch(path, _leaf_differs(error)) from None
+    except checkpoint.CheckpointError as error:
+        raise ValueError(f"bilevel.train: {path} is not a checkpoint of bilevel.train "
+                         f"({error.reason}). Use another checkpoint_dir, or delete it to start "
+                         f"afresh") from None
 
 
-def _restore_leaf(array: np.ndarray, like: jax.Array) -> jax.Array:
-    if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(jnp.asarray(array), impl=jax.random.key_impl(like))
-    return jax.device_put(array, like.sharding)
+def _leaf_differs(error: checkpoint.MismatchError) -> str:
+    if error.where == "the root":
+        return f"it holds {error.found}, this run {error.expected}"
+    return f"leaf {error.where} is {error.found} in the checkpoint, {error.expected} in this run"
+
+
+def _load_format_1(path: str, initial: _State, config: TrainerConfig
+                   ) -> tuple[_State, list[dict]]:
+    """bilevel 0.1.0's checkpoint (the state's leaves, a JSON ``meta`` with ``format: 1`` and
+    the method, and the history): it holds no pickle, so it still resumes."""
+    try:
+        meta = json.loads(checkpoint.load_legacy(path)[1]["meta"])
+    except (checkpoint.CheckpointError, KeyError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != 1:
+        raise ValueError(f"bilevel.train: {path} is not a checkpoint of bilevel.train (an .npz "
+                         f"without its header). Use another checkpoint_dir, or delete it to "
+                         f"start afresh")
+    _check_method(path, meta.get("method"), config)
+    try:
+        state, extras = checkpoint.load_legacy(path, like=initial)
+    except checkpoint.MismatchError as error:
+        raise _mismatch(path, _leaf_differs(error)) from None
+    return state, json.loads(extras.get("history", "[]"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ keeps the file's run time to a few compiles.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import types
@@ -21,6 +22,7 @@ import optax
 import pytest
 
 import bilevel
+import bilevel.checkpoint
 import hvp
 from bilevel.trainer import (
     CHECKPOINT_NAME,
@@ -281,6 +283,49 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         run(dataclasses.replace(RESUMABLE, method=UnrolledMethod(steps=2)), tmp_path)
     with pytest.raises(ValueError, match="does not match.*method_state"):
         run(dataclasses.replace(RESUMABLE, method=CG_TOL), tmp_path)  # no warm-start vector
+
+
+def test_checkpoint_of_bilevel_0_1_still_resumes_bit_identical(tmp_path):
+    """0.1.0 wrote the state's leaves with a JSON description (format 1, no pickle)."""
+    whole = run(RESUMABLE, tmp_path / "whole")
+    run(dataclasses.replace(RESUMABLE, outer_steps=3), tmp_path / "half")
+    state, metadata = bilevel.checkpoint.load(tmp_path / "half" / CHECKPOINT_NAME)
+    leaves = jax.tree_util.tree_leaves(state)
+    host = [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                       else x) for x in leaves]
+    meta = {"format": 1, "method": "ImplicitMethod", "paths": [], "shapes": [], "dtypes": []}
+    np.savez(tmp_path / "half" / CHECKPOINT_NAME, meta=np.array(json.dumps(meta)),
+             history=np.array(json.dumps(metadata["history"])),
+             **{f"leaf_{i:05d}": array for i, array in enumerate(host)})
+    resumed = run(RESUMABLE, tmp_path / "half")
+    assert resumed.resumed_from == 3
+    assert_bit_identical(whole, resumed)
+    assert "format" not in bilevel.checkpoint.read_metadata(tmp_path / "half" / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match="written by method ImplicitMethod, this run uses "
+                                         "ESMethod"):
+        np.savez(tmp_path / "half" / CHECKPOINT_NAME, meta=np.array(json.dumps(meta)),
+                 history=np.array("[]"),
+                 **{f"leaf_{i:05d}": array for i, array in enumerate(host)})
+        run(dataclasses.replace(RESUMABLE, method=ESMethod(population=4, sigma=0.01, steps=3)),
+            tmp_path / "half")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"not a checkpoint", "it is not an .npz file"),
+    (b"\x80\x04K\x01.", "it is a Python pickle, which bilevel never loads"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_refused_saying_why(tmp_path, content, reason):
+    (tmp_path / CHECKPOINT_NAME).write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        run(RESUMABLE, tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"bilevel.train: {tmp_path / CHECKPOINT_NAME} is not a checkpoint "
+                              f"of bilevel.train ({reason}")
+    assert "delete it to start afresh" in message
+    bilevel.checkpoint.save(tmp_path / CHECKPOINT_NAME, {"a": np.zeros(1)}, {"writer": "semisup"})
+    with pytest.raises(ValueError, match=r"not a checkpoint of bilevel.train \(it was written by "
+                                         r"'semisup'\)"):
+        run(RESUMABLE, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
