@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import bilevel.checkpoint
 from bilevel import lopt
 from bilevel.lopt import train
 
@@ -28,8 +29,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert all(np.isfinite(r["meta_loss"]) for r in full.history)
 
     half = train.meta_train(train.init_meta_train(dataclasses.replace(TINY, steps=2)))
-    train.save_checkpoint(tmp_path / "ckpt.pkl", half)
-    resumed = train.load_checkpoint(tmp_path / "ckpt.pkl")
+    train.save_checkpoint(tmp_path / "ckpt.npz", half)
+    resumed = train.load_checkpoint(tmp_path / "ckpt.npz")
     resumed = train.meta_train(resumed._replace(config=TINY))
     _leaves_equal(full.meta, resumed.meta)
     _leaves_equal(full.outer_state, resumed.outer_state)
@@ -63,7 +64,7 @@ def test_cli_writes_outputs_and_resumes(tmp_path):
     parser = _parser()
     out = tmp_path / "run"
     assert train.run(parser.parse_args(TINY_ARGS + ["--out", str(out)]), parser) == 0
-    for name in ("checkpoint.pkl", "meta_params.npz", "meta_loss.csv", "meta_loss.png",
+    for name in ("checkpoint.npz", "meta_params.npz", "meta_loss.csv", "meta_loss.png",
                  "metadata.json"):
         assert (out / name).is_file(), name
     meta, metadata = lopt.load_meta_params(out / "meta_params.npz")
@@ -73,7 +74,7 @@ def test_cli_writes_outputs_and_resumes(tmp_path):
     more = TINY_ARGS[:]
     more[more.index("--steps") + 1] = "4"
     assert train.run(parser.parse_args(more + ["--out", str(out), "--resume"]), parser) == 0
-    state = train.load_checkpoint(out / "checkpoint.pkl")
+    state = train.load_checkpoint(out / "checkpoint.npz")
     full = train.meta_train(train.init_meta_train(TINY))
     _leaves_equal(full.meta, state.meta)
 
@@ -155,11 +156,11 @@ def test_rerun_after_ctrl_c_resumes_and_ends_as_an_uninterrupted_run(tmp_path, m
     monkeypatch.setattr(train, "meta_train_step", interrupted_step)
     assert _run_cli(argv) == 130
     assert "interrupted at step 3 of 4" in capsys.readouterr().err
-    assert train.load_checkpoint(out / "checkpoint.pkl").step == 3  # saved on Ctrl-C
+    assert train.load_checkpoint(out / "checkpoint.npz").step == 3  # saved on Ctrl-C
     monkeypatch.setattr(train, "meta_train_step", real_step)
     assert _run_cli(argv) == 0
-    assert f"resuming from step 3 of 4 ({out / 'checkpoint.pkl'})" in capsys.readouterr().out
-    resumed = train.load_checkpoint(out / "checkpoint.pkl")
+    assert f"resuming from step 3 of 4 ({out / 'checkpoint.npz'})" in capsys.readouterr().out
+    resumed = train.load_checkpoint(out / "checkpoint.npz")
     full = train.meta_train(train.init_meta_train(TINY))
     _leaves_equal(full.meta, resumed.meta)
     _leaves_equal(full.outer_state, resumed.outer_state)
@@ -185,8 +186,8 @@ def test_finished_run_is_left_untouched_and_other_options_are_refused(tmp_path, 
     assert _snapshot(out) == before
     # --overwrite starts afresh (here: a one-step run in place of the two-step one).
     assert _run_cli(TINY_ARGS + ["--steps", "1", "--overwrite", "--out", str(out)]) == 0
-    assert "--overwrite: removed checkpoint.pkl" in capsys.readouterr().out
-    assert train.load_checkpoint(out / "checkpoint.pkl").step == 1
+    assert "--overwrite: removed checkpoint.npz" in capsys.readouterr().out
+    assert train.load_checkpoint(out / "checkpoint.npz").step == 1
     assert lopt.load_meta_params(out / "meta_params.npz")[1]["outer_steps"] == 1
 
 
@@ -198,12 +199,39 @@ def test_folders_that_are_not_this_run_are_refused(tmp_path, capsys):
     assert "meta_params.npz" in err and "no checkpoint" in err and "--overwrite" in err
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "checkpoint.pkl").write_text("not a pickle")
+    (broken / "checkpoint.npz").write_text("not a checkpoint")
     err = _usage_error(capsys, TINY_ARGS + ["--out", str(broken)])
-    assert "is not a meta-training checkpoint" in err and "--overwrite" in err
+    assert "is not a meta-training checkpoint (it is not an .npz file" in err
+    assert "--overwrite" in err
     err = _usage_error(capsys, TINY_ARGS + ["--resume", "--overwrite", "--out", str(broken)])
     assert "--resume and --overwrite contradict" in err
-    assert (broken / "checkpoint.pkl").read_text() == "not a pickle"
+    assert (broken / "checkpoint.npz").read_text() == "not a checkpoint"
+    # Another program's checkpoint (bilevel.train's format, another writer) is not a run either.
+    other = tmp_path / "other"
+    bilevel.checkpoint.save(other / "checkpoint.npz", {"a": np.zeros(2)}, {"writer": "else"})
+    err = _usage_error(capsys, TINY_ARGS + ["--out", str(other)])
+    assert "is not a meta-training checkpoint (it was written by 'else')" in err
+
+
+@pytest.mark.parametrize("name", train.PICKLED_CHECKPOINT_NAMES)
+def test_a_pickled_checkpoint_of_bilevel_0_1_is_refused_never_unpickled(tmp_path, capsys,
+                                                                        monkeypatch, name):
+    import pickle
+
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / name).write_bytes(pickle.dumps({"step": 1}))
+    monkeypatch.setattr(pickle, "load", None)  # unpickling would fail loudly
+    monkeypatch.setattr(pickle, "loads", None)
+    for extra in ([], ["--resume"], ["--optimizer", "velo", "--population", "2"]):
+        err = _usage_error(capsys, TINY_ARGS + extra + ["--out", str(out)])
+        assert err == (f"bilevel lopt train: error: --out: {out / name} was written by an older "
+                       f"bilevel (pickle); rerun with --overwrite, or use bilevel<=0.1.0 to "
+                       f"finish it\n"), err
+    # --overwrite removes it with the rest of the run and starts afresh.
+    assert _run_cli(TINY_ARGS + ["--steps", "1", "--overwrite", "--out", str(out)]) == 0
+    assert f"--overwrite: removed {name}" in capsys.readouterr().out
+    assert not (out / name).exists() and train.load_checkpoint(out / "checkpoint.npz").step == 1
 
 
 @pytest.mark.parametrize("make_out, fragment", [

@@ -38,10 +38,8 @@ import functools
 import json
 import math
 import os
-import pickle
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,15 +51,18 @@ import numpy as np
 import optax
 
 import bilevel
+from bilevel import checkpoint
 from bilevel.lopt import optimizers, options, tasks
 from bilevel.lopt.options import ESTIMATORS, OPTIMIZERS, MetaTrainConfig  # noqa: F401
 
 PyTree = Any
 #: The outer minibatch of the mixflow meta-loss is this many inner batches.
 OUTER_BATCH_MULTIPLE = 4
-CHECKPOINT_NAME = "checkpoint.pkl"
+CHECKPOINT_NAME = "checkpoint.npz"
 #: :mod:`bilevel.lopt.velo_train`'s checkpoint; both trainers write the outputs below.
-VELO_CHECKPOINT_NAME = "velo_checkpoint.pkl"
+VELO_CHECKPOINT_NAME = "velo_checkpoint.npz"
+#: bilevel 0.1.0 pickled its checkpoints to these: refused, never unpickled.
+PICKLED_CHECKPOINT_NAMES = ("checkpoint.pkl", "velo_checkpoint.pkl")
 OUTPUTS = ("meta_params.npz", "meta_loss.csv", "meta_loss.png", "metadata.json")
 
 
@@ -200,7 +201,7 @@ class Slot(NamedTuple):
 
 
 class MetaTrainState(NamedTuple):
-    """Everything a resumed run needs; pickled (as NumPy) into the checkpoint."""
+    """Everything a resumed run needs; :func:`save_checkpoint` writes it."""
 
     config: MetaTrainConfig
     step: int
@@ -209,6 +210,17 @@ class MetaTrainState(NamedTuple):
     slots: tuple[Slot, ...]
     history: tuple[dict, ...]
     seconds: float  # meta-training wall time so far, over all resumptions
+
+    def checkpoint_template(self) -> MetaTrainState:
+        """This state with a fresh outer-optimizer state: the template :func:`load_checkpoint`
+        reads a checkpoint on, so that optax's state classes come from optax, not the file."""
+        return self._replace(outer_state=outer_optimizer(self.config).init(self.meta))
+
+
+# The classes a checkpoint of either trainer rebuilds by name (optax's come from a template).
+for _class in (MetaTrainState, Slot, MetaTrainConfig, tasks.FamilyMember, optimizers.LOptState,
+               optimizers.FactoredMoments, bilevel.PESState):
+    checkpoint.register(_class)
 
 
 def _key(config: MetaTrainConfig, *path: int) -> jax.Array:
@@ -343,48 +355,72 @@ def meta_train(state: MetaTrainState, on_step: Callable[[MetaTrainState, dict], 
 # Checkpoints.
 
 
+_WRITER = "bilevel lopt train"
+
+
+def _optimizer(config: Any) -> str:
+    return getattr(config, "optimizer", "velo")
+
+
 def save_checkpoint(path: str | os.PathLike, state: NamedTuple) -> None:
-    """Pickle ``state`` (arrays as NumPy) to a temporary file, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    host = jax.tree_util.tree_map(
-        lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, jax.device_get(state))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(host, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``state`` (either trainer's) atomically with :func:`bilevel.checkpoint.save`; the
+    metadata says which optimizer's run it is and at which step."""
+    checkpoint.save(path, state, {"writer": _WRITER, "optimizer": _optimizer(state.config),
+                                  "step": int(state.step)})
+
+
+def _check_writer(path: str | os.PathLike, metadata: dict) -> None:
+    if metadata.get("writer") != _WRITER:
+        raise checkpoint.CheckpointError(path, f"it was written by {metadata.get('writer')!r}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> NamedTuple:
-    """The state pickled in ``path`` by :func:`save_checkpoint`, as stored (either trainer's).
+    """The state in ``path`` as stored by :func:`save_checkpoint` (either trainer's, if its
+    module is imported), the outer-optimizer state as plain tuples.
 
     Raises:
       ValueError: ``path`` is not such a file (truncated, another format, another program's).
     """
     try:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-    except Exception as error:  # noqa: BLE001 -- whatever broke it, it is not a checkpoint
+        state, metadata = checkpoint.load(path)
+        _check_writer(path, metadata)
+    except checkpoint.CheckpointError as error:
         raise ValueError(f"lopt.train.read_checkpoint: {path} is not a meta-training checkpoint "
-                         f"({type(error).__name__}: {error})") from None
-    if not all(hasattr(state, name) for name in ("config", "step", "meta", "_replace")):
-        raise ValueError(f"lopt.train.read_checkpoint: {path} is not a meta-training checkpoint "
-                         f"(it holds a {type(state).__name__})")
+                         f"({error.reason})") from None
+    if not hasattr(state, "checkpoint_template"):
+        raise ValueError(f"lopt.train.read_checkpoint: {path} holds a run of --optimizer "
+                         f"{metadata.get('optimizer')}, whose trainer is not imported")
     return state
 
 
+def stored_optimizer(path: str | os.PathLike) -> str:
+    """The ``--optimizer`` of the run checkpointed in ``path`` (read from its header only).
+
+    Raises:
+      ValueError: ``path`` is not a meta-training checkpoint.
+    """
+    try:
+        metadata = checkpoint.read_metadata(path)
+        _check_writer(path, metadata)
+    except checkpoint.CheckpointError as error:
+        raise ValueError(f"lopt.train.stored_optimizer: {path} is not a meta-training checkpoint "
+                         f"({error.reason})") from None
+    return str(metadata.get("optimizer"))
+
+
 def load_checkpoint(path: str | os.PathLike, kind: type = MetaTrainState) -> MetaTrainState:
-    """Read a checkpoint written by :func:`save_checkpoint` (a file this program wrote) holding
-    a ``kind`` (a state with ``meta`` and ``outer_state``)."""
+    """Read a checkpoint written by :func:`save_checkpoint` holding a ``kind`` (a state with
+    ``meta``, ``outer_state`` and ``checkpoint_template``), checked against and rebuilt on the
+    state's template."""
     state = read_checkpoint(path)
     if not isinstance(state, kind):
         raise ValueError(f"lopt.train.load_checkpoint: {path} does not hold a {kind.__name__}")
-    return state._replace(meta=jax.tree_util.tree_map(jnp.asarray, state.meta),
-                          outer_state=jax.tree_util.tree_map(jnp.asarray, state.outer_state))
+    try:
+        state, _ = checkpoint.load(path, like=state.checkpoint_template())
+    except checkpoint.CheckpointError as error:
+        raise ValueError(f"lopt.train.load_checkpoint: {path} holds a {kind.__name__} this "
+                         f"version cannot resume ({error.reason})") from None
+    return state
 
 
 def final_metadata(state: MetaTrainState) -> dict:
@@ -519,23 +555,34 @@ def changed_options(stored: Any, requested: Any, done: int) -> list[str]:
     return changed
 
 
-def _stored_run(out: Path, checkpoint_name: str, parser: argparse.ArgumentParser):
-    """``(path, state)`` of the checkpoint in ``out`` (this trainer's first), or ``None``."""
+def _stored_run(out: Path, checkpoint_name: str, config: Any,
+                parser: argparse.ArgumentParser):
+    """``(path, state)`` of this trainer's checkpoint in ``out``, or ``None``. A folder with the
+    other trainer's run (whose classes may not be imported) or with bilevel 0.1.0's pickled
+    checkpoint (never unpickled) is refused here."""
+    for name in PICKLED_CHECKPOINT_NAMES:
+        if (out / name).is_file():
+            parser.error(f"--out: {out / name} was written by an older bilevel (pickle); rerun "
+                         f"with --overwrite, or use bilevel<=0.1.0 to finish it")
     names = (checkpoint_name,) + tuple(n for n in (CHECKPOINT_NAME, VELO_CHECKPOINT_NAME)
                                        if n != checkpoint_name)
     for path in (out / name for name in names):
         if path.is_file():
             try:
-                return path, read_checkpoint(path)
+                if path.name == checkpoint_name:
+                    return path, read_checkpoint(path)
+                there = stored_optimizer(path)
             except ValueError as error:
                 parser.error(f"--out: {str(error).split(': ', 1)[1]}; use --overwrite to start "
                              f"afresh, or another --out")
+            _refuse(parser, out, f"a run with other options (--optimizer {there} there, "
+                                 f"{_optimizer(config)} here)")
     return None
 
 
 def _remove_run(out: Path) -> list[str]:
     removed = []
-    for name in (CHECKPOINT_NAME, VELO_CHECKPOINT_NAME) + OUTPUTS:
+    for name in (CHECKPOINT_NAME, VELO_CHECKPOINT_NAME, *PICKLED_CHECKPOINT_NAMES) + OUTPUTS:
         if (out / name).is_file():
             (out / name).unlink()
             removed.append(name)
@@ -563,7 +610,7 @@ def start_state(args: argparse.Namespace, parser: argparse.ArgumentParser, confi
         if removed:
             print(f"--overwrite: removed {', '.join(removed)} from {out}; starting afresh")
         return Start()
-    stored = _stored_run(out, checkpoint_name, parser)
+    stored = _stored_run(out, checkpoint_name, config, parser)
     if stored is None:
         if args.resume:
             parser.error(f"--resume: no checkpoint at {out / checkpoint_name}")
@@ -582,8 +629,13 @@ def start_state(args: argparse.Namespace, parser: argparse.ArgumentParser, confi
         return Start(finished=True)
     raised = (f"; --steps raised from {state.config.steps}" if config.steps > state.config.steps
               else "")
+    try:
+        state = load_checkpoint(path, type(state))
+    except ValueError as error:
+        parser.error(f"--out: {str(error).split(': ', 1)[1]}; use --overwrite to start afresh, "
+                     f"or another --out")
     print(f"resuming from step {state.step} of {config.steps} ({path}{raised})")
-    return Start(load_checkpoint(path, type(state))._replace(config=config))
+    return Start(state._replace(config=config))
 
 
 def check_task_data(config: Any, parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import distributed
+from bilevel import checkpoint, distributed
 from bilevel.lopt import optimizers, tasks, train, velo
 
 PyTree = Any
@@ -114,6 +114,15 @@ class VeLOTrainState(NamedTuple):
     outer_state: PyTree
     history: tuple[dict, ...]
     seconds: float
+
+    def checkpoint_template(self) -> VeLOTrainState:
+        """This state with a fresh outer-optimizer state: the template
+        :func:`load_checkpoint` reads a checkpoint on (optax's classes come from optax)."""
+        return self._replace(outer_state=outer_optimizer(self.config).init(self.meta))
+
+
+checkpoint.register(VeLOTrainState)
+checkpoint.register(VeLOTrainConfig)
 
 
 # Keys, the horizon curriculum and the task pool are lopt.train's: they read only the seed,
@@ -246,7 +255,7 @@ def velo_train(state: VeLOTrainState, on_step: Callable[[VeLOTrainState, dict], 
     return train.meta_train(state, on_step, step=velo_train_step)
 
 
-#: Atomic checkpoints, shared with the other meta-trainers.
+#: Atomic checkpoints (:mod:`bilevel.checkpoint`), shared with the other meta-trainers.
 save_checkpoint = train.save_checkpoint
 
 
