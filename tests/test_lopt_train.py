@@ -42,6 +42,21 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert moved > 0
 
 
+@pytest.mark.parametrize("estimator", ["mixflow", "pes"])
+def test_checkpoint_rebuilds_every_class_of_the_state(tmp_path, estimator):
+    """Slots hold FamilyMembers, LOptStates and (PES) PESStates, the outer state optax's classes:
+    all come back as themselves, so the resumed run's pytrees are the ones it was compiled on."""
+    config = dataclasses.replace(TINY, estimator=estimator, population=2)
+    state = train.init_meta_train(config)
+    train.save_checkpoint(tmp_path / "c.npz", state)
+    loaded = train.load_checkpoint(tmp_path / "c.npz")
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(state)
+    assert loaded.config == config and type(loaded.slots[0].member) is type(state.slots[0].member)
+    _leaves_equal(state, loaded)
+    assert bilevel.checkpoint.read_metadata(tmp_path / "c.npz") == {
+        "writer": "bilevel lopt train", "optimizer": "star", "step": 0}
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """As ``bilevel``'s own parser: a usage error is one ``prog: error: ...`` line."""
 
