@@ -48,7 +48,7 @@ _EXPORTS = {
     "SolveError": "hvp.checks",
     "SolveWarning": "hvp.checks",
 }
-_SUBMODULES = ("distributed",)
+_SUBMODULES = ("checkpoint", "distributed")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
