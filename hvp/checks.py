@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import math
 import sys
 import warnings
@@ -313,3 +314,53 @@ def real_scalar(where: str, name: str, value: Any, minimum: float | None = None)
     if concrete is not None and minimum is not None and not concrete >= minimum:
         raise ValueError(f"{where}: {name} must be >= {minimum:g}, got {concrete}")
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# Renamed arguments and attributes: old names keep working, with a DeprecationWarning.
+
+
+def warn_deprecated(message: str) -> None:
+    """A ``DeprecationWarning`` attributed to the user's line that called into the library."""
+    location = user_location()
+    warnings.warn_explicit(message, DeprecationWarning, location.filename, location.lineno,
+                           module=location.module, registry=location.registry)
+
+
+def accepts_renamed(where: str, **renames: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fun`` still accepts the old keyword of each ``old=new`` rename.
+
+    An old keyword is passed on under its new name with a ``DeprecationWarning``; giving the old
+    and the new name together (by keyword or position) is a ``TypeError``. The signature shown
+    (``inspect.signature``) is ``fun``'s own, with the new names only.
+    """
+
+    def decorate(fun: Callable) -> Callable:
+        position = {new: list(inspect.signature(fun).parameters).index(new)
+                    for new in renames.values()}
+
+        @functools.wraps(fun)
+        def wrapper(*args, **kwargs):
+            for old, new in renames.items():
+                if old not in kwargs:
+                    continue
+                if new in kwargs or len(args) > position[new]:
+                    raise TypeError(f"{where}: got both {old}= (its old name) and {new}=; "
+                                    f"pass {new}= only")
+                warn_deprecated(f"{where}: {old}= is deprecated, use {new}=")
+                kwargs[new] = kwargs.pop(old)
+            return fun(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def renamed_attribute(where: str, old: str, new: str) -> property:
+    """A read-only property ``old`` that returns ``self.new`` with a ``DeprecationWarning``."""
+
+    def read(self):
+        warn_deprecated(f"{where}.{old} is deprecated, use .{new}")
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated: the old name of ``{new}``.")

@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from hvp import checks as _checks
 from hvp.operators import LinearOperator
 
 
@@ -38,20 +40,25 @@ def _random_unit(key: jax.Array, n: int, dtype) -> jax.Array:
     return v / jnp.linalg.norm(v)
 
 
-def power_iteration(operator: LinearOperator, num_iters: int = 20,
+def _check_maxiter(where: str, maxiter: int) -> None:
+    if isinstance(maxiter, bool) or not isinstance(maxiter, int | np.integer) or maxiter < 1:
+        raise ValueError(f"{where}: maxiter must be an integer >= 1, got {maxiter!r}")
+
+
+@_checks.accepts_renamed("hvp.power_iteration", num_iters="maxiter")
+def power_iteration(operator: LinearOperator, maxiter: int = 20,
                     key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Estimate the eigenvalue of largest magnitude by power iteration.
 
     Args:
       operator: a :class:`hvp.LinearOperator` (symmetric).
-      num_iters: number of products (>= 1).
+      maxiter: number of products (>= 1); ``num_iters=`` is its deprecated name.
       key: PRNG key for the start vector; ``None`` means ``jax.random.key(0)``.
 
     Returns:
       ``(eigenvalue, vector)``: the Rayleigh quotient (with its sign) and the flat unit vector.
     """
-    if num_iters < 1:
-        raise ValueError(f"hvp.power_iteration: num_iters must be >= 1, got {num_iters}")
+    _check_maxiter("hvp.power_iteration", maxiter)
     key = jax.random.key(0) if key is None else key
     v = _random_unit(key, operator.size, operator.dtype)
 
@@ -62,17 +69,19 @@ def power_iteration(operator: LinearOperator, num_iters: int = 20,
         norm = jnp.linalg.norm(av)
         return jnp.where(norm > 0, av / jnp.where(norm > 0, norm, 1.0), v), rayleigh
 
-    v, rayleigh = jax.lax.fori_loop(0, num_iters, step, (v, jnp.zeros((), v.dtype)))
+    v, rayleigh = jax.lax.fori_loop(0, maxiter, step, (v, jnp.zeros((), v.dtype)))
     return rayleigh, v
 
 
-def lanczos(operator: LinearOperator, num_iters: int, key: jax.Array | None = None
+@_checks.accepts_renamed("hvp.lanczos", num_iters="maxiter")
+def lanczos(operator: LinearOperator, maxiter: int, key: jax.Array | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Lanczos tridiagonalisation with full reorthogonalisation.
 
     Args:
       operator: a symmetric :class:`hvp.LinearOperator` of size n.
-      num_iters: Krylov dimension k (clipped to n).
+      maxiter: Krylov dimension k (products spent, clipped to n); ``num_iters=`` is its
+        deprecated name.
       key: PRNG key for the start vector; ``None`` means ``jax.random.key(0)``.
 
     Returns:
@@ -80,10 +89,9 @@ def lanczos(operator: LinearOperator, num_iters: int, key: jax.Array | None = No
       ``j`` and ``j+1``; the last is the residual norm) and the orthonormal basis (k, n). After an
       invariant subspace is found (``beta ≈ 0``) the remaining entries are zero.
     """
-    if num_iters < 1:
-        raise ValueError(f"hvp.lanczos: num_iters must be >= 1, got {num_iters}")
+    _check_maxiter("hvp.lanczos", maxiter)
     n = operator.size
-    k = min(num_iters, n)
+    k = min(maxiter, n)
     dtype = operator.dtype
     key = jax.random.key(0) if key is None else key
     basis = jnp.zeros((k, n), dtype).at[0].set(_random_unit(key, n, dtype))
@@ -113,7 +121,8 @@ def lanczos(operator: LinearOperator, num_iters: int, key: jax.Array | None = No
     return alphas, betas, basis
 
 
-def extreme_eigenvalues(operator: LinearOperator, num_iters: int = 30,
+@_checks.accepts_renamed("hvp.extreme_eigenvalues", num_iters="maxiter")
+def extreme_eigenvalues(operator: LinearOperator, maxiter: int = 30,
                         key: jax.Array | None = None) -> Spectrum:
     """Lanczos estimates of the smallest and largest eigenvalues of a symmetric operator.
 
@@ -122,7 +131,8 @@ def extreme_eigenvalues(operator: LinearOperator, num_iters: int = 30,
 
     Args:
       operator: a symmetric :class:`hvp.LinearOperator`.
-      num_iters: Krylov dimension (products spent), clipped to the operator size.
+      maxiter: Krylov dimension (products spent), clipped to the operator size;
+        ``num_iters=`` is its deprecated name.
       key: PRNG key for the start vector; ``None`` means ``jax.random.key(0)``.
 
     Returns:
@@ -130,7 +140,7 @@ def extreme_eigenvalues(operator: LinearOperator, num_iters: int = 30,
 
     Reference: Lanczos 1950; Golub & Van Loan, Matrix Computations, ch. 10.
     """
-    alphas, betas, _ = lanczos(operator, num_iters, key)
+    alphas, betas, _ = lanczos(operator, maxiter, key)
     k = alphas.shape[0]
     # Rows past an invariant subspace are padded with alpha_0, which lies inside the spectrum of
     # the leading block, so the extreme Ritz values are unchanged.
