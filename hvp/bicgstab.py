@@ -1,25 +1,24 @@
 """BiCGStab: Krylov solves of non-symmetric systems in two products per iteration.
 
-Written against the public solver protocol (:class:`hvp.AbstractSolver`) only: it is what a
-new solver looks like, and registering it puts it in :data:`hvp.SOLVERS` and, from there, in
-every entry point that lists solvers.
+Written against the public solver protocol (:class:`hvp.AbstractSolver`, here through
+:class:`hvp.solvers.KrylovSolver`, which holds the fields, checks and budget rule the Krylov
+solvers share) only: it is what a new solver looks like, and registering it puts it in
+:data:`hvp.SOLVERS` and, from there, in every entry point that lists solvers.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from hvp.solvers import (
-    AbstractSolver,
     Flat,
     FlatProblem,
+    KrylovSolver,
     SolveInfo,
     Status,
-    check_positive_int,
-    check_tolerance,
     finish,
     register,
     start_point,
@@ -32,7 +31,7 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 @register("bicgstab")
-class BiCGStab(AbstractSolver):
+class BiCGStab(KrylovSolver):
     """Right-preconditioned BiCGStab, for any square operator (van der Vorst 1992).
 
     For operators that are not exactly symmetric, where CG and MINRES assume what is not so:
@@ -42,25 +41,10 @@ class BiCGStab(AbstractSolver):
     iteration, and the true residual decides the status (``STAGNATED`` if it missed ``tol``).
     """
 
-    maxiter: int = 100
-    tol: float = 1e-6
-    accepts_preconditioner: ClassVar[bool] = True
-    accepts_init: ClassVar[bool] = True
     symmetric_only: ClassVar[bool] = False
+    products_per_iteration: ClassVar[int] = 2
     budget_rule: ClassVar[str] = ("maxiter = max((budget-1)//2, 1) (two products each); "
                                   "hvp_count = 2 * maxiter + 1")
-
-    @classmethod
-    def from_budget(cls, budget: int, **options: Any) -> BiCGStab:
-        return cls(**{"maxiter": max((budget - 1) // 2, 1), "tol": 0.0, **options})
-
-    @classmethod
-    def hvps_at_budget(cls, budget: int) -> int:
-        return 2 * max((budget - 1) // 2, 1) + 1
-
-    def __post_init__(self):
-        check_positive_int(self, "maxiter")
-        check_tolerance(self)
 
     def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         mv, precondition, b = problem.matvec, problem.precondition, problem.b

@@ -4,6 +4,8 @@ Every check runs on shapes and dtypes only (``jax.eval_shape``), so a bad call f
 tracing with a message naming the function, the argument, what was found and what was expected.
 :func:`report_failure` is how every solve and hypergradient honours ``on_failure``: a
 :class:`SolveWarning` attributed to the user's calling line, or a :class:`SolveError`.
+:func:`accepts_renamed` and :func:`renamed_attribute` keep a renamed argument or attribute
+working under its old name, with a ``DeprecationWarning`` attributed the same way.
 """
 
 from __future__ import annotations

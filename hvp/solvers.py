@@ -188,7 +188,14 @@ class AbstractSolver:
       ``needs_positive_definite`` (CG, Neumann, LiSSA), ``stationary_iteration`` (Neumann,
       LiSSA: the error shrinks by ``1 − α λ_min`` per product, so an ill-conditioned operator
       needs about κ products) and ``approximation`` (Identity, Nyström, LiSSA: not an exact
-      solve however large the budget).
+      solve however large the budget);
+    * optionally ``renamed_fields``, old field name -> new name: :func:`register` makes the
+      constructor (and so :func:`make_solver`) accept the old keyword and the instance answer
+      the old attribute, each with a ``DeprecationWarning``.
+
+    :class:`IterationBudget` implements ``from_budget`` / ``hvps_at_budget`` for solvers whose
+    budget sets ``maxiter``; :class:`KrylovSolver` and :class:`NeumannSeries` add what the
+    Krylov solvers, and the Neumann-series solvers, share.
     """
 
     accepts_preconditioner: ClassVar[bool] = False
@@ -201,6 +208,8 @@ class AbstractSolver:
     name: ClassVar[str] = ""
     #: How :meth:`from_budget` turns a budget into settings, one line.
     budget_rule: ClassVar[str] = ""
+    #: Old field name -> its new name, still accepted (see :func:`register`).
+    renamed_fields: ClassVar[dict[str, str]] = {}
 
     def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:  # pragma: no cover
         raise NotImplementedError
@@ -222,7 +231,11 @@ SOLVERS: dict[str, type[AbstractSolver]] = {}
 
 
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make ``cls`` a frozen dataclass and enter it in :data:`SOLVERS`."""
+    """Class decorator: make ``cls`` a frozen dataclass and enter it in :data:`SOLVERS`.
+
+    Each of ``cls.renamed_fields`` (old -> new) stays a keyword of the constructor and a
+    read-only attribute, both with a ``DeprecationWarning``.
+    """
     if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
         raise ValueError(f"hvp.register: name must be a lower-case identifier, got {name!r}")
 
@@ -231,10 +244,19 @@ def register(name: str) -> Callable[[type], type]:
             raise ValueError(f"hvp.register: a solver named {name!r} exists ({SOLVERS[name]})")
         cls = dataclasses.dataclass(frozen=True)(cls)
         cls.name = name
+        _keep_old_names(cls)
         SOLVERS[name] = cls
         return cls
 
     return decorate
+
+
+def _keep_old_names(cls: type) -> None:
+    where = f"hvp.{cls.__name__}"
+    if cls.renamed_fields:
+        cls.__init__ = _checks.accepts_renamed(where, **cls.renamed_fields)(cls.__init__)
+    for old, new in cls.renamed_fields.items():
+        setattr(cls, old, _checks.renamed_attribute(where, old, new))
 
 
 def make_solver(name: str, budget: int | None = None, **options: Any) -> AbstractSolver:
@@ -248,7 +270,7 @@ def make_solver(name: str, budget: int | None = None, **options: Any) -> Abstrac
         raise ValueError(f"{where}: unknown solver {name!r}; choose from {tuple(SOLVERS)}")
     cls = SOLVERS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - fields)
+    unknown = sorted(set(options) - fields - set(cls.renamed_fields))
     if unknown:
         raise TypeError(f"{where}: {cls.__name__} has no option {', '.join(unknown)}; its "
                         f"fields are {', '.join(sorted(fields)) or 'none'}")
@@ -259,9 +281,43 @@ def make_solver(name: str, budget: int | None = None, **options: Any) -> Abstrac
     return cls.from_budget(int(budget), **options)
 
 
-def _iterations(budget: int) -> int:
-    """Iterations of one product each that leave one product for the residual check."""
-    return max(budget - 1, 1)
+class IterationBudget(AbstractSolver):
+    """``from_budget`` / ``hvps_at_budget`` for a solver whose budget sets ``maxiter``.
+
+    Each iteration spends ``products_per_iteration`` products; a Krylov solver
+    (``check_in_budget``) leaves one product of the budget for the final residual check, a
+    series spends the whole budget and the check comes on top. At least one iteration runs.
+    """
+
+    products_per_iteration: ClassVar[int] = 1
+    check_in_budget: ClassVar[bool] = True
+
+    @classmethod
+    def maxiter_at_budget(cls, budget: int) -> int:
+        spendable = budget - 1 if cls.check_in_budget else budget
+        return max(spendable // cls.products_per_iteration, 1)
+
+    @classmethod
+    def from_budget(cls, budget: int, **options: Any) -> AbstractSolver:
+        return cls(**{"maxiter": cls.maxiter_at_budget(budget), "tol": 0.0, **options})
+
+    @classmethod
+    def hvps_at_budget(cls, budget: int) -> int:
+        return cls.products_per_iteration * cls.maxiter_at_budget(budget) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KrylovSolver(IterationBudget):
+    """The fields and flags CG, MINRES, GMRES and BiCGStab share; subclasses add their own."""
+
+    maxiter: int = 100
+    tol: float = 1e-6
+    accepts_preconditioner: ClassVar[bool] = True
+    accepts_init: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_positive_int(self, "maxiter")
+        check_tolerance(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +357,7 @@ def _refined(iterate: Callable, problem: FlatProblem, maxiter: int, tol: float
 
 
 @register("cg")
-class CG(AbstractSolver):
+class CG(KrylovSolver):
     """Preconditioned conjugate gradients, for symmetric positive-definite operators.
 
     Stops when the true residual ``||b − Ax|| <= tol ||b||``, after ``maxiter`` iterations, or on
@@ -309,25 +365,8 @@ class CG(AbstractSolver):
     iterate before it is returned). Reference: Hestenes & Stiefel 1952.
     """
 
-    maxiter: int = 100
-    tol: float = 1e-6
-    accepts_preconditioner: ClassVar[bool] = True
-    accepts_init: ClassVar[bool] = True
-
     needs_positive_definite: ClassVar[bool] = True
     budget_rule: ClassVar[str] = "maxiter = max(budget-1, 1); hvp_count = maxiter + 1 (the check)"
-
-    @classmethod
-    def from_budget(cls, budget: int, **options: Any) -> CG:
-        return cls(**{"maxiter": _iterations(budget), "tol": 0.0, **options})
-
-    @classmethod
-    def hvps_at_budget(cls, budget: int) -> int:
-        return _iterations(budget) + 1
-
-    def __post_init__(self):
-        check_positive_int(self, "maxiter")
-        check_tolerance(self)
 
     def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         # One loop, one product per iteration: either a CG step (A p) or a check of the true
@@ -385,7 +424,7 @@ class CG(AbstractSolver):
 
 
 @register("minres")
-class MINRES(AbstractSolver):
+class MINRES(KrylovSolver):
     """Minimum-residual method for symmetric, possibly indefinite, operators.
 
     Hessians away from a minimum are indefinite; MINRES minimises ``||b − A x||`` over the Krylov
@@ -393,24 +432,7 @@ class MINRES(AbstractSolver):
     Reference: Paige & Saunders 1975; the recurrences follow SciPy's ``minres``.
     """
 
-    maxiter: int = 100
-    tol: float = 1e-6
-    accepts_preconditioner: ClassVar[bool] = True
-    accepts_init: ClassVar[bool] = True
-
     budget_rule: ClassVar[str] = "maxiter = max(budget-1, 1); hvp_count = maxiter + 1 (the check)"
-
-    @classmethod
-    def from_budget(cls, budget: int, **options: Any) -> MINRES:
-        return cls(**{"maxiter": _iterations(budget), "tol": 0.0, **options})
-
-    @classmethod
-    def hvps_at_budget(cls, budget: int) -> int:
-        return _iterations(budget) + 1
-
-    def __post_init__(self):
-        check_positive_int(self, "maxiter")
-        check_tolerance(self)
 
     def _iterate(self, mv, precondition, b_norm, x, r1, budget):
         dtype = r1.dtype
@@ -470,7 +492,7 @@ class MINRES(AbstractSolver):
 
 
 @register("gmres")
-class GMRES(AbstractSolver):
+class GMRES(KrylovSolver):
     """Restarted GMRES(m) with right preconditioning, for general (also non-symmetric) operators.
 
     Each cycle builds an m-dimensional Krylov basis (``restart`` products), solves the small
@@ -478,11 +500,7 @@ class GMRES(AbstractSolver):
     is rounded up to whole cycles. Reference: Saad & Schultz 1986.
     """
 
-    maxiter: int = 100
-    tol: float = 1e-6
     restart: int = 20
-    accepts_preconditioner: ClassVar[bool] = True
-    accepts_init: ClassVar[bool] = True
 
     symmetric_only: ClassVar[bool] = False
     budget_rule: ClassVar[str] = ("cycles = ceil(budget/21), restart = max(budget//cycles - 1, 1); "
@@ -505,9 +523,8 @@ class GMRES(AbstractSolver):
         return cycles * (restart + 1)
 
     def __post_init__(self):
-        check_positive_int(self, "maxiter")
+        super().__post_init__()
         check_positive_int(self, "restart")
-        check_tolerance(self)
 
     def _cycle(self, mv, precondition, x, r):
         m = self.restart
@@ -559,23 +576,6 @@ class GMRES(AbstractSolver):
 # Series and approximations.
 
 
-def _step_size(alpha: float | None, problem: FlatProblem, power_iters: int
-               ) -> tuple[jax.Array, int]:
-    """A Neumann step ``α`` and the products spent choosing it.
-
-    With ``alpha=None``, ``α = 1 / |λ̂|`` from power iteration on the preconditioned operator: a
-    power-iteration estimate approaches ``λ_max`` from below, so ``α`` stays under ``2/λ_max``
-    as long as the estimate exceeds ``λ_max / 2``.
-    """
-    if alpha is not None:
-        return jnp.asarray(alpha, problem.b.dtype), 0
-    preconditioned = _FlatOperator(lambda v: problem.matvec(problem.precondition(v)),
-                                   problem.b.shape[0], problem.b.dtype)
-    estimate, _ = power_iteration(preconditioned, power_iters, jax.random.fold_in(problem.key, 1))
-    estimate = jnp.abs(estimate)
-    return jnp.where(estimate > 0, 1.0 / estimate, jnp.nan), power_iters
-
-
 class _FlatOperator(LinearOperator):
     def __init__(self, matvec, n, dtype):
         self._matvec, self.structure = matvec, jax.ShapeDtypeStruct((n,), dtype)
@@ -584,8 +584,44 @@ class _FlatOperator(LinearOperator):
         return self._matvec(vector)
 
 
+class NeumannSeries(IterationBudget):
+    """What the Neumann-series solvers (Neumann, LiSSA) share: a step ``α`` from power
+    iteration, divergence checks, and a budget of ``maxiter`` terms with the check on top.
+
+    A subclass declares the fields ``maxiter``, ``alpha``, ``power_maxiter`` and
+    ``divergence`` (in its own order) and checks its other fields after ``super()``'s.
+    """
+
+    needs_positive_definite: ClassVar[bool] = True
+    stationary_iteration: ClassVar[bool] = True
+    check_in_budget: ClassVar[bool] = False
+    renamed_fields: ClassVar[dict[str, str]] = {"power_iters": "power_maxiter"}
+
+    def __post_init__(self):
+        check_positive_int(self, "maxiter")
+        check_positive_int(self, "power_maxiter")
+        check_positive_or_none(self, "alpha")
+        check_positive_or_none(self, "divergence")
+
+    def step_size(self, problem: FlatProblem) -> tuple[jax.Array, int]:
+        """The step ``α`` and the products spent choosing it.
+
+        With ``alpha=None``, ``α = 1 / |λ̂|`` from power iteration on the preconditioned
+        operator: a power-iteration estimate approaches ``λ_max`` from below, so ``α`` stays
+        under ``2/λ_max`` as long as the estimate exceeds ``λ_max / 2``.
+        """
+        if self.alpha is not None:
+            return jnp.asarray(self.alpha, problem.b.dtype), 0
+        preconditioned = _FlatOperator(lambda v: problem.matvec(problem.precondition(v)),
+                                       problem.b.shape[0], problem.b.dtype)
+        estimate, _ = power_iteration(preconditioned, self.power_maxiter,
+                                      jax.random.fold_in(problem.key, 1))
+        estimate = jnp.abs(estimate)
+        return jnp.where(estimate > 0, 1.0 / estimate, jnp.nan), self.power_maxiter
+
+
 @register("neumann")
-class Neumann(AbstractSolver):
+class Neumann(NeumannSeries):
     """Truncated Neumann series ``H⁻¹b ≈ α Σ_{j<K} (I − αH)^j b`` (Lorraine et al. 2020).
 
     Run as Richardson iteration ``x ← x + αP(b − Ax)``, which is the same series; ``maxiter`` K is
@@ -594,9 +630,10 @@ class Neumann(AbstractSolver):
 
     Fields:
       maxiter: series terms K.
-      alpha: step α; ``None`` picks ``1/|λ̂|`` from ``power_iters`` steps of power iteration.
+      alpha: step α; ``None`` picks ``1/|λ̂|`` from ``power_maxiter`` steps of power iteration.
       tol: relative residual counted as converged (the loop also stops there).
-      power_iters: products spent estimating ``λ_max`` when ``alpha`` is None.
+      power_maxiter: power-iteration products spent estimating ``λ_max`` when ``alpha`` is
+        None (``power_iters`` is its deprecated name).
       divergence: stop, reporting ``DIVERGED``, once ``||r||`` exceeds ``divergence`` times the
         starting residual (``||b||``, or a warm start's if larger). On an SPD operator with a
         convergent step the residual never grows, so the default 1 flags any growth.
@@ -605,34 +642,20 @@ class Neumann(AbstractSolver):
     maxiter: int = 50
     alpha: float | None = None
     tol: float = 1e-6
-    power_iters: int = 20
+    power_maxiter: int = 20
     divergence: float = 1.0
     accepts_preconditioner: ClassVar[bool] = True
     accepts_init: ClassVar[bool] = True
-
-    needs_positive_definite: ClassVar[bool] = True
-    stationary_iteration: ClassVar[bool] = True
     budget_rule: ClassVar[str] = ("maxiter = budget terms; hvp_count = budget + 1 (the check), "
-                                  "plus power_iters when alpha is None")
-
-    @classmethod
-    def from_budget(cls, budget: int, **options: Any) -> Neumann:
-        return cls(**{"maxiter": budget, "tol": 0.0, **options})
-
-    @classmethod
-    def hvps_at_budget(cls, budget: int) -> int:
-        return budget + 1
+                                  "plus power_maxiter when alpha is None")
 
     def __post_init__(self):
-        check_positive_int(self, "maxiter")
-        check_positive_or_none(self, "alpha")
+        super().__post_init__()
         check_tolerance(self)
-        check_positive_int(self, "power_iters")
-        check_positive_or_none(self, "divergence")
 
     def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         mv, b, precondition = problem.matvec, problem.b, problem.precondition
-        alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
+        alpha, spent_alpha = self.step_size(problem)
         x, r, spent = start_point(problem)
         # Divergence is growth past the start: ||b|| from zero, or a warm start's own residual.
         start_residual = jnp.linalg.norm(r)
@@ -657,7 +680,7 @@ class Neumann(AbstractSolver):
 
 
 @register("lissa")
-class LiSSA(AbstractSolver):
+class LiSSA(NeumannSeries):
     """LiSSA: the Neumann series with a fresh minibatch Hessian per term (Agarwal et al. 2017).
 
     ``v_0 = b``, ``v_j = b + (I − α H_j) v_{j−1}``, ``x = α v_K``, where ``H_j`` is the operator on
@@ -671,7 +694,8 @@ class LiSSA(AbstractSolver):
       alpha: step (``1/scale`` in the paper); ``None`` means ``1/|λ̂|`` of the full operator.
       tol: relative residual below which the estimate counts as converged; the default 1 asks
         only that it beats ``x = 0``, else ``Status.INACCURATE``; ``None`` checks finiteness only.
-      power_iters: products for the ``λ_max`` estimate when ``alpha`` is None.
+      power_maxiter: products for the ``λ_max`` estimate when ``alpha`` is None
+        (``power_iters`` is its deprecated name).
       divergence: the series is reported ``DIVERGED`` once ``||r|| > divergence · ||b||``.
       seed: seed of the default key; pass ``key=`` to :func:`solve` to override.
     """
@@ -681,30 +705,19 @@ class LiSSA(AbstractSolver):
     num_samples: int = 1
     alpha: float | None = None
     tol: float | None = 1.0
-    power_iters: int = 20
+    power_maxiter: int = 20
     divergence: float = 1.0
     seed: int = 0
 
     approximation: ClassVar[bool] = True
-    needs_positive_definite: ClassVar[bool] = True
-    stationary_iteration: ClassVar[bool] = True
     budget_rule: ClassVar[str] = ("maxiter = budget minibatch products; hvp_count = budget + 1 "
-                                  "(the check), plus power_iters when alpha is None")
-
-    @classmethod
-    def from_budget(cls, budget: int, **options: Any) -> LiSSA:
-        return cls(**{"maxiter": budget, "tol": 0.0, **options})
-
-    @classmethod
-    def hvps_at_budget(cls, budget: int) -> int:
-        return budget + 1
+                                  "(the check), plus power_maxiter when alpha is None")
 
     def __post_init__(self):
-        for name in ("maxiter", "batch_size", "num_samples", "power_iters"):
-            check_positive_int(self, name)
-        check_positive_or_none(self, "alpha")
+        super().__post_init__()
+        check_positive_int(self, "batch_size")
+        check_positive_int(self, "num_samples")
         check_tolerance(self, allow_none=True)
-        check_positive_or_none(self, "divergence")
 
     def check_operator(self, operator: LinearOperator) -> None:
         if getattr(operator, "batch_argnums", None) is None:
@@ -714,7 +727,7 @@ class LiSSA(AbstractSolver):
 
     def solve_flat(self, problem: FlatProblem) -> tuple[Flat, SolveInfo]:
         operator, b = problem.operator, problem.b
-        alpha, spent_alpha = _step_size(self.alpha, problem, self.power_iters)
+        alpha, spent_alpha = self.step_size(problem)
 
         def chain(key):
             def step(v, key_j):

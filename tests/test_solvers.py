@@ -84,7 +84,7 @@ def test_hvp_counts_are_exact():
     assert (int(info.iterations), int(info.hvp_count)) == (5, 6)  # + the residual check
     _, info = hvp.solve(op, b, hvp.Neumann(maxiter=7, alpha=0.05, tol=0.0))
     assert (int(info.iterations), int(info.hvp_count)) == (7, 8)
-    _, info = hvp.solve(op, b, hvp.Neumann(maxiter=7, tol=0.0, power_iters=4))
+    _, info = hvp.solve(op, b, hvp.Neumann(maxiter=7, tol=0.0, power_maxiter=4))
     assert int(info.hvp_count) == 7 + 4 + 1
     _, info = hvp.solve(op, b, hvp.Identity())
     assert int(info.hvp_count) == 1
