@@ -8,9 +8,10 @@ can be passed through ``jit`` and ``vmap`` like arrays.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,38 @@ def _subsample_args(args: tuple, batch_argnums: tuple[int, ...], key: jax.Array,
                  for i, a in enumerate(args))
 
 
-class HessianOperator(LinearOperator):
+class _Curvature(LinearOperator):
+    """A damped curvature matrix of a loss at ``params`` on data (the Hessian, the GGN).
+
+    A subclass has the fields ``params``, ``damping`` and ``batch_argnums``, names its tuples
+    of data arguments in ``data_fields`` (``batch_argnums`` index them taken as one tuple, in
+    that order) and defines ``undamped_mv``.
+    """
+
+    builder: ClassVar[str]  #: the function that builds it, for messages
+    data_fields: ClassVar[tuple[str, ...]]
+
+    @property
+    def structure(self) -> PyTree:
+        return _structure_of(self.params)
+
+    def mv(self, vector: PyTree) -> PyTree:
+        return _add_damping(self.undamped_mv(vector), vector, self.damping)
+
+    def subsample(self, key: jax.Array, batch_size: int) -> _Curvature:
+        """The same operator on a random minibatch of the ``batch_argnums`` arguments."""
+        where = f"{type(self).__name__}.subsample"
+        if self.batch_argnums is None:
+            raise ValueError(f"{where}: build the operator with {self.builder}(..., "
+                             f"batch_argnums=(i, ...)) naming the data arguments")
+        data = [getattr(self, name) for name in self.data_fields]
+        picked = _subsample_args(sum(data, ()), self.batch_argnums, key, batch_size, where)
+        ends = itertools.accumulate(len(args) for args in data)
+        return dataclasses.replace(self, **{name: picked[end - len(args):end] for name, args, end
+                                            in zip(self.data_fields, data, ends, strict=True)})
+
+
+class HessianOperator(_Curvature):
     """``v ↦ ∇²_θ fun(θ, *args) v + damping · v``; build it with :func:`hessian`."""
 
     fun: Callable
@@ -124,30 +156,18 @@ class HessianOperator(LinearOperator):
     damping: Any
     mode: str
     batch_argnums: tuple[int, ...] | None
+    builder: ClassVar[str] = "hvp.hessian"
+    data_fields: ClassVar[tuple[str, ...]] = ("args",)
 
-    @property
-    def structure(self) -> PyTree:
-        return _structure_of(self.params)
-
-    def mv(self, vector: PyTree) -> PyTree:
-        product = _hvp_unchecked(self.fun, self.params, vector, self.args, self.mode)
-        return _add_damping(product, vector, self.damping)
-
-    def subsample(self, key: jax.Array, batch_size: int) -> HessianOperator:
-        """The same operator on a random minibatch of the ``batch_argnums`` arguments."""
-        if self.batch_argnums is None:
-            raise ValueError("HessianOperator.subsample: build the operator with "
-                             "hvp.hessian(..., batch_argnums=(i, ...)) naming the data arguments")
-        args = _subsample_args(self.args, self.batch_argnums, key, batch_size,
-                               "HessianOperator.subsample")
-        return dataclasses.replace(self, args=args)
+    def undamped_mv(self, vector: PyTree) -> PyTree:
+        return _hvp_unchecked(self.fun, self.params, vector, self.args, self.mode)
 
 
 HessianOperator = _register(HessianOperator, ["params", "args", "damping"],
                             ["fun", "mode", "batch_argnums"])
 
 
-class GGNOperator(LinearOperator):
+class GGNOperator(_Curvature):
     """``v ↦ Jᵀ ∇²ℓ J v + damping · v``; build it with :func:`ggn`."""
 
     model: Callable
@@ -157,26 +177,12 @@ class GGNOperator(LinearOperator):
     loss_args: tuple
     damping: Any
     batch_argnums: tuple[int, ...] | None
+    builder: ClassVar[str] = "hvp.ggn"
+    data_fields: ClassVar[tuple[str, ...]] = ("model_args", "loss_args")
 
-    @property
-    def structure(self) -> PyTree:
-        return _structure_of(self.params)
-
-    def mv(self, vector: PyTree) -> PyTree:
-        product = _ggn_unchecked(self.model, self.loss, self.params, vector, self.model_args,
-                                 self.loss_args)
-        return _add_damping(product, vector, self.damping)
-
-    def subsample(self, key: jax.Array, batch_size: int) -> GGNOperator:
-        """The same operator on a random minibatch (``batch_argnums`` index ``model_args`` then
-        ``loss_args``, taken as one tuple)."""
-        if self.batch_argnums is None:
-            raise ValueError("GGNOperator.subsample: build the operator with "
-                             "hvp.ggn(..., batch_argnums=(i, ...)) naming the data arguments")
-        both = _subsample_args(self.model_args + self.loss_args, self.batch_argnums, key,
-                               batch_size, "GGNOperator.subsample")
-        k = len(self.model_args)
-        return dataclasses.replace(self, model_args=both[:k], loss_args=both[k:])
+    def undamped_mv(self, vector: PyTree) -> PyTree:
+        return _ggn_unchecked(self.model, self.loss, self.params, vector, self.model_args,
+                              self.loss_args)
 
 
 GGNOperator = _register(GGNOperator, ["params", "model_args", "loss_args", "damping"],
