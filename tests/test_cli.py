@@ -465,7 +465,7 @@ def test_budgets_map_to_solver_knobs():
     assert setting("identity", 7, setup, config)[0].scale == 0.5
     assert setting("unrolled-mixflow", 7, setup, config)[0] == 7
     assert setting("neumann", 7, setup, config)[1] == (
-        "maxiter=7 alpha=0.5 power_iters=20 divergence=1")
+        "maxiter=7 alpha=0.5 power_maxiter=20 divergence=1")
     config = dataclasses.replace(config, solvers=("identity", "cg"), budgets=(5, 1, 5))
     assert compare_hvp.plan(config) == [("cg", 1), ("cg", 5), ("identity", None)]
 
