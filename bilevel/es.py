@@ -35,19 +35,24 @@ class ESInfo(NamedTuple):
     """Diagnostics of a zeroth-order estimate, all arrays, so they survive ``jit`` and ``vmap``.
 
     Attributes:
-      loss: the mean of the population's perturbed losses (an estimate of the Gaussian-smoothed
-        loss ``E_ε L(λ + σε)``; for PES, of this truncation's loss). The unperturbed ``L(λ)``
-        that non-antithetic ES evaluates as its baseline is not included.
-      loss_std: the standard deviation of the perturbed losses across the population.
+      outer_loss: the mean of the population's perturbed outer losses (an estimate of the
+        Gaussian-smoothed loss ``E_ε L(λ + σε)``; for PES, of this truncation's loss). The
+        unperturbed ``L(λ)`` that non-antithetic ES evaluates as its baseline is not included.
+        Its old name ``loss`` still reads it, with a ``DeprecationWarning``.
+      outer_loss_std: the standard deviation of the perturbed losses across the population
+        (old name ``loss_std``, deprecated likewise).
       finite: True when every loss evaluated (the baseline ``L(λ)`` included) is finite; when
         False the gradient is NaN in every entry.
       population: the number of perturbed evaluations (int32).
     """
 
-    loss: jax.Array
-    loss_std: jax.Array
+    outer_loss: jax.Array
+    outer_loss_std: jax.Array
     finite: jax.Array
     population: jax.Array
+
+    loss = _checks.renamed_attribute("bilevel.ESInfo", "loss", "outer_loss")
+    loss_std = _checks.renamed_attribute("bilevel.ESInfo", "loss_std", "outer_loss_std")
 
 
 class PESState(NamedTuple):
@@ -249,7 +254,7 @@ def report(where: str, info: ESInfo, on_failure: str) -> None:
 def _finish(grad: PyTree, losses: jax.Array, finite: jax.Array) -> tuple[PyTree, ESInfo]:
     """NaN the gradient unless every loss was finite, and build the :class:`ESInfo`."""
     grad = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.nan), grad)
-    info = ESInfo(loss=jnp.mean(losses), loss_std=jnp.std(losses), finite=finite,
+    info = ESInfo(outer_loss=jnp.mean(losses), outer_loss_std=jnp.std(losses), finite=finite,
                   population=jnp.asarray(losses.shape[0], jnp.int32))
     return grad, info
 
@@ -362,9 +367,9 @@ def es_hypergrad(meta_loss: Callable, hparams: PyTree, key: jax.Array, populatio
         (:class:`hvp.SolveError`) or ``"ignore"`` (``info.finite`` alone says so).
 
     Returns:
-      ``(grad, info)``: grad shaped like ``hparams``, and an :class:`ESInfo` whose ``loss`` is
-      the mean of the perturbed losses. If any loss (the baseline included) is NaN or infinite,
-      ``info.finite`` is False and every entry of ``grad`` is NaN.
+      ``(grad, info)``: grad shaped like ``hparams``, and an :class:`ESInfo` whose
+      ``outer_loss`` is the mean of the perturbed losses. If any loss (the baseline included)
+      is NaN or infinite, ``info.finite`` is False and every entry of ``grad`` is NaN.
 
     Reference: Salimans et al., "Evolution strategies as a scalable alternative to reinforcement
     learning", 2017 (antithetic sampling); Nesterov & Spokoiny 2017 (Gaussian smoothing).
@@ -444,8 +449,8 @@ def pes_hypergrad(unroll: Callable, hparams: PyTree, state: PESState, key: jax.A
         as in :func:`es_hypergrad`.
 
     Returns:
-      ``(grad, new_state, info)``: grad shaped like ``hparams``; ``info.loss`` is the mean of
-      this truncation's losses. If any loss is NaN or infinite, ``info.finite`` is False and
+      ``(grad, new_state, info)``: grad shaped like ``hparams``; ``info.outer_loss`` is the
+      mean of this truncation's losses. If any loss is NaN or infinite, ``info.finite`` is False and
       every entry of ``grad`` is NaN (the offending particles' states are likely non-finite too:
       re-initialise).
 

@@ -113,10 +113,10 @@ def test_es_info_reports_the_population_losses():
     grads, info = es_batch(SMALL, True)(HPARAMS, keys(REPLICATES), jnp.inf)
     value = quadratic(HPARAMS, jnp.inf)
     # E L(λ + σε) = L(λ) + σ²/2 tr A; the spread of the losses is about σ ||g||.
-    np.testing.assert_allclose(info.loss, value + 0.5 * SIGMA[True] ** 2 * jnp.trace(A),
+    np.testing.assert_allclose(info.outer_loss, value + 0.5 * SIGMA[True] ** 2 * jnp.trace(A),
                                rtol=1e-3)
     spread = SIGMA[True] * jnp.linalg.norm(TRUE_GRAD)
-    assert bool(jnp.all((info.loss_std > 0.3 * spread) & (info.loss_std < 3 * spread)))
+    assert bool(jnp.all((info.outer_loss_std > 0.3 * spread) & (info.outer_loss_std < 3 * spread)))
     assert info.population.dtype == jnp.int32 and isinstance(info, ESInfo)
 
 
@@ -141,7 +141,7 @@ def test_es_keys_determine_the_estimate_and_vmap_matches_single_calls():
     for index in (0, 2):
         grad, info = single(HPARAMS, batch[index], sigma=SIGMA[True], args=(jnp.inf,))
         np.testing.assert_allclose(flat(grad), rows[index], rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(info.loss, infos.loss[index], rtol=1e-12)
+        np.testing.assert_allclose(info.outer_loss, infos.outer_loss[index], rtol=1e-12)
     moved = jax.tree_util.tree_map(lambda x: x + 0.1, HPARAMS)
     single(moved, batch[3], sigma=0.5, args=(2.0,))
     assert single._cache_size() == 1  # new keys and values, same shapes: no recompilation
@@ -260,7 +260,7 @@ def test_pes_pairs_share_the_data_key():
     state = pes_init_batch(keys(PES_REPLICATES))
     grad, state, info = pes_step_batch(state, keys(PES_REPLICATES, 1), (0.0, 1.0, jnp.inf))
     np.testing.assert_allclose(flat_rows(grad), 0.0, atol=1e-12)
-    assert bool(jnp.all(info.loss_std > 0.5)) and bool(jnp.all(info.finite))
+    assert bool(jnp.all(info.outer_loss_std > 0.5)) and bool(jnp.all(info.finite))
     # ξ accumulated antithetically: the second half is minus the first.
     xi = state.perturbation_sum["pull"]
     np.testing.assert_array_equal(xi[:, :PES_POPULATION // 2], -xi[:, PES_POPULATION // 2:])
