@@ -1,53 +1,22 @@
 """argparse types shared by the command lines (public: semisup and the experiments use them): a
-bad value becomes one ``error:`` line."""
+bad value becomes one ``error:`` line. The number types are :mod:`bilevel.config` rules, so an
+option and a config field say a rule the same way."""
 
 from __future__ import annotations
 
 import argparse
 import copy
-import math
 
+from bilevel.config import Float, Int
 
-def _parse(text: str, cast: type, what: str):
-    try:
-        return cast(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-
-
-def _integer_at_least(text: str, minimum: int) -> int:
-    value = _parse(text, int, "an integer")
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
-    return value
-
-
-def _finite_number(text: str, strictly_positive: bool) -> float:
-    value = _parse(text, float, "a number")
-    if not (math.isfinite(value) and (value > 0 if strictly_positive else value >= 0)):
-        bound = "> 0" if strictly_positive else ">= 0"
-        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    return _integer_at_least(text, 1)
-
-
-def nonnegative_int(text: str) -> int:
-    """An integer >= 0 (a seed)."""
-    return _integer_at_least(text, 0)
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0."""
-    return _finite_number(text, strictly_positive=False)
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0."""
-    return _finite_number(text, strictly_positive=True)
+#: An integer >= 1 (a count): ``must be an integer >= 1, got '0'``.
+positive_int = Int(min=1)
+#: An integer >= 0 (a seed).
+nonnegative_int = Int(min=0)
+#: A finite number >= 0.
+nonnegative_float = Float(ge=0)
+#: A finite number > 0.
+positive_float = Float(gt=0)
 
 
 def out_dir(text: str):

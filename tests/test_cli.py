@@ -211,10 +211,10 @@ def _usage_error(capsys, argv: list[str], prog: str = "bilevel compare-hvp") -> 
     (["--damping", "nan"], "must be a finite number >= 0"),
     (["--mode", "fwd_fwd"], "invalid choice"),
     (["--dtype", "float16"], "invalid choice"),
-    (["--seed", "x"], "argument --seed: expected an integer"),
-    (["--seed", "-1"], "argument --seed: must be >= 0"),
-    (["--jobs", "0"], "argument --jobs: must be >= 1"),
-    (["--repeats", "0"], "must be >= 1"),
+    (["--seed", "x"], "argument --seed: must be an integer >= 0, got 'x'"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
+    (["--jobs", "0"], "argument --jobs: must be an integer >= 1, got '0'"),
+    (["--repeats", "0"], "argument --repeats: must be an integer >= 1, got '0'"),
     (["--problem", "imaml", "--solvers", "lissa"], "the problem has no per-example data"),
 ])
 def test_bad_arguments(capsys, tmp_path, argv, fragment):

@@ -57,7 +57,7 @@ def test_end_to_end_files_and_columns(eval_run):
     (["eval", "--optimizers", "lion"], "unknown optimizer 'lion'"),
     (["eval", "--tasks", "nope"], "unknown task 'nope'"),
     (["eval", "--lrs", "0.1,-1"], "learning rates must be finite and > 0"),
-    (["eval", "--seeds", "0"], "must be >= 1"),
+    (["eval", "--seeds", "0"], "argument --seeds: must be an integer >= 1, got '0'"),
     (["eval", "--tasks", "mlp_mnist"], "pass --data-dir"),
     (["eval", "--optimizers", "adam", "--meta-params", "x.npz", "--tasks", "quadratic"],
      "bare PATH needs exactly one learned optimizer"),
