@@ -218,8 +218,10 @@ class UnrolledMethod(AbstractMethod):
     outer step advances θ by ``inner_steps + steps`` updates. The unroll starts from a fresh
     inner optimizer state (``optimizer.init(θ)``), as :func:`bilevel.unrolled_hypergrad` does;
     the carried inner optimizer state is used by the ``inner_steps`` plain steps only. The
-    ``outer_loss`` in the history is ``L_out(θ_T, λ)``; there is no solve, so the history has no
-    residual, iteration or HVP columns.
+    ``outer_loss`` in the history is ``L_out(θ_T, λ)`` and ``converged`` is the unroll's
+    ``info.converged`` (finite, and the inner loss did not blow up; see
+    :class:`bilevel.UnrolledInfo`); there is no solve, so the history has no residual, iteration
+    or HVP columns.
 
     Attributes:
       steps: unrolled inner steps T >= 1.
@@ -248,7 +250,8 @@ class UnrolledMethod(AbstractMethod):
                                         outer_args=inner.outer_args, mode=self.mode,
                                         checkpoint_every=self.checkpoint_every,
                                         truncate=self.truncate, on_failure="ignore")
-        stats = {"outer_loss": info.outer_loss, "finite": info.finite}
+        stats = {"outer_loss": info.outer_loss, "finite": info.finite,
+                 "converged": info.converged}
         return grad, info.params, state, stats
 
 
@@ -308,7 +311,7 @@ class ESMethod(AbstractMethod):
         # λ ± σε, and θ_T(λ) is neither of them nor their mean (the inner run is not linear in
         # λ). Measured on the CPU (ridge, 50 inner steps): 1.12x the step at population 16,
         # 1.17x at 4. With antithetic=False it is the baseline's own run, and XLA merges the
-        # two identical loops (same compiled program, 1.01x).
+        # two identical loops (no extra loop in the compiled program, 1.01x).
         final = unroll(hparams, params, inner.inner_args)
         stats = {"outer_loss": inner.outer_loss(final, hparams, *inner.outer_args),
                  "finite": info.finite, "es_loss": info.outer_loss,

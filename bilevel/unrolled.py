@@ -31,14 +31,21 @@ from hvp import checks as _checks
 PyTree = Any
 MODES = ("mixflow", "reverse")
 
+#: ``info.converged`` calls an unroll diverged when its last inner loss exceeds the first by
+#: more than this many times the first's magnitude: ``L_{T-1} − L_0 > DIVERGENCE · |L_0|``.
+DIVERGENCE = 100.0
+
 
 class UnrolledInfo(NamedTuple):
     """Diagnostics of an unrolled meta-gradient (all arrays).
 
     Attributes:
-      converged: the meta-gradient and the outer loss are finite (an unrolled gradient has no
-        solve that could fail to converge; divergence of the inner loop shows here).
-      finite: same as ``converged``, named as in :class:`bilevel.HypergradInfo`.
+      converged: the result can be trusted: it is ``finite``, every inner loss is finite, and
+        the inner loop did not blow up: the last inner loss exceeds the first by at most
+        :data:`DIVERGENCE` (100) times the first's magnitude. An inner learning rate that is too
+        large makes the inner loss grow geometrically, which this catches while the numbers are
+        still finite. (An unrolled gradient has no solve, so this is all "converged" can mean.)
+      finite: the meta-gradient and the outer loss are finite.
       outer_loss: ``L_out(θ_T, λ)``.
       inner_losses: ``L_in(θ_t, λ)`` at each of the ``steps`` steps, shape ``(steps,)``.
       params: θ_T, the final inner parameters (to warm-start the next unroll).
@@ -217,9 +224,10 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
       opt_state: the inner optimizer's state at θ_0 (not differentiated); ``None`` means
         ``optimizer.init(params0)``. Pass the previous call's ``info.params`` and
         ``info.opt_state`` to unroll truncations of one long inner run.
-      on_failure: when the meta-gradient or the outer loss is not finite: ``"warn"``
-        (default, one :class:`hvp.SolveWarning` line attributed to the caller), ``"raise"``
-        (:class:`hvp.SolveError`) or ``"ignore"`` (``info.finite`` alone says so).
+      on_failure: when the result cannot be trusted (``info.converged`` is False: something is
+        not finite, or the inner loss blew up): ``"warn"`` (default, one
+        :class:`hvp.SolveWarning` line attributed to the caller), ``"raise"``
+        (:class:`hvp.SolveError`) or ``"ignore"`` (``info`` alone says so).
 
     Returns:
       ``(grad, info)``: the meta-gradient shaped like ``hparams`` and an :class:`UnrolledInfo`.
@@ -283,10 +291,25 @@ def unrolled_hypergrad(inner_loss: Callable, outer_loss: Callable, params0: PyTr
     (value, (losses, (params_final, state_final))), grad = jax.value_and_grad(
         meta_objective, has_aux=True)(hparams)
     finite = _common.tree_all_finite(grad) & jnp.isfinite(value)
-    info = UnrolledInfo(converged=finite, finite=finite, outer_loss=value, inner_losses=losses,
-                        params=params_final, opt_state=state_final)
-    _common.report_failure(where, ~finite,
-                           lambda v: f"the meta-gradient or the outer loss ({float(v):.3e}) is "
-                                     f"not finite: the inner loop may have diverged",
-                           (value,), on_failure)
+    converged = finite & _inner_loss_held(losses)
+    info = UnrolledInfo(converged=converged, finite=finite, outer_loss=value,
+                        inner_losses=losses, params=params_final, opt_state=state_final)
+    _common.report_failure(where, ~converged, _describe_failure,
+                           (finite, value, losses[0], losses[-1]), on_failure)
     return grad, info
+
+
+def _inner_loss_held(losses: jax.Array) -> jax.Array:
+    """Every inner loss is finite and the last exceeds the first by at most
+    ``DIVERGENCE · |L_0|``: from the losses the unroll computed anyway, no extra pass."""
+    first, last = losses[0], losses[-1]
+    return jnp.all(jnp.isfinite(losses)) & (last - first <= DIVERGENCE * jnp.abs(first))
+
+
+def _describe_failure(finite, value, first, last) -> str:
+    if not finite:
+        return (f"the meta-gradient or the outer loss ({float(value):.3e}) is not finite: the "
+                f"inner loop may have diverged")
+    return (f"the inner loop diverged: the inner loss went from {float(first):.3e} to "
+            f"{float(last):.3e} (more than {DIVERGENCE:g} times its start); lower the inner "
+            f"learning rate")
