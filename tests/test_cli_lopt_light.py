@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bilevel.lopt import cli as lopt_cli
-from bilevel.lopt import evaluate, options, train
+from bilevel.lopt import evaluate, options, tasks, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +82,39 @@ def test_the_config_and_names_live_in_one_place():
     assert evaluate.DEFAULT_LRS == options.DEFAULT_LRS and len(options.DEFAULT_LRS) == 9
     defaults = train.config_from_args(_subparsers()["train"].parse_args([]))
     assert defaults == options.MetaTrainConfig()
+    assert options.KINDS == tuple(tasks.KIND_WEIGHTS)  # --kinds' names are the family's
+
+
+def test_train_options_are_the_config_fields():
+    """``lopt train`` has one option per MetaTrainConfig field that declares one, its default
+    and help the field's; velo's config reads the same options (tasks_per_step is --slots)."""
+    import dataclasses
+
+    from bilevel.config import flag
+    from bilevel.lopt import velo_train
+
+    sub = _subparsers()["train"]
+    actions = {a.option_strings[0]: a for a in sub._actions if a.option_strings}
+    for config in (options.MetaTrainConfig, velo_train.VeLOTrainConfig):
+        for f in dataclasses.fields(config):
+            option = flag(config, f.name)
+            assert (option in actions) == (option is not None), (config, f.name)
+            if config is options.MetaTrainConfig and option not in (None, "--weight-decay"):
+                assert actions[option].default == f.default, option
+                assert actions[option].help.startswith(f.metadata["bilevel.config"].help[:20])
+    assert flag(velo_train.VeLOTrainConfig, "tasks_per_step") == "--slots"
+    args = sub.parse_args(["--optimizer", "velo", "--slots", "3", "--kinds", "quadratic"])
+    assert velo_train.config_from_args(args) == velo_train.VeLOTrainConfig(
+        steps=200, horizon_start=20, horizon=200, pool=8, tasks_per_step=3,
+        kinds=("quadratic",))
+
+
+def test_the_resume_rule_names_each_difference_by_its_option():
+    """A field is named by its option (velo's tasks_per_step is --slots), a field without one
+    by its name."""
+    from bilevel.lopt import velo_train
+
+    stored = velo_train.VeLOTrainConfig(steps=4)
+    requested = velo_train.VeLOTrainConfig(steps=4, tasks_per_step=3, loss_cap=3.0, seed=1)
+    assert train.changed_options(stored, requested, done=2) == [
+        "--slots 2 there, 3 here", "loss_cap 2.0 there, 3.0 here", "--seed 0 there, 1 here"]

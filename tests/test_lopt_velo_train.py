@@ -39,8 +39,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     ("population", 3, "population must be even"),
     ("horizon", 2, "horizon .* must be >= horizon_start"),
     ("sigma", 0.0, "sigma must be a finite number > 0"),
-    ("steps", 0, "steps must be a positive int"),
-    ("kinds", ("cnn",), "kinds must be a non-empty subset"),
+    ("steps", 0, "steps must be an integer >= 1, got 0"),
+    ("kinds", ("cnn",), r"kinds must be a non-empty tuple of names from \('mlp', 'logistic', "
+              r"'quadratic'\), got \('cnn',\)"),
 ])
 def test_config_errors(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -13,18 +13,16 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bilevel.argtypes import (
-    DefaultsHelpFormatter,
-    nonnegative_float,
-    out_dir,
-    positive_float,
-    positive_int,
-)
+from bilevel.argtypes import DefaultsHelpFormatter, out_dir, positive_int
+from bilevel.config import Bool, Choice, Float, Int, Tuple, add_arguments, field, validate
 
 #: ``lopt train --optimizer``: the truncated-unroll trainers, then ES-trained ``velo_lopt``.
 OPTIMIZERS = ("mlp", "star")
 TRAIN_OPTIMIZERS = OPTIMIZERS + ("velo",)
 ESTIMATORS = ("mixflow", "pes")
+#: The meta-training family's task kinds (:data:`bilevel.lopt.tasks.KIND_WEIGHTS`' keys, which
+#: need JAX; a test checks they are equal).
+KINDS = ("mlp", "logistic", "quadratic")
 #: Baseline names accepted by :func:`bilevel.lopt.evaluate.baseline`, in table order.
 BASELINES = ("adam", "nadamw", "sgdm")
 #: Learned optimizers ``lopt eval`` knows, in table order.
@@ -34,92 +32,62 @@ EVAL_OPTIMIZERS = LEARNED + BASELINES
 #: tuned learning rates lie for all three baselines (SGD-momentum's optimum is the largest).
 DEFAULT_LRS = tuple(10.0 ** (-4.0 + 0.5 * i) for i in range(9))
 
+_COUNT = Int(min=1)
+_POSITIVE = Float(gt=0)
+_OPTIMIZER_HELP = ("the learned optimizer, meta-trained by truncated unrolls: mlp (mlp_lopt) "
+                   "or star (star_lopt)")
+
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
-    """Hyperparameters of meta-training; checked when constructed.
+    """Hyperparameters of meta-training; checked when constructed. Each field's help says what
+    it means (and is its ``bilevel lopt train`` option's help, where it has one)."""
 
-    Attributes:
-      optimizer: ``"mlp"`` (:func:`~bilevel.lopt.mlp_lopt`) or ``"star"``.
-      estimator: ``"mixflow"`` or ``"pes"``.
-      steps: outer (meta) steps.
-      unroll: inner steps per truncation.
-      horizon: the longest inner run at the end of the curriculum.
-      horizon_start: the shortest inner run, and the curriculum's starting maximum.
-      slots: inner runs advanced (and averaged) per outer step.
-      learning_rate: outer Adam learning rate.
-      clip_norm: global-norm clip of the averaged meta-gradient.
-      weight_decay: decoupled weight decay on the meta-parameters (STAR: 0.1-0.5).
-      horizon_features: give the optimizer fraction-of-training features (``num_steps`` = the
-        slot's horizon).
-      nominal_step: STAR's α_nom.
-      population: PES population (even).
-      sigma: PES perturbation scale.
-      divergence: a slot whose normalised meta-loss exceeds this is skipped and reset.
-      kinds: the task kinds to draw from (see :data:`bilevel.lopt.tasks.KIND_WEIGHTS`).
-      seed: PRNG seed.
-      hidden: the optimizer network's hidden widths.
-      pool: the number of family configurations drawn (by ``seed``) at the start; slots draw
-        their tasks from this pool. Each configuration compiles its own truncation (20-45 s on
-        a laptop-class CPU), which dominates short runs; initialisations, data and horizons
-        still differ at every reset.
-    """
-
-    optimizer: str = "mlp"
-    estimator: str = "mixflow"
-    steps: int = 200
-    unroll: int = 10
-    horizon: int = 200
-    horizon_start: int = 20
-    slots: int = 2
-    learning_rate: float = 3e-3
-    clip_norm: float = 1.0
-    weight_decay: float = 0.0
-    horizon_features: bool = False
-    nominal_step: float = 1e-3
-    population: int = 8
-    sigma: float = 0.01
-    divergence: float = 10.0
-    kinds: tuple[str, ...] = ("mlp", "logistic", "quadratic")
-    seed: int = 0
-    hidden: tuple[int, ...] = (4, 4)
-    pool: int = 8
+    optimizer: str = field("mlp", rule=Choice(OPTIMIZERS), help=_OPTIMIZER_HELP)
+    estimator: str = field("mixflow", rule=Choice(ESTIMATORS),
+                           help="meta-gradient of a truncation: mixflow (unrolled_hypergrad) or "
+                                "pes (persistent ES)")
+    steps: int = field(200, rule=_COUNT, help="outer (meta) steps")
+    unroll: int = field(10, rule=_COUNT, help="inner steps per truncation")
+    horizon: int = field(200, rule=_COUNT, help="longest inner run (end of the curriculum)")
+    horizon_start: int = field(20, rule=_COUNT,
+                               help="shortest inner run (start of the curriculum, and its first "
+                                    "maximum)")
+    slots: int = field(2, rule=_COUNT, help="inner runs advanced (and averaged) per outer step")
+    learning_rate: float = field(3e-3, rule=_POSITIVE, help="outer Adam learning rate")
+    clip_norm: float = field(1.0, rule=_POSITIVE,
+                             help="global-norm clip of the averaged meta-gradient")
+    weight_decay: float = field(0.0, rule=Float(ge=0),
+                                help="decoupled weight decay on the meta-parameters (STAR: "
+                                     "0.1-0.5)")
+    horizon_features: bool = field(False, rule=Bool(),
+                                   help="give the optimizer fraction-of-training (num_steps) "
+                                        "inputs; num_steps is the slot's horizon")
+    nominal_step: float = field(1e-3, rule=Float(ge=0), cli=False, help="STAR's α_nom")
+    population: int = field(8, rule=_COUNT, help="PES (or velo's ES) population, even")
+    sigma: float = field(0.01, rule=_POSITIVE, help="PES (or velo's ES) perturbation scale")
+    divergence: float = field(10.0, rule=_POSITIVE, cli=False,
+                              help="a slot whose normalised meta-loss exceeds this is skipped and "
+                                   "reset")
+    kinds: tuple[str, ...] = field(KINDS, rule=Tuple(Choice(KINDS), nonempty=True),
+                                   help="task kinds, comma-separated, from {choices} (the MNIST-5k "
+                                        "members of mlp and logistic need the 'data' extra)")
+    seed: int = field(0, rule=Int(), help="seed of everything random")
+    hidden: tuple[int, ...] = field((4, 4), rule=Tuple(_COUNT, nonempty=True), cli=False,
+                                    help="the optimizer network's hidden widths")
+    pool: int = field(8, rule=_COUNT,
+                      help="family configurations drawn (by the seed) at the start, which the "
+                           "slots draw their tasks from; each compiles its own truncation (20-45 "
+                           "s on a laptop-class CPU), which dominates short runs")
 
     def __post_init__(self):
         where = "MetaTrainConfig"
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{where}: optimizer must be one of {OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"{where}: estimator must be one of {ESTIMATORS}, "
-                             f"got {self.estimator!r}")
-        for name in ("steps", "unroll", "horizon", "horizon_start", "slots", "population",
-                     "pool"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+        validate(self, where)
         if self.population % 2:
             raise ValueError(f"{where}: population must be even, got {self.population}")
         if not self.unroll <= self.horizon_start <= self.horizon:
             raise ValueError(f"{where}: need unroll <= horizon_start <= horizon, got "
                              f"{self.unroll}, {self.horizon_start}, {self.horizon}")
-        for name in ("learning_rate", "clip_norm", "sigma", "divergence"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 < value < math.inf:
-                raise ValueError(f"{where}: {name} must be a finite number > 0, got {value!r}")
-        for name in ("weight_decay", "nominal_step"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value < math.inf:
-                raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
-        check_kinds(self.kinds)
-
-
-def check_kinds(kinds: Sequence[str]) -> None:
-    """Raise the family's ValueError for unknown task kinds (imports the task family)."""
-    import jax
-
-    from bilevel.lopt import tasks
-    tasks.sample_member(jax.random.key(0), tuple(kinds))
 
 
 #: Packages that an extra of this project installs (``pip install -e '.[data]'``).
@@ -173,47 +141,17 @@ Fashion-MNIST: IDX files in --data-dir)."""
 # ``bilevel lopt train``.
 
 
-def _defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(MetaTrainConfig)}
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``bilevel lopt train``."""
-    d = _defaults()
-    parser.add_argument("--optimizer", choices=TRAIN_OPTIMIZERS, default=d["optimizer"],
-                        help="velo: velo_lopt meta-trained by full-unroll ES "
-                             "(bilevel.lopt.velo_train; --slots tasks per step, --population "
-                             "and --sigma its ES, --estimator and --unroll unused)")
-    parser.add_argument("--estimator", choices=ESTIMATORS, default=d["estimator"],
-                        help="meta-gradient of a truncation: mixflow (unrolled_hypergrad) or "
-                             "pes (persistent ES)")
-    parser.add_argument("--steps", type=positive_int, default=d["steps"], help="outer steps")
-    parser.add_argument("--unroll", type=positive_int, default=d["unroll"],
-                        help="inner steps per truncation")
-    parser.add_argument("--horizon", type=positive_int, default=d["horizon"],
-                        help="longest inner run (end of the curriculum)")
-    parser.add_argument("--horizon-start", type=positive_int, default=d["horizon_start"],
-                        help="shortest inner run (start of the curriculum)")
-    parser.add_argument("--slots", type=positive_int, default=d["slots"],
-                        help="inner runs per outer step")
-    parser.add_argument("--learning-rate", type=positive_float, default=d["learning_rate"],
-                        help="outer Adam learning rate")
-    parser.add_argument("--clip-norm", type=positive_float, default=d["clip_norm"],
-                        help="global-norm clip of the averaged meta-gradient")
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=None,
-                        help="decay on the meta-parameters (default: 0.1 for star, 0 for mlp)")
-    parser.add_argument("--horizon-features", action="store_true",
-                        help="give the optimizer fraction-of-training (num_steps) inputs")
-    parser.add_argument("--population", type=positive_int, default=d["population"],
-                        help="PES (or velo's ES) population, even")
-    parser.add_argument("--sigma", type=positive_float, default=d["sigma"],
-                        help="PES (or velo's ES) perturbation scale")
-    parser.add_argument("--kinds", default=",".join(d["kinds"]),
-                        help="task kinds, comma-separated, from mlp,logistic,quadratic (the "
-                             "MNIST-5k members of mlp and logistic need the 'data' extra)")
-    parser.add_argument("--pool", type=positive_int, default=d["pool"],
-                        help="family configurations drawn at the start (each compiles once)")
-    parser.add_argument("--seed", type=int, default=d["seed"], help="seed of everything random")
+    """Options of ``bilevel lopt train``: one per :class:`MetaTrainConfig` field that has one
+    (``--optimizer`` also takes velo, whose config reads the same options), then the run
+    folder's."""
+    add_arguments(parser, MetaTrainConfig, defaults={"weight_decay": None}, changes={
+        "optimizer": {"rule": Choice(TRAIN_OPTIMIZERS),
+                      "help": f"{_OPTIMIZER_HELP}; or velo: velo_lopt meta-trained by "
+                              f"full-unroll ES (bilevel.lopt.velo_train; --slots tasks per "
+                              f"step, --population and --sigma its ES, --estimator and --unroll "
+                              f"unused)"},
+        "weight_decay": {"shown": "0.1 for star, 0 for mlp"}})
     parser.add_argument("--out", type=out_dir, default="lopt_run",
                         help="run folder: checkpoint, meta-parameters, log and plot")
     parser.add_argument("--overwrite", action="store_true",

@@ -52,6 +52,7 @@ import optax
 
 import bilevel
 from bilevel import checkpoint
+from bilevel.config import flag, from_args
 from bilevel.lopt import optimizers, options, tasks
 from bilevel.lopt.options import ESTIMATORS, OPTIMIZERS, MetaTrainConfig  # noqa: F401
 
@@ -462,17 +463,12 @@ add_arguments = options.add_train_arguments
 
 
 def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
+    """The config of ``lopt train``'s options; ``--weight-decay`` defaults to STAR's 0.1 for
+    star, 0 for mlp."""
     weight_decay = args.weight_decay
     if weight_decay is None:
         weight_decay = 0.1 if args.optimizer == "star" else 0.0
-    return MetaTrainConfig(
-        optimizer=args.optimizer, estimator=args.estimator, steps=args.steps,
-        unroll=args.unroll, horizon=args.horizon, horizon_start=args.horizon_start,
-        slots=args.slots, learning_rate=args.learning_rate, clip_norm=args.clip_norm,
-        weight_decay=weight_decay, horizon_features=args.horizon_features,
-        population=args.population, sigma=args.sigma,
-        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed,
-        pool=args.pool)
+    return from_args(MetaTrainConfig, args, weight_decay=weight_decay)
 
 
 def write_outputs(out: Path, state: MetaTrainState) -> None:
@@ -528,26 +524,22 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 # The run folder: resume, finished, refused or afresh (the rule in options.RESUME_RULE).
 
-#: Config fields whose command-line option is named otherwise.
-_OPTION_NAMES = {"tasks_per_step": "--slots"}
-
-
 def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
 
 
 def changed_options(stored: Any, requested: Any, done: int) -> list[str]:
-    """``"--seed 0 there, 3 here"`` for each option in which the config ``requested`` differs
-    from the ``stored`` run's, which has done ``done`` steps; raising ``steps`` (to continue a
-    run further) is no difference."""
+    """``"--seed 0 there, 3 here"`` for each option (or, for a field without one, the field) in
+    which the config ``requested`` differs from the ``stored`` run's, which has done ``done``
+    steps; raising ``steps`` (to continue a run further) is no difference."""
     kind = (getattr(stored, "optimizer", "velo"), getattr(requested, "optimizer", "velo"))
     if type(stored) is not type(requested):
         return [f"--optimizer {kind[0]} there, {kind[1]} here"]
     changed = []
-    for field in dataclasses.fields(requested):
-        there, here = getattr(stored, field.name), getattr(requested, field.name)
-        option = _OPTION_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
-        if field.name == "steps":
+    for name in (f.name for f in dataclasses.fields(requested)):
+        there, here = getattr(stored, name), getattr(requested, name)
+        option = flag(type(requested), name) or name
+        if name == "steps":
             if here < done:
                 changed.append(f"--steps {there} there (at step {done}), {here} here")
         elif there != here:

@@ -40,7 +40,9 @@ import numpy as np
 import optax
 
 from bilevel import checkpoint, distributed
+from bilevel.config import Float, Int, field, field_like, from_args, validate
 from bilevel.lopt import optimizers, tasks, train, velo
+from bilevel.lopt.options import MetaTrainConfig
 
 PyTree = Any
 #: The final loss is averaged over this many fresh minibatches.
@@ -50,60 +52,42 @@ CHECKPOINT_NAME = train.VELO_CHECKPOINT_NAME
 
 @dataclasses.dataclass(frozen=True)
 class VeLOTrainConfig:
-    """Hyperparameters of ES meta-training; checked when constructed.
+    """Hyperparameters of ES meta-training; checked when constructed. Each field's help says
+    what it means; those shared with :class:`~bilevel.lopt.train.MetaTrainConfig` are declared
+    as its (same rule, same ``bilevel lopt train`` option; ``tasks_per_step`` is ``--slots``)."""
 
-    Attributes:
-      steps: outer (meta) steps.
-      population: ES population per task (antithetic: even, and a multiple of the devices).
-      sigma: ES smoothing scale on the meta-parameters.
-      tasks_per_step: tasks (each with its own horizon) per outer step.
-      horizon_start: shortest inner run and the curriculum's starting maximum.
-      horizon: longest inner run at the end of the curriculum.
-      learning_rate: outer Adam learning rate.
-      clip_norm: global-norm clip of the averaged meta-gradient.
-      loss_cap: upper bound of the normalised meta-loss.
-      lstm_width, bank_size: the controller's size (see :func:`bilevel.lopt.init_velo_lopt`).
-      pool: number of family configurations drawn from.
-      kinds: family kinds (``"mlp"``, ``"logistic"``, ``"quadratic"``).
-      seed: the seed of everything random.
-    """
-
-    steps: int = 100
-    population: int = 8
-    sigma: float = 0.01
-    tasks_per_step: int = 2
-    horizon_start: int = 16
-    horizon: int = 128
-    learning_rate: float = 3e-3
-    clip_norm: float = 1.0
-    loss_cap: float = 2.0
-    lstm_width: int = 16
-    bank_size: int = 8
-    pool: int = 4
-    kinds: tuple[str, ...] = ("mlp", "logistic", "quadratic")
-    seed: int = 0
+    steps: int = field_like(MetaTrainConfig, "steps", 100)
+    population: int = field_like(MetaTrainConfig, "population",
+                                 help="ES population per task (antithetic: even, and a multiple "
+                                      "of the devices)")
+    sigma: float = field_like(MetaTrainConfig, "sigma",
+                              help="ES smoothing scale on the meta-parameters")
+    tasks_per_step: int = field_like(MetaTrainConfig, "slots",
+                                     help="tasks (each with its own horizon) per outer step")
+    horizon_start: int = field_like(MetaTrainConfig, "horizon_start", 16)
+    horizon: int = field_like(MetaTrainConfig, "horizon", 128)
+    learning_rate: float = field_like(MetaTrainConfig, "learning_rate")
+    clip_norm: float = field_like(MetaTrainConfig, "clip_norm")
+    loss_cap: float = field(2.0, rule=Float(gt=0), cli=False,
+                            help="upper bound of the normalised meta-loss")
+    lstm_width: int = field(16, rule=Int(min=1), cli=False,
+                            help="the controller's LSTM width (see bilevel.lopt.init_velo_lopt)")
+    bank_size: int = field(8, rule=Int(min=1), cli=False,
+                           help="the controller's bank of optimizers (see "
+                                "bilevel.lopt.init_velo_lopt)")
+    pool: int = field_like(MetaTrainConfig, "pool", 4)
+    kinds: tuple[str, ...] = field_like(MetaTrainConfig, "kinds")
+    seed: int = field_like(MetaTrainConfig, "seed")
 
     def __post_init__(self):
         where = "lopt.VeLOTrainConfig"
-        for name in ("steps", "population", "tasks_per_step", "horizon_start", "horizon",
-                     "lstm_width", "bank_size", "pool"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+        validate(self, where)
         if self.population % 2:
             raise ValueError(f"{where}: population must be even (antithetic pairs), "
                              f"got {self.population}")
         if self.horizon < self.horizon_start:
             raise ValueError(f"{where}: horizon ({self.horizon}) must be >= horizon_start "
                              f"({self.horizon_start})")
-        for name in ("sigma", "learning_rate", "clip_norm", "loss_cap"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 < value < math.inf:
-                raise ValueError(f"{where}: {name} must be a finite number > 0, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"{where}: seed must be an int, got {self.seed!r}")
-        object.__setattr__(self, "kinds", tuple(self.kinds))
-        tasks.sample_member(jax.random.key(0), self.kinds)  # validates kinds
 
 
 class VeLOTrainState(NamedTuple):
@@ -288,16 +272,12 @@ def final_metadata(state: VeLOTrainState) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: ``bilevel lopt train --optimizer velo`` (options shared with the other
-# optimizers; ``--slots`` is the number of tasks per outer step).
+# Command line: ``bilevel lopt train --optimizer velo`` (the options of the fields declared as
+# MetaTrainConfig's; ``--slots`` is the number of tasks per outer step).
 
 
 def config_from_args(args) -> VeLOTrainConfig:
-    return VeLOTrainConfig(
-        steps=args.steps, population=args.population, sigma=args.sigma,
-        tasks_per_step=args.slots, horizon_start=args.horizon_start, horizon=args.horizon,
-        learning_rate=args.learning_rate, clip_norm=args.clip_norm, pool=args.pool,
-        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), seed=args.seed)
+    return from_args(VeLOTrainConfig, args)
 
 
 def write_outputs(out: Path, state: VeLOTrainState) -> None:
