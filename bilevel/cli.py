@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import sys
 import textwrap
 import threading
@@ -26,6 +25,7 @@ from typing import NamedTuple
 
 from bilevel import __version__
 from bilevel.argtypes import out_dir
+from bilevel.config import add_arguments, from_args
 
 #: The entry-point group other packages register their commands under.
 ENTRY_POINT_GROUP = "bilevel.commands"
@@ -164,16 +164,7 @@ def _add_compare_hvp_arguments(parser: argparse.ArgumentParser) -> None:
     from bilevel import compare_hvp as engine
 
     parser.epilog = _compare_hvp_epilog()
-    defaults = engine.CompareHvpConfig()
-    for field in dataclasses.fields(engine.CompareHvpConfig):
-        option = field.metadata
-        default = getattr(defaults, field.name)
-        if isinstance(default, tuple):  # shown as typed, parsed by the option's type
-            default = ",".join(map(str, default))
-        shown = option["shown_default"] or "%(default)s"
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
-                            default=default, type=option["type"], choices=option["choices"],
-                            metavar=option["metavar"], help=f"{option['help']} (default: {shown})")
+    add_arguments(parser, engine.CompareHvpConfig)
     parser.add_argument("--out", type=out_dir, default="bilevel-compare-hvp", metavar="DIR",
                         help="folder for results.csv, results.json and results.png, checked "
                              "before any work (default: %(default)s)")
@@ -193,8 +184,7 @@ def _run_compare_hvp(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
     from bilevel import compare_hvp as engine
 
-    config = engine.CompareHvpConfig(**{field.name: getattr(args, field.name)
-                                        for field in dataclasses.fields(engine.CompareHvpConfig)})
+    config = from_args(engine.CompareHvpConfig, args, parser=parser)
     try:  # first, before JAX loads: out_dir's checks cannot foresee every refusal (e.g. /proc)
         _writable_folder(args.out)
     except OSError as error:

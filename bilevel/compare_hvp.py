@@ -14,7 +14,6 @@ of this module: the command line reads the configuration (fields, defaults, help
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import dataclasses
@@ -28,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bilevel.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
+from bilevel.config import Choice, Float, Int, Str, Tuple, field, validate
 
 PyTree = Any
 
@@ -118,14 +117,6 @@ def problem_names() -> list[str]:
     return sorted([*PROBLEMS, *PROBLEM_VARIANTS])
 
 
-def problem_name(text: str) -> str:
-    """argparse type: a name from :func:`problem_names`."""
-    if text not in PROBLEM_VARIANTS and text not in problem_names():
-        raise argparse.ArgumentTypeError(f"unknown problem {text!r}; known problems: "
-                                         f"{', '.join(problem_names())}")
-    return text
-
-
 def solver_names() -> list[str]:
     """The names ``--solvers`` accepts, in table order: every solver in :data:`hvp.SOLVERS` but
     :data:`REFERENCE`, in registration order, then :data:`UNROLLED` (imports :mod:`hvp`, and with
@@ -141,109 +132,61 @@ def unknown_solver_message(name: str) -> str:
     return f"unknown solver {name!r}{why}; choose from {', '.join(solver_names())}"
 
 
-def solver_list(text: str) -> tuple[str, ...]:
-    """argparse type: a comma list of names, duplicates dropped. The names are checked against
-    the registry by :func:`check_config`, after parsing: this type also parses the default, and
-    must not import JAX to do so."""
-    items = tuple(item.strip() for item in text.split(",") if item.strip())
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma list of solver names, got {text!r}")
-    return tuple(dict.fromkeys(items))
-
-
-def budget_list(text: str) -> tuple[int, ...]:
-    """argparse type: a comma list of integers >= 1."""
-    try:
-        budgets = tuple(int(item) for item in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"budgets must be a comma-separated list of integers, e.g. 1,5,10; got {text!r}"
-        ) from None
-    if any(b < 1 for b in budgets):
-        raise argparse.ArgumentTypeError(f"budgets must be >= 1, got {text!r}")
-    return budgets
-
-
-#: argparse type of --seed: the problem's data and the randomised solvers' key.
-seed_value = nonnegative_int
-
-
-def _option(default: Any = dataclasses.MISSING, *, help: str, type: Callable | None = None,
-            choices: Sequence[str] | None = None, metavar: str | None = None,
-            shown_default: str | None = None, default_factory: Any = dataclasses.MISSING):
-    """A config field and its command-line option (help, argparse type, choices), declared once.
-
-    ``shown_default`` replaces ``%(default)s`` in the help where the value alone would mislead
-    (None meaning "computed")."""
-    metadata = {"help": help, "type": type, "choices": choices, "metavar": metavar,
-                "shown_default": shown_default}
-    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
-
-
 @dataclasses.dataclass(frozen=True)
 class CompareHvpConfig:
-    """Settings of :func:`compare_hvp`; each field's ``help`` (its metadata) says what it means,
-    and ``bilevel compare-hvp`` has one option per field."""
+    """Settings of :func:`compare_hvp`, checked when constructed (the problem's and solvers'
+    names, which need JAX, by :func:`check_config`); each field's help says what it means, and
+    ``bilevel compare-hvp`` has one option per field."""
 
-    problem: str = _option(
-        DEFAULT_PROBLEM, type=problem_name, metavar="NAME",
+    problem: str = field(
+        DEFAULT_PROBLEM, rule=Str("name"), metavar="NAME",
         help="bilevel problem: a name from bilevel.PROBLEMS, or digits_mlp_per_parameter (the "
              "digits MLP with one L2 decay per weight and bias, 1,210 hyperparameters)")
-    solvers: tuple[str, ...] = _option(
-        DEFAULT_SOLVERS, type=solver_list, metavar="LIST",
+    solvers: tuple[str, ...] = field(
+        DEFAULT_SOLVERS, rule=Tuple(Str("name"), nonempty=True, unique=True), metavar="LIST",
         help=f"comma list of solvers: any name in hvp.SOLVERS except {REFERENCE} (the "
              f"reference), or {', '.join(UNROLLED)}")
-    budgets: tuple[int, ...] = _option(
-        DEFAULT_BUDGETS, type=budget_list, metavar="LIST",
+    budgets: tuple[int, ...] = field(
+        DEFAULT_BUDGETS, rule=Tuple(Int(min=1), nonempty=True), metavar="LIST",
         help="HVP budgets, a comma list of integers >= 1; how each becomes a solver's knob is "
              "below")
-    damping: float = _option(
-        DEFAULT_DAMPING, type=nonnegative_float,
+    damping: float = field(
+        DEFAULT_DAMPING, rule=Float(ge=0),
         help="Tikhonov damping of the approximations' Hessian (H + damping*I); the reference "
              "is undamped and the exact damped solve's error is reported as the floor")
-    mode: str = _option("fwd_rev", choices=MODES, help="HVP product mode")
-    seed: int = _option(0, type=seed_value, help="seed of the data and of the randomised solvers")
-    repeats: int = _option(
-        3, type=positive_int,
+    mode: str = field("fwd_rev", rule=Choice(MODES), help="HVP product mode")
+    seed: int = field(0, rule=Int(min=0), help="seed of the data and of the randomised solvers")
+    repeats: int = field(
+        3, rule=Int(min=1),
         help="timed calls per variant after one warm-up call; the median is reported")
-    dtype: str = _option(
-        "float32", choices=DTYPES,
+    dtype: str = field(
+        "float32", rule=Choice(DTYPES),
         help="dtype the approximations run in; the reference is always float64")
-    lissa_batch: int = _option(
-        32, type=positive_int,
+    lissa_batch: int = field(
+        32, rule=Int(min=1),
         help="LiSSA's minibatch size (capped at the number of training examples)")
-    nystrom_rho: float | None = _option(
-        None, type=positive_float, shown_default="lambda_max/10",
+    nystrom_rho: float | None = field(
+        None, rule=Float(gt=0, none=True), shown="lambda_max/10",
         help="Nystrom's rho, the inverse scale of the directions the sketch misses (with "
              "lambda_max/100 the digits MLP's hypergradient came out ~10 times too large)")
-    jobs: int = _option(
-        type=positive_int, default_factory=lambda: os.cpu_count() or 1,
-        shown_default="the CPU count, %(default)s",
+    jobs: int = field(
+        rule=Int(min=1), default_factory=lambda: os.cpu_count() or 1,
+        shown="the CPU count, %(default)s",
         help="threads compiling the programs at once; timing always runs one at a time")
+
+    def __post_init__(self):
+        validate(self, "compare_hvp.CompareHvpConfig")
 
 
 def check_config(config: CompareHvpConfig) -> None:
-    """Raise :class:`ConfigError` for settings that cannot run (before anything is computed)."""
+    """Raise :class:`ConfigError` for a problem or solver name that is not registered (the
+    other fields were checked when the config was made; the names need JAX)."""
     if config.problem not in problem_names():
         raise ConfigError(f"unknown problem {config.problem!r}; known problems: "
                           f"{', '.join(problem_names())}")
-    if not config.solvers:
-        raise ConfigError(f"no solver to compare; choose from {', '.join(solver_names())}")
     unknown = [name for name in config.solvers if name not in solver_names()]
     if unknown:
         raise ConfigError(unknown_solver_message(unknown[0]))
-    if not config.budgets or any(not isinstance(b, int) or b < 1 for b in config.budgets):
-        raise ConfigError(f"budgets must be integers >= 1, got {config.budgets}")
-    if not (math.isfinite(config.damping) and config.damping >= 0):
-        raise ConfigError(f"damping must be a finite number >= 0, got {config.damping}")
-    if config.mode not in MODES:
-        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
-    if config.repeats < 1 or config.lissa_batch < 1 or config.jobs < 1:
-        raise ConfigError("repeats, lissa_batch and jobs must be >= 1")
-    if config.nystrom_rho is not None and not (0 < config.nystrom_rho < math.inf):
-        raise ConfigError(f"nystrom_rho must be a finite number > 0, got {config.nystrom_rho}")
 
 
 def check_problem(config: CompareHvpConfig, problem) -> None:

@@ -24,6 +24,7 @@ import pytest
 
 import hvp
 from bilevel import cli, compare_hvp
+from bilevel.config import from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_COLUMNS = ["solver", "budget", "setting", "hvp_count", "cosine", "rel_error",
@@ -201,12 +202,14 @@ def _usage_error(capsys, argv: list[str], prog: str = "bilevel compare-hvp") -> 
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--solvers", "cg,bogus"], "unknown solver 'bogus'"),
-    (["--solvers", ""], "expected a comma list of solver names"),
+    (["--solvers", ""], "argument --solvers: must be a non-empty comma-separated list of names, "
+                        "got ''"),
     (["--solvers", "cg,dense"], "unknown solver 'dense' (it is the reference"),
     (["--problem", "nope"], "unknown problem 'nope'"),
     (["--budgets", "1,x"], "comma-separated list of integers"),
     (["--budgets", "1,,5"], "comma-separated list of integers"),
-    (["--budgets", "0,5"], "budgets must be >= 1"),
+    (["--budgets", "0,5"], "argument --budgets: must be a non-empty comma-separated list of "
+                           "integers >= 1, got '0,5'"),
     (["--damping=-1"], "must be a finite number >= 0"),
     (["--damping", "nan"], "must be a finite number >= 0"),
     (["--mode", "fwd_fwd"], "invalid choice"),
@@ -334,6 +337,26 @@ def test_config_defaults_round_trip_through_the_parser(tmp_path):
     fields = dataclasses.fields(compare_hvp.CompareHvpConfig)
     parsed = compare_hvp.CompareHvpConfig(**{f.name: getattr(args, f.name) for f in fields})
     assert parsed == compare_hvp.CompareHvpConfig()
+    args = cli.build_parser("compare-hvp").parse_args(
+        ["compare-hvp", "--out", str(tmp_path), "--solvers", "cg,cg,identity", "--budgets", "3,7",
+         "--nystrom-rho", "0.5", "--jobs", "1"])
+    assert from_args(compare_hvp.CompareHvpConfig, args) == compare_hvp.CompareHvpConfig(
+        solvers=("cg", "identity"), budgets=(3, 7), nystrom_rho=0.5, jobs=1)
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("budgets", (1, 0), "a non-empty tuple of integers >= 1"),
+    ("solvers", (), "a non-empty tuple of names"),
+    ("damping", float("nan"), "a finite number >= 0"),
+    ("mode", "fwd_fwd", "one of ('fwd_rev', 'rev_rev', 'rev_fwd')"),
+    ("nystrom_rho", 0.0, "None or a finite number > 0"),
+    ("jobs", True, "an integer >= 1"),
+])
+def test_the_config_checks_its_fields_as_the_options_do(field, value, rule):
+    with pytest.raises(ValueError) as error:
+        compare_hvp.CompareHvpConfig(**{field: value})
+    where = "compare_hvp.CompareHvpConfig"
+    assert str(error.value) == f"{where}: {field} must be {rule}, got {value!r}"
 
 
 def _console_script() -> list[str]:
