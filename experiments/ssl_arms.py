@@ -25,7 +25,7 @@ from rich.progress import Progress  # noqa: E402
 from bilevel import datasets  # noqa: E402
 from experiments import ssl_common as common  # noqa: E402
 from experiments._common import positive_int  # noqa: E402
-from semisup import fixmatch, metrics, protocol  # noqa: E402
+from semisup import fixmatch, metrics, options, protocol  # noqa: E402
 
 ARMS = {"supervised": dict(method="supervised"), "fixmatch": dict(method="fixmatch"),
         "oracle": dict(method="oracle"), "softmax": dict(method="softmax"),
@@ -60,14 +60,15 @@ def main(argv=None) -> int:
     parser.add_argument("--mu", type=positive_int, default=4)
     parser.add_argument("--meta-every", type=positive_int, default=5)
     parser.add_argument("--meta-lr", type=float, default=1e-2)
-    parser.add_argument("--solver-iters", type=positive_int, default=10)
+    parser.add_argument("--maxiter", "--solver-iters", type=positive_int, default=10,
+                        help="the meta-step solver's iteration budget (Config.maxiter)")
     parser.add_argument("--damping", type=float, default=0.0,
                         help="added to the Hessian in the confidence network's solves")
     parser.add_argument("--curvature", default="last")
-    parser.add_argument("--meta-optimizer", choices=fixmatch.META_OPTIMIZERS, default="adam")
+    parser.add_argument("--meta-optimizer", choices=options.META_OPTIMIZERS, default="adam")
     parser.add_argument("--meta-weight-decay", type=float, default=0.0)
-    parser.add_argument("--conf-inputs", choices=fixmatch.CONF_INPUTS, default="image")
-    parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="validation",
+    parser.add_argument("--conf-inputs", choices=options.CONF_INPUTS, default="image")
+    parser.add_argument("--meta-data", choices=options.META_DATA, default="validation",
                         help="the meta loss's data (l2rw, confnet); 'labelled' spends no labels "
                              "on it, so every arm trains on the whole budget")
     parser.add_argument("--threshold", type=float, default=0.95)
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     fields = dict(steps=args.steps, batch_size=args.batch, mu=args.mu, ema=0.99,
                   flip=args.flip, meta_every=args.meta_every, meta_lr=args.meta_lr,
-                  solver_iters=args.solver_iters, damping=args.damping,
+                  maxiter=args.maxiter, damping=args.damping,
                   meta_optimizer=args.meta_optimizer, meta_weight_decay=args.meta_weight_decay,
                   curvature=args.curvature, threshold=args.threshold,
                   conf_inputs=args.conf_inputs, meta_data=args.meta_data, **MODELS[args.model])
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
                 for seed, r in zip(seeds, results, strict=True):
                     rows.append({"ratio": ratio, "arm": arm, "seed": seed,
                                  "train_seconds": seconds, **r})
-                if config.method == "confnet":
+                if config.weighting.meta_step is not None:
                     timing[(ratio, arm)] = _time_meta_step(config, states, data)
                     pictures[(ratio, arm)] = (config, fixmatch.unstack(states, 0),
                                               jax.tree_util.tree_map(lambda a: np.asarray(a)[0],
@@ -240,9 +241,8 @@ def _markdown(rows, ratios, arms, args) -> str:
             delta_heldout = (common.paired(acc, heldout) if len(heldout)
                              and arm != "fixmatch-heldout" else "—")
             closed = (acc.mean() - fix.mean()) / gap if len(fix) and gap > 0 else float("nan")
-            meta = _select(rows, ratio, arm, "meta_step_ms") if arm.startswith("confnet") else []
-            ratio_inner = (_select(rows, ratio, arm, "meta_over_inner")
-                           if arm.startswith("confnet") else [])
+            meta = _select(rows, ratio, arm, "meta_step_ms")  # NaN: the arm has no meta-step
+            ratio_inner = _select(rows, ratio, arm, "meta_over_inner")
             timed = [k for k in range(len(meta)) if np.isfinite(meta[k])]
             meta, ratio_inner = [meta[k] for k in timed], [ratio_inner[k] for k in timed]
             hvps = _select(rows, ratio, arm, "hvp_per_meta_step")
@@ -288,8 +288,8 @@ def _plot(rows, ratios, arms, path, design="add"):
 
 def _picture(config, state, data, path, title, per_row=6):
     """Most and least weighted unlabelled images per predicted class (the final network)."""
-    scores = np.asarray(fixmatch.confidence_scores(config, state.conf_params,
-                                                   data.x_unlabelled, state.params))
+    scores = np.asarray(fixmatch.weighting_scores(config, state.conf_params, state.params,
+                                                  data.x_unlabelled))
     predicted = np.asarray(fixmatch.predict(config, state.ema_params, data.x_unlabelled)
                            ).argmax(-1)
     classes = int(predicted.max()) + 1

@@ -26,7 +26,7 @@ import bilevel
 from bilevel import datasets
 from experiments import ssl_common as common
 from experiments._common import positive_int
-from semisup import fixmatch, metrics
+from semisup import fixmatch, meta, metrics, options, solvers
 
 MODELS = {"mlp": dict(widths=(), hidden=64), "cnn": dict(widths=(16, 32), hidden=64)}
 
@@ -35,19 +35,17 @@ def influences(config: fixmatch.Config, params, data, key, solver: str, iters: i
                damping: float):
     """``(dL_meta/dw, mask, ood, index, finite)`` for one fresh unlabelled batch at ``params``.
 
-    The bilevel problem is the confidence network's own (:func:`semisup.fixmatch.meta_losses`,
-    same batch layout as its meta-step) with the per-image weights as the hyperparameters.
+    The bilevel problem is the confidence network's own (:func:`semisup.meta.meta_losses`,
+    on a batch drawn as its meta-step draws one) with the per-image weights as the
+    hyperparameters.
     """
-    x_l, y_l, index, weak, strong = fixmatch._sample(config, key, data)
-    weak_logits = jax.lax.stop_gradient(fixmatch._logits(config, params, weak))
-    pseudo, mask = fixmatch.pseudo_labels(weak_logits, config.threshold)
-    batch = (x_l, y_l, weak, jax.nn.softmax(weak_logits), strong, pseudo, mask,
-             *fixmatch.meta_set(config, data))
-    inner, outer, split = fixmatch.meta_losses(config, weighting=lambda w, *_: w)
+    batch, index = meta.meta_batch(config, params, key, data)
+    mask = batch[6]
+    inner, outer, split = meta.meta_losses(config, weighting=lambda w, *_: w)
     theta, inner_args, outer_args = split(params, batch)
     grad, info = bilevel.hypergrad(inner, outer, theta, jnp.ones_like(mask), inner_args,
                                    outer_args,
-                                   solver=fixmatch.make_solver(solver, iters, damping),
+                                   solver=solvers.make_solver(solver, iters, damping),
                                    damping=damping, on_failure="ignore", stationarity_tol=None)
     return grad, mask, data.unlabelled_ood[index], index, info.finite
 
@@ -102,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
     parser.add_argument("--labels", type=positive_int, default=3)
     parser.add_argument("--validation", type=positive_int, default=1)
-    parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="labelled")
+    parser.add_argument("--meta-data", choices=options.META_DATA, default="labelled")
     parser.add_argument("--unlabelled", type=positive_int, default=300)
     parser.add_argument("--ood", default="near")
     parser.add_argument("--ratio", type=float, default=1.0)
@@ -115,7 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=positive_int, default=20)
     parser.add_argument("--dampings", default="1e-3",
                         help="comma-separated damping δ of the solves (identity runs once)")
-    parser.add_argument("--curvature", choices=fixmatch.CURVATURES, default="last")
+    parser.add_argument("--curvature", choices=options.CURVATURES, default="last")
     parser.add_argument("--at-steps", default=None,
                         help="comma-separated steps of the one FixMatch run at which to measure "
                              "(default: its end, --steps)")

@@ -36,7 +36,7 @@ from bilevel import datasets
 from experiments import ssl_common as common
 from experiments._common import positive_int
 from experiments.ssl_influence import MODELS
-from semisup import fixmatch, metrics
+from semisup import fixmatch, meta, metrics, options
 
 
 def _truncations(text: str, steps: int, parser: argparse.ArgumentParser) -> list[int | None]:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
     parser.add_argument("--labels", type=positive_int, default=3)
     parser.add_argument("--validation", type=positive_int, default=1)
-    parser.add_argument("--meta-data", choices=fixmatch.META_DATA, default="labelled")
+    parser.add_argument("--meta-data", choices=options.META_DATA, default="labelled")
     parser.add_argument("--unlabelled", type=positive_int, default=300)
     parser.add_argument("--ood", default="near",
                         help="near, far, or another dataset's name (e.g. svhn, cifar100)")
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             ood = np.asarray(one.unlabelled_ood).astype(bool)
             for truncate in truncations:
                 grads, row = {}, {"seed": seed, "truncate": truncate or args.steps}
-                for target, (x, y) in (("meta", fixmatch.meta_set(config, one)),
+                for target, (x, y) in (("meta", meta.meta_set(config, one)),
                                        ("test", (one.x_test, one.y_test))):
                     grad, info = fixmatch.unrolled_influence(config, state, one, x, y,
                                                              truncate=truncate, loop=args.loop)

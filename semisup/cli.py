@@ -6,8 +6,9 @@ with the same options it resumes, a finished run is left untouched, other option
 unless ``--overwrite``. ``eval`` reloads the run and prints (and writes ``metrics.json``) its
 metrics.
 
-Declaring the options imports no JAX (the choices come from :mod:`semisup.options`), so
-``--help`` answers at once; :func:`run` imports the modules that do the work.
+Declaring the options imports no JAX (the choices come from :mod:`semisup.options`, the methods
+from the registry :data:`semisup.WEIGHTINGS`), so ``--help`` answers at once; :func:`run`
+imports the modules that do the work.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from bilevel.argtypes import out_dir
 from bilevel.argtypes import positive_int as _positive_int
 from semisup import options as choices
+from semisup.weighting import WEIGHTINGS
 
 HELP = "FixMatch with a meta-learned confidence network on a class-mismatch benchmark."
 
@@ -37,6 +39,8 @@ _NOT_RUN_OPTIONS = ("ssl_command", "command", "out", "stop_after", "overwrite")
 _FREE_OPTIONS = ("checkpoint_every",)
 #: What ``train`` writes into --out.
 _RUN_FILES = ("options.json", "checkpoint.npz", "metrics.json")
+#: Old name -> name of the options an earlier version stored in options.json (read as new).
+_RENAMED_OPTIONS = {"solver_iters": "maxiter"}
 
 RESUME_RULE = """\
 Run folders (--out): running the same command again on an --out that holds an unfinished
@@ -134,25 +138,21 @@ def _add_data_arguments(data) -> None:
                       help="OOD per ID unlabelled image (add) or OOD share (swap)")
     data.add_argument("--design", choices=choices.DESIGNS, default="add",
                       help="add OOD images to the ID pool, or swap them in at a fixed size")
-    data.add_argument("--labels-per-class", type=_positive_int, default=4,
-                      help="labelled training images per ID class")
-    data.add_argument("--validation-per-class", type=_positive_int, default=10,
-                      help="labelled validation images per ID class")
-    data.add_argument("--unlabelled", type=_positive_int, default=300,
-                      help="ID unlabelled images (add) or the pool size (swap)")
+    _add_counts(data, (
+        ("--labels-per-class", 4, "labelled training images per ID class"),
+        ("--validation-per-class", 10, "labelled validation images per ID class"),
+        ("--unlabelled", 300, "ID unlabelled images (add) or the pool size (swap)")))
     data.add_argument("--seed", type=int, default=0, help="seed of the split and the run")
 
 
 def _add_training_arguments(run) -> None:
-    run.add_argument("--method", choices=choices.METHODS, default="confnet",
-                     help="how the unlabelled images are weighted")
+    run.add_argument("--method", choices=tuple(WEIGHTINGS), default="confnet",
+                     help="how the unlabelled images are weighted (semisup.WEIGHTINGS)")
     run.add_argument("--model", choices=tuple(MODELS), default="mlp", help="the classifier")
-    run.add_argument("--steps", type=_positive_int, default=1000,
-                     help="classifier steps (a multiple of --meta-every)")
-    run.add_argument("--batch-size", type=_positive_int, default=32,
-                     help="labelled images per step")
-    run.add_argument("--mu", type=_positive_int, default=4,
-                     help="unlabelled images per labelled one in a step")
+    _add_counts(run, (
+        ("--steps", 1000, "classifier steps (a multiple of --meta-every)"),
+        ("--batch-size", 32, "labelled images per step"),
+        ("--mu", 4, "unlabelled images per labelled one in a step")))
     run.add_argument("--threshold", type=_float_in(0.0, 1.0, closed_low=False), default=0.95,
                      help="FixMatch's confidence threshold")
     run.add_argument("--lambda-u", type=_float_in(0.0, 1e3), default=1.0,
@@ -165,12 +165,19 @@ def _add_training_arguments(run) -> None:
                      help="flip in the augmentations (auto: only for CIFAR-10)")
 
 
+def _add_counts(group, counts) -> None:
+    """Options that are counts (integers >= 1), each ``(flag, default, help)``."""
+    for flag, default, text in counts:
+        group.add_argument(flag, type=_positive_int, default=default, help=text)
+
+
 def _add_meta_arguments(meta) -> None:
     meta.add_argument("--solver", default="cg", metavar="NAME",
                       help=f"inverse-HVP approximation of the meta-gradient: {SOLVER_NAMES}")
-    meta.add_argument("--solver-iters", type=_positive_int, default=10,
-                      help="its iterations (Neumann terms, CG iterations, Nystrom rank; any "
-                           "other solver gets the products of that many CG iterations)")
+    meta.add_argument("--maxiter", "--solver-iters", type=_positive_int, default=10,
+                      help="its iteration budget (Neumann terms, CG iterations, Nystrom rank; "
+                           "any other solver gets the products of that many CG iterations); "
+                           "--solver-iters is its old name")
     meta.add_argument("--curvature", choices=choices.CURVATURES, default="last",
                       help="Hessian of the head (last) or of the whole classifier (all)")
     meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0,
@@ -204,7 +211,7 @@ def _config(options: dict):
         method=options["method"], steps=options["steps"], batch_size=options["batch_size"],
         mu=options["mu"], lambda_u=options["lambda_u"], threshold=options["threshold"],
         lr=options["lr"], ema=options["ema"], flip=flip, widths=widths, hidden=hidden,
-        solver=options["solver"], solver_iters=options["solver_iters"],
+        solver=options["solver"], maxiter=options["maxiter"],
         curvature=options["curvature"], damping=options["damping"],
         meta_every=options["meta_every"], meta_lr=options["meta_lr"],
         meta_optimizer=options.get("meta_optimizer", "adam"),
@@ -272,7 +279,7 @@ def _read_options(path: Path) -> dict:
         stored = None
     if not isinstance(stored, dict):
         raise ValueError(f"--out: {path} is not the options.json of bilevel ssl train")
-    return stored
+    return {_RENAMED_OPTIONS.get(k, k): v for k, v in stored.items()}
 
 
 def _remove_run(out: Path) -> list[str]:

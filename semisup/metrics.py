@@ -50,10 +50,11 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
 
     Returns a dict with ``test_accuracy`` (EMA weights), ``test_accuracy_raw``,
     ``validation_accuracy``; ``weight_auroc`` (AUROC of each unlabelled image's mean raw score
-    over training, ID as positive; NaN for methods without weights); ``final_weight_auroc`` (the
-    confidence network's final weights of the unaugmented images; NaN for other methods) and
-    ``final_logit_std`` (the spread of its final logits over the unlabelled images: 0 is plain
-    FixMatch, ±4 already makes near-binary weights);
+    over training, ID as positive; NaN for methods whose scores are absent or constant);
+    ``final_weight_auroc`` (the final scores of the unaugmented images under the weighting's
+    trained parameters, the confidence network's logits for ``confnet``; NaN for methods
+    without a meta-step) and ``final_logit_std`` (the spread of those scores over the
+    unlabelled images: 0 is plain FixMatch, ±4 already makes near-binary weights);
     ``ood_pass_rate`` and ``id_pass_rate`` (share of draws of OOD / ID images that passed the
     confidence mask); ``ood_weight_share`` (OOD share of the unlabelled loss weight);
     ``hvp_per_meta_step``, ``meta_failures``.
@@ -63,7 +64,8 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
     drawn = seen > 0
     mean_score = np.asarray(state.score_sum)[drawn] / seen[drawn]
     mask_sum, weight_sum = np.asarray(state.mask_sum), np.asarray(state.weight_sum)
-    weighted = config.method in ("softmax", "l2rw", "confnet", "oracle")
+    weighting = config.weighting
+    weighted = weighting.uses_unlabelled and not weighting.constant_scores
     total_weight = weight_sum.sum()
 
     def rate(select):
@@ -84,10 +86,9 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
         "hvp_per_meta_step": float(state.hvp_count) / max(int(state.meta_steps), 1),
         "meta_failures": int(state.meta_failures),
     }
-    if config.method == "confnet":
-        scores = np.asarray(fixmatch.confidence_scores(config, state.conf_params,
-                                                       np.asarray(data.x_unlabelled),
-                                                       state.params))
+    if weighting.meta_step is not None:
+        scores = np.asarray(fixmatch.weighting_scores(config, state.conf_params, state.params,
+                                                      np.asarray(data.x_unlabelled)))
         metrics["final_weight_auroc"] = auroc(scores, ~ood)
         metrics["final_logit_std"] = float(scores.std())
     return metrics

@@ -14,12 +14,12 @@ from typing import NamedTuple
 import numpy as np
 
 from bilevel import datasets
+from semisup.options import DESIGNS
 
 #: ID classes per dataset; the rest of the dataset's classes are the "near" OOD.
 #: CIFAR-10: the six animal classes (bird, cat, deer, dog, frog, horse), as in Oliver et al.
 DEFAULT_IN_CLASSES = {"cifar10": (2, 3, 4, 5, 6, 7)}
 OOD_KINDS = ("near", "far", "other")
-DESIGNS = ("add", "swap")
 
 
 class Split(NamedTuple):

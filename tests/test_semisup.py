@@ -3,6 +3,8 @@ checkpoint/resume and the ``bilevel ssl`` command line."""
 
 import dataclasses
 import json
+import pickle
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +226,7 @@ def test_meta_gradient_with_dense_solve_matches_finite_differences(conf_inputs):
         name for name in fixmatch.SOLVERS
         if not (hvp.SOLVERS[name].approximation or hvp.SOLVERS[name].stationary_iteration)]
     for name in krylov:
-        config_k = fixmatch.Config(**{**config.__dict__, "solver": name, "solver_iters": 50})
+        config_k = fixmatch.Config(**{**config.__dict__, "solver": name, "maxiter": 50})
         grad_k, _ = fixmatch.meta_gradient(config_k, {**params, "head": theta}, conf, batch)
         # (They stop at a relative residual of 1e-6, hence the looser tolerance.)
         assert np.allclose(ravel_pytree(grad_k)[0], ravel_pytree(grad)[0], rtol=1e-4,
@@ -237,7 +239,7 @@ def test_meta_gradient_over_the_whole_classifier_matches_a_dense_formula():
     damping = 1.0  # H is indefinite here (λ_min ≈ −0.56): the damped operator is SPD
     config = fixmatch.Config(method="confnet", widths=(), hidden=3, weight_decay=0.05,
                              lambda_u=1.0, conf_widths=(2,), curvature="all", solver="cg",
-                             solver_iters=200, damping=damping, conf_inputs="image+softmax")
+                             maxiter=200, damping=damping, conf_inputs="image+softmax")
     rng = np.random.default_rng(2)
     num_classes, shape = 3, (4, 4, 1)
     params = models.init_classifier(jax.random.key(0), shape, num_classes, (), 3)
@@ -347,7 +349,7 @@ def digits_split():
 def _tiny(method, **kw):
     # The configuration `bilevel ssl train` builds from TRAIN below, so jits are shared.
     return fixmatch.Config(method=method, steps=4, batch_size=4, mu=2, widths=(), hidden=64,
-                           flip=False, meta_every=2, solver_iters=3, ema=0.99, meta_lr=3e-3,
+                           flip=False, meta_every=2, maxiter=3, ema=0.99, meta_lr=3e-3,
                            **kw)
 
 
@@ -519,6 +521,25 @@ def test_config_errors_name_the_field():
         fixmatch.Config(meta_optimizer="rmsprop")
     with pytest.raises(ValueError, match="semisup.Config: meta_weight_decay"):
         fixmatch.Config(meta_weight_decay=-1.0)
+    with pytest.raises(ValueError, match="semisup.Config: maxiter must be an integer >= 1"):
+        fixmatch.Config(maxiter=0)
+
+
+def test_solver_iters_is_the_deprecated_name_of_maxiter():
+    with pytest.warns(DeprecationWarning, match="solver_iters is deprecated; use maxiter"):
+        old = semisup.Config(solver_iters=3)
+    assert old == semisup.Config(maxiter=3) and old.maxiter == 3
+    with pytest.warns(DeprecationWarning, match="solver_iters is deprecated"):
+        assert old.solver_iters == 3
+    # dataclasses.replace passes every field, so the old name given there must win.
+    with pytest.warns(DeprecationWarning):
+        assert dataclasses.replace(old, solver_iters=7).maxiter == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dataclasses.replace(old, maxiter=5).maxiter == 5
+        assert pickle.loads(pickle.dumps(old)) == old
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="maxiter"):
+        semisup.Config(solver_iters=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,7 +640,7 @@ def test_cli_runtime_errors_exit_2(tmp_path, capsys):
 
 TRAIN = ["--labels-per-class", "2", "--validation-per-class", "2", "--unlabelled", "30",
          "--steps", "4", "--batch-size", "4", "--mu", "2", "--meta-every", "2",
-         "--solver-iters", "3", "--threshold", "0.2", "--checkpoint-every", "1"]
+         "--maxiter", "3", "--threshold", "0.2", "--checkpoint-every", "1"]
 
 
 def test_cli_train_stop_resume_and_eval(tmp_path, capsys):

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+import semisup
 from bilevel.cli import main
-from semisup import checkpoint, fixmatch, options, protocol
+from semisup import checkpoint, fixmatch, options, protocol, weighting
 from semisup import cli as ssl_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,10 +195,46 @@ def test_help_states_the_run_folder_rule():
         assert phrase in text
 
 
-def test_light_choices_equal_the_library_ones():
-    for name in ("METHODS", "CURVATURES", "CONF_INPUTS", "META_OPTIMIZERS", "META_DATA"):
-        assert getattr(options, name) == getattr(fixmatch, name), name
-    assert options.DESIGNS == protocol.DESIGNS
+def test_choices_are_declared_once():
+    """The library's names are the light modules' objects, not copies; --method offers the
+    registry's names."""
+    for name in ("CURVATURES", "CONF_INPUTS", "META_OPTIMIZERS", "META_DATA"):
+        assert getattr(fixmatch, name) is getattr(options, name), name
+    assert protocol.DESIGNS is options.DESIGNS
+    assert semisup.METHODS is weighting.METHODS and semisup.WEIGHTINGS is weighting.WEIGHTINGS
+    method = next(a for a in _parsers()["train"]._actions if a.dest == "method")
+    assert tuple(method.choices) == tuple(semisup.WEIGHTINGS) == tuple(semisup.METHODS)
+    assert set(semisup.WEIGHTINGS) >= {"supervised", "fixmatch", "oracle", "softmax", "l2rw",
+                                       "confnet"}
+
+
+def test_maxiter_option_and_its_old_name():
+    train = _parsers()["train"]
+    for flag in ("--maxiter", "--solver-iters"):
+        args = train.parse_args(["--out", "run", flag, "7"])
+        assert ssl_cli._config(ssl_cli.run_options(args)).maxiter == 7
+        assert "solver_iters" not in ssl_cli.run_options(args)
+
+
+def test_a_run_whose_options_say_solver_iters_resumes_and_evaluates(tmp_path, capsys):
+    """options.json of an earlier version stored --solver-iters as solver_iters."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    assert main(["ssl", "train", "--out", str(out), *TRAIN, "--stop-after", "1"]) == 0
+    stored = json.loads((out / "options.json").read_text())
+    stored["solver_iters"] = stored.pop("maxiter")
+    (out / "options.json").write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert main(["ssl", "train", "--out", str(out), *TRAIN]) == 0
+    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    assert main(["ssl", "train", "--out", str(straight), *TRAIN]) == 0
+    with np.load(out / "checkpoint.npz") as a, np.load(straight / "checkpoint.npz") as b:
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+    stored = json.loads((out / "options.json").read_text())  # rewritten by the resumed run
+    assert stored["maxiter"] == 10 and "solver_iters" not in stored
+    stored["solver_iters"] = stored.pop("maxiter")  # and eval reads an old one
+    (out / "options.json").write_text(json.dumps(stored))
+    assert main(["ssl", "eval", "--out", str(out)]) == 0
 
 
 def test_every_usable_registered_solver_is_accepted_by_train():
@@ -229,7 +266,8 @@ def test_declaring_the_options_imports_no_jax():
             "        p.parse_args([command, '--help'])\n"
             "    except SystemExit:\n"
             "        pass\n"
-            "print(sorted(m for m in ('jax', 'flax', 'optax', 'scipy', 'semisup.fixmatch')\n"
+            "print(sorted(m for m in ('jax', 'flax', 'optax', 'scipy', 'semisup.fixmatch',\n"
+            "                         'semisup.strategies')\n"
             "             if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
