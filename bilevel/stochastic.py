@@ -321,6 +321,7 @@ def _or(value: float | None, default: float) -> float:
 # --------------------------------------------------------------------------------------------
 # SOBA and MASOBA.
 
+
 class SOBAState(NamedTuple):
     """SOBA's carried state: ``v ≈ −H⁻¹ ∇_θ f`` and the method's outer steps so far."""
 

@@ -13,8 +13,8 @@ reuse the minibatch runs' compilations).
 
 Tolerances (relative errors ||λ − λ*|| / ||λ*||, ||θ − θ*|| / ||θ*||), stated per method in the
 registry: full batch 1e-6 (F2SA 1e-2: its penalty bias is O(1/σ)), minibatch 0.15 on λ and 0.35
-on θ for the constant-noise methods (they end in a noise ball; measured 0.06-0.10 and 0.06-0.25),
-1e-6 for SABA (variance reduced: it converges exactly).
+on θ for the methods without variance reduction (they end in a noise ball; measured 0.07-0.08 on
+λ and 0.06-0.23 on θ), 1e-6 for SABA (variance reduced: it converges exactly; measured 2e-9).
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def test_a_nan_makes_the_step_not_finite_and_changes_nothing(name, key):
     grad, new_params, new_state, stats = STEPS[name](params, HPARAMS0, state, key, INNER_ARGS,
                                                      OUTER_ARGS)
     assert not bool(stats["finite"])
-    assert new_params is not None and np.isnan(new_params[0])  # handed back as it came
+    np.testing.assert_array_equal(new_params, params)  # handed back as it came, NaN included
     for new, old in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state),
                         strict=True):
         np.testing.assert_array_equal(new, old)
