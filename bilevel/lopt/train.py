@@ -162,7 +162,7 @@ def _truncation_fn(config: MetaTrainConfig, member: tasks.FamilyMember) -> Calla
                                                       args=(batches, scale, num_steps),
                                                       on_failure="ignore")
         finite = info.finite & _all_finite(new_state.inner_state)
-        return Truncation(grad, new_state, info.loss, finite)
+        return Truncation(grad, new_state, info.outer_loss, finite)
 
     return jax.jit(mixflow if config.estimator == "mixflow" else pes)
 

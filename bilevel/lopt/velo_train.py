@@ -219,7 +219,7 @@ def velo_train_step(state: VeLOTrainState) -> tuple[VeLOTrainState, dict]:
         if bool(info.finite):
             scale = 1.0 / jnp.maximum(optax.tree.norm(grad), 1e-12)
             grads.append(jax.tree_util.tree_map(lambda g, s=scale: g * s, grad))
-            losses.append(float(info.loss))
+            losses.append(float(info.outer_loss))
         horizons.append(horizon)
     meta, outer_state = state.meta, state.outer_state
     if grads:
