@@ -9,10 +9,11 @@ Submodules are imported on first use (PEP 562), so that ``import bilevel.cli`` -
 # ruff: noqa: F401  (the TYPE_CHECKING imports name the lazily loaded public API)
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from bilevel.lazy import attach
 
 __version__ = "0.1.0"
 
@@ -43,29 +44,23 @@ _EXPORTS = {
     "UnrolledMethod": "bilevel.trainer",
     "train": "bilevel.trainer",
     "train_problem": "bilevel.trainer",
+    "AmIGO": "bilevel.stochastic",
+    "F2SA": "bilevel.stochastic",
+    "MASOBA": "bilevel.stochastic",
+    "SABA": "bilevel.stochastic",
+    "SOBA": "bilevel.stochastic",
+    "StocBiO": "bilevel.stochastic",
     "UnrolledInfo": "bilevel.unrolled",
     "unrolled_hypergrad": "bilevel.unrolled",
     "SolveError": "hvp.checks",
     "SolveWarning": "hvp.checks",
 }
-_SUBMODULES = ("checkpoint", "distributed")
+_SUBMODULES = ("checkpoint", "config", "distributed", "lazy", "stochastic")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"bilevel.{name}")
-    else:
-        raise AttributeError(f"module 'bilevel' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _EXPORTS, _SUBMODULES)
 
 
 class _Package(types.ModuleType):
@@ -98,6 +93,7 @@ if TYPE_CHECKING:  # pragma: no cover
         make_problem,
         ridge,
     )
+    from bilevel.stochastic import F2SA, MASOBA, SABA, SOBA, AmIGO, StocBiO
     from bilevel.trainer import (
         AbstractMethod,
         ESMethod,

@@ -18,8 +18,9 @@ importing JAX and flax.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bilevel.lazy import attach
 
 #: Public name -> (the module that defines it, its name there).
 _EXPORTS = {
@@ -79,20 +80,7 @@ _SUBMODULES = ("augment", "batch", "checkpoint", "config", "fixmatch", "influenc
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module, attribute = _EXPORTS[name]
-        value = getattr(importlib.import_module(module), attribute)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"semisup.{name}")
-    else:
-        raise AttributeError(f"module 'semisup' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _EXPORTS, _SUBMODULES)
 
 
 if TYPE_CHECKING:  # pragma: no cover

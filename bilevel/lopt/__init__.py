@@ -14,8 +14,9 @@ for importing JAX.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bilevel.lazy import attach
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
@@ -43,19 +44,7 @@ _SUBMODULES = ("optimizers", "tasks", "velo")
 __all__ = sorted([*_EXPORTS, "tasks"])
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"bilevel.lopt.{name}")
-    else:
-        raise AttributeError(f"module 'bilevel.lopt' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _EXPORTS, _SUBMODULES)
 
 
 if TYPE_CHECKING:  # pragma: no cover
