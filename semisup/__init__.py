@@ -30,7 +30,7 @@ _EXPORTS = {
     "strong_augment": ("semisup.augment", "strong_augment"),
     "weak_augment": ("semisup.augment", "weak_augment"),
     "Batch": ("semisup.batch", "Batch"),
-    "Config": ("semisup.config", "Config"),
+    "Config": ("semisup.options", "Config"),
     "State": ("semisup.config", "State"),
     "init": ("semisup.fixmatch", "init"),
     "init_seeds": ("semisup.fixmatch", "init_seeds"),

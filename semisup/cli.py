@@ -6,9 +6,13 @@ with the same options it resumes, a finished run is left untouched, other option
 unless ``--overwrite``. ``eval`` reloads the run and prints (and writes ``metrics.json``) its
 metrics.
 
-Declaring the options imports no JAX (the choices come from :mod:`semisup.options`, the methods
-from the registry :data:`semisup.WEIGHTINGS`), so ``--help`` answers at once; :func:`run`
-imports the modules that do the work.
+The training options are derived from :class:`semisup.Config`'s fields
+(:func:`bilevel.config.add_arguments`: each field's rule, help and default declared once, in
+:mod:`semisup.options`), with this command's own defaults (:data:`TRAIN_DEFAULTS`); ``--model``
+sets the fields ``widths`` and ``hidden``, ``--flip`` the field ``flip``. Declaring the options
+imports no JAX (the choices come from :mod:`semisup.options`, the methods from the registry
+:data:`semisup.WEIGHTINGS`), so ``--help`` answers at once; :func:`run` imports the modules that
+do the work.
 """
 
 from __future__ import annotations
@@ -21,15 +25,28 @@ from pathlib import Path
 
 from bilevel.argtypes import out_dir
 from bilevel.argtypes import positive_int as _positive_int
+from bilevel.config import Float, from_args
+from bilevel.config import add_arguments as add_config_arguments
 from semisup import options as choices
-from semisup.weighting import WEIGHTINGS
+from semisup.options import Config
 
 HELP = "FixMatch with a meta-learned confidence network on a class-mismatch benchmark."
 
 MODELS = choices.MODELS
-#: What ``--solver`` accepts, said without loading the registry (which needs JAX).
-SOLVER_NAMES = ("a name in hvp.SOLVERS but dense, the exact reference, and those that need a "
-                "minibatch Hessian, such as lissa")
+SOLVER_NAMES = choices.SOLVER_NAMES
+#: ``train``'s defaults where they differ from :class:`semisup.Config`'s (a small, quick run
+#: of the meta-learned confidence network).
+TRAIN_DEFAULTS = {"method": "confnet", "batch_size": 32, "mu": 4, "ema": 0.99, "meta_lr": 3e-3}
+#: ``--meta-lr`` is capped on the command line only (SGD's meta-gradient scale may need more:
+#: see :class:`semisup.Config`).
+_CLI_RULES = {"meta_lr": {"rule": Float(gt=0, le=10)}}
+#: The :class:`semisup.Config` fields of each group of ``train``'s options, in help order.
+_TRAINING_FIELDS = ("method", "steps", "batch_size", "mu", "threshold", "lambda_u", "lr", "ema")
+_META_FIELDS = ("solver", "maxiter", "curvature", "damping", "meta_every", "meta_lr",
+                "meta_optimizer", "meta_weight_decay", "conf_inputs", "meta_data")
+#: Run options an earlier version did not store, with the value its runs had.
+_LATER_OPTIONS = {"meta_optimizer": "adam", "meta_weight_decay": 0.0, "conf_inputs": "image",
+                  "meta_data": "validation"}
 #: The options that say which data a run reads (``eval`` rebuilds its split from them).
 _DATA_OPTIONS = ("dataset", "data_dir", "ood", "ood_ratio", "design", "labels_per_class",
                  "validation_per_class", "unlabelled", "seed")
@@ -59,19 +76,6 @@ checkpoint.npz.
 EVAL_DESCRIPTION = """\
 Print the metrics of the run in --out (a folder `bilevel ssl train` wrote) and save them
 to --out/metrics.json."""
-
-
-def _float_in(low: float, high: float, closed_low: bool = True):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not ((low <= value if closed_low else low < value) and value <= high):
-            raise argparse.ArgumentTypeError(f"expected a number in {'[' if closed_low else '('}"
-                                             f"{low}, {high}], got {text!r}")
-        return value
-    return parse
 
 
 def run_folder(text: str) -> Path:
@@ -130,11 +134,13 @@ def _add_data_arguments(data) -> None:
                       help="in-distribution dataset")
     data.add_argument("--data-dir", default=None,
                       help="folder with the standard data files (default: none; digits and "
-                           "mnist5k need none)")
+                           "mnist5k need none, nor does fashion_mnist where Debian's "
+                           "dataset-fashion-mnist package is installed: "
+                           "bilevel.datasets.SYSTEM_FOLDERS)")
     data.add_argument("--ood", default="near",
                       help="near, far, or a dataset name (cifar100, svhn, ...) read from "
                            "--data-dir")
-    data.add_argument("--ood-ratio", type=_float_in(0.0, 10.0), default=1.0,
+    data.add_argument("--ood-ratio", type=Float(ge=0, le=10), default=1.0,
                       help="OOD per ID unlabelled image (add) or OOD share (swap)")
     data.add_argument("--design", choices=choices.DESIGNS, default="add",
                       help="add OOD images to the ID pool, or swap them in at a fixed size")
@@ -146,21 +152,10 @@ def _add_data_arguments(data) -> None:
 
 
 def _add_training_arguments(run) -> None:
-    run.add_argument("--method", choices=tuple(WEIGHTINGS), default="confnet",
-                     help="how the unlabelled images are weighted (semisup.WEIGHTINGS)")
+    """The :class:`semisup.Config` options of :data:`_TRAINING_FIELDS`, then ``--model`` and
+    ``--flip`` (which set the fields ``widths``/``hidden`` and ``flip``)."""
+    _add_config_options(run, _TRAINING_FIELDS)
     run.add_argument("--model", choices=tuple(MODELS), default="mlp", help="the classifier")
-    _add_counts(run, (
-        ("--steps", 1000, "classifier steps (a multiple of --meta-every)"),
-        ("--batch-size", 32, "labelled images per step"),
-        ("--mu", 4, "unlabelled images per labelled one in a step")))
-    run.add_argument("--threshold", type=_float_in(0.0, 1.0, closed_low=False), default=0.95,
-                     help="FixMatch's confidence threshold")
-    run.add_argument("--lambda-u", type=_float_in(0.0, 1e3), default=1.0,
-                     help="weight of the unlabelled loss")
-    run.add_argument("--lr", type=_float_in(0.0, 10.0, closed_low=False), default=0.03,
-                     help="SGD learning rate (cosine-decayed)")
-    run.add_argument("--ema", type=_float_in(0.0, 0.9999999), default=0.99,
-                     help="decay of the weight average used for evaluation")
     run.add_argument("--flip", choices=("auto", "yes", "no"), default="auto",
                      help="flip in the augmentations (auto: only for CIFAR-10)")
 
@@ -172,52 +167,45 @@ def _add_counts(group, counts) -> None:
 
 
 def _add_meta_arguments(meta) -> None:
-    meta.add_argument("--solver", default="cg", metavar="NAME",
-                      help=f"inverse-HVP approximation of the meta-gradient: {SOLVER_NAMES}")
-    meta.add_argument("--maxiter", "--solver-iters", type=_positive_int, default=10,
-                      help="its iteration budget (Neumann terms, CG iterations, Nystrom rank; "
-                           "any other solver gets the products of that many CG iterations); "
-                           "--solver-iters is its old name")
-    meta.add_argument("--curvature", choices=choices.CURVATURES, default="last",
-                      help="Hessian of the head (last) or of the whole classifier (all)")
-    meta.add_argument("--damping", type=_float_in(0.0, 1e3), default=0.0,
-                      help="added to the Hessian in the solve")
-    meta.add_argument("--meta-every", type=_positive_int, default=5,
-                      help="classifier steps per meta-step")
-    meta.add_argument("--meta-lr", type=_float_in(0.0, 10.0, closed_low=False), default=3e-3,
-                      help="the confidence network's learning rate")
-    meta.add_argument("--meta-optimizer", choices=choices.META_OPTIMIZERS, default="adam",
-                      help="the confidence network's optimizer (sgd steps by the raw "
-                           "meta-gradient times --meta-lr)")
-    meta.add_argument("--meta-weight-decay", type=_float_in(0.0, 1e6), default=0.0,
-                      help="decoupled weight decay on the confidence network (pulls the weights "
-                           "towards 1)")
-    meta.add_argument("--conf-inputs", choices=choices.CONF_INPUTS, default="image",
-                      help="what the confidence network reads: the weak view, or also the "
-                           "classifier's class probabilities of it")
-    meta.add_argument("--meta-data", choices=choices.META_DATA, default="validation",
-                      help="the meta loss's data: the held-out validation set, or the labelled "
-                           "training set (DS3L; the validation labels then join training)")
+    """The :class:`semisup.Config` options of :data:`_META_FIELDS`; ``--maxiter`` is also
+    ``--solver-iters``, its old name."""
+    _add_config_options(meta, _META_FIELDS)
+    _alias(meta, "--maxiter", "--solver-iters")
+
+
+def _add_config_options(group, fields) -> None:
+    add_config_arguments(group, Config, only=fields,
+                         defaults={k: v for k, v in TRAIN_DEFAULTS.items() if k in fields},
+                         changes={k: v for k, v in _CLI_RULES.items() if k in fields})
+
+
+def _alias(group, flag: str, alias: str) -> None:
+    """Let ``alias`` also name the option ``flag`` of ``group`` (one help entry for both)."""
+    action = group._option_string_actions[flag]
+    action.option_strings.append(alias)
+    group._option_string_actions[alias] = action
 
 
 def _config(options: dict):
-    from semisup import fixmatch
-    if options["solver"] not in fixmatch.SOLVERS:  # checked here: the names need JAX
+    """The :class:`semisup.Config` of the run options ``options`` (a parsed command line, or an
+    options.json; options added later default to what earlier runs had).
+
+    Raises:
+      ValueError: the solver is not one semisup can use, or a field breaks its rule.
+      KeyError: ``options`` lacks a run option.
+    """
+    from semisup import solvers
+    if options["solver"] not in solvers.SOLVERS:  # checked here: the names need JAX
         raise ValueError(f"argument --solver: unknown solver {options['solver']!r}; choose from "
-                         f"{', '.join(fixmatch.SOLVERS)} ({SOLVER_NAMES})")
+                         f"{', '.join(solvers.SOLVERS)} ({SOLVER_NAMES})")
+    options = {**_LATER_OPTIONS, **options}
+    missing = [name for name in _TRAINING_FIELDS + _META_FIELDS if name not in options]
+    if missing:
+        raise KeyError(missing[0])
     widths, hidden = MODELS[options["model"]]
     flip = {"yes": True, "no": False, "auto": options["dataset"] == "cifar10"}[options["flip"]]
-    return fixmatch.Config(
-        method=options["method"], steps=options["steps"], batch_size=options["batch_size"],
-        mu=options["mu"], lambda_u=options["lambda_u"], threshold=options["threshold"],
-        lr=options["lr"], ema=options["ema"], flip=flip, widths=widths, hidden=hidden,
-        solver=options["solver"], maxiter=options["maxiter"],
-        curvature=options["curvature"], damping=options["damping"],
-        meta_every=options["meta_every"], meta_lr=options["meta_lr"],
-        meta_optimizer=options.get("meta_optimizer", "adam"),
-        meta_weight_decay=options.get("meta_weight_decay", 0.0),
-        conf_inputs=options.get("conf_inputs", "image"),
-        meta_data=options.get("meta_data", "validation"))
+    return from_args(Config, argparse.Namespace(**options), widths=widths, hidden=hidden,
+                     flip=flip)
 
 
 def _split(options: dict, config):

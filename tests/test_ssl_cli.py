@@ -2,6 +2,7 @@
 run-folder rule (resume, finished, refused, --overwrite, Ctrl-C), help text and choices."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 import semisup
 from bilevel.cli import main
+from bilevel.config import flag as config_flag
 from semisup import checkpoint, fixmatch, options, protocol, weighting
 from semisup import cli as ssl_cli
 
@@ -206,6 +208,40 @@ def test_choices_are_declared_once():
     assert tuple(method.choices) == tuple(semisup.WEIGHTINGS) == tuple(semisup.METHODS)
     assert set(semisup.WEIGHTINGS) >= {"supervised", "fixmatch", "oracle", "softmax", "l2rw",
                                        "confnet"}
+
+
+def test_training_options_are_derived_from_config():
+    """Every semisup.Config field that has an option is a train option with the field's rule
+    and train's default; the others are not (widths and hidden are set by --model, flip by
+    --flip, which takes auto/yes/no); the defaults make the Config of TRAIN_DEFAULTS."""
+    train = _parsers()["train"]
+    actions = {a.dest: a for a in train._actions}
+    for f in dataclasses.fields(semisup.Config):
+        option = config_flag(semisup.Config, f.name)
+        if option is None:
+            assert f.name not in actions or f.name == "flip", f.name
+            continue
+        assert option in actions[f.name].option_strings
+        assert actions[f.name].default == ssl_cli.TRAIN_DEFAULTS.get(f.name, f.default), f.name
+    config = ssl_cli._config(ssl_cli.run_options(train.parse_args(["--out", "run"])))
+    assert config == semisup.Config(**ssl_cli.TRAIN_DEFAULTS, widths=(), hidden=64, flip=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "1"], "argument --threshold: must be a number in (0, 1), got '1'"),
+    (["--lambda-u", "2e3"], "argument --lambda-u: must be a number in [0, 1000], got '2e3'"),
+    (["--meta-lr", "11"], "argument --meta-lr: must be a number in (0, 10], got '11'"),
+    (["--maxiter", "0"], "argument --maxiter/--solver-iters: must be an integer >= 1, got '0'"),
+    (["--solver-iters", "0"],
+     "argument --maxiter/--solver-iters: must be an integer >= 1, got '0'"),
+    (["--steps", "7"], "semisup.Config: steps (7) must be a multiple of meta_every (5)"),
+])
+def test_a_bad_training_option_is_one_error_line_saying_its_rule(tmp_path, capsys, argv,
+                                                                 message):
+    out = tmp_path / "run"
+    err = _error_line(capsys, ["ssl", "train", "--out", str(out), *argv])
+    assert err.strip() == f"bilevel ssl train: error: {message}"
+    assert not out.exists()
 
 
 def test_maxiter_option_and_its_old_name():
