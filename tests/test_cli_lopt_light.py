@@ -83,6 +83,11 @@ def test_the_config_and_names_live_in_one_place():
     defaults = train.config_from_args(_subparsers()["train"].parse_args([]))
     assert defaults == options.MetaTrainConfig()
     assert options.KINDS == tuple(tasks.KIND_WEIGHTS)  # --kinds' names are the family's
+    # --optimizer's and lopt eval's names are the registry's (plus velo, trained by ES)
+    from bilevel.lopt import optimizers
+    assert options.OPTIMIZERS == tuple(optimizers.LEARNED_OPTIMIZERS)
+    assert options.LEARNED == tuple(f"{name}_lopt" for name in options.OPTIMIZERS) + (
+        "velo_lopt",)
 
 
 def test_train_options_are_the_config_fields():

@@ -530,7 +530,8 @@ def learned_factory(name: str, meta: dict, metadata: dict) -> Callable[[int], An
     from bilevel import lopt
     from bilevel.lopt import optimizers
 
-    build = {"mlp_lopt": lopt.mlp_lopt, "star_lopt": lopt.star_lopt,
+    build = {**{f"{key}_lopt": learned.build
+                for key, learned in optimizers.LEARNED_OPTIMIZERS.items()},
              "velo_lopt": lopt.velo_lopt}[name]
     kwargs = {k: v for k, v in dict(metadata.get("optimizer_kwargs", {})).items()
               if k != "num_steps"}

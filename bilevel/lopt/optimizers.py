@@ -642,3 +642,30 @@ def pretrained(name: str) -> tuple[dict, dict]:
         raise ValueError(f"lopt.pretrained: no shipped meta-parameters named {name!r}; "
                          f"available: {list(names)}")
     return load_meta_params(PRETRAINED_DIR / f"{name}.npz")
+
+
+class Learned(NamedTuple):
+    """How the meta-trainer (``lopt train``) and ``lopt eval`` make a learned optimizer by name.
+
+    Attributes:
+      init: ``init(key, hidden=, horizon_features=, dtype=) -> meta``.
+      build: ``build(meta, num_steps, **kwargs) -> optax transformation``.
+      kwargs: :class:`~bilevel.lopt.options.MetaTrainConfig` fields passed to ``build`` by
+        keyword (recorded in the meta-parameters' ``metadata["optimizer_kwargs"]``).
+      meta_weight_decay: the meta-optimizer's default weight decay (STAR's 0.1).
+    """
+
+    init: Any
+    build: Any
+    kwargs: tuple[str, ...] = ()
+    meta_weight_decay: float = 0.0
+
+
+#: ``lopt train --optimizer`` name -> :class:`Learned`; ``lopt eval`` knows each as
+#: ``<name>_lopt``. A new learned optimizer adds its entry here and its name to
+#: :data:`bilevel.lopt.options.OPTIMIZERS` (which ``--help`` reads without JAX; a test checks
+#: the two agree).
+LEARNED_OPTIMIZERS = {
+    "mlp": Learned(init_mlp_lopt, mlp_lopt),
+    "star": Learned(init_star_lopt, star_lopt, kwargs=("nominal_step",), meta_weight_decay=0.1),
+}

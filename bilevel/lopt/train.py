@@ -74,23 +74,23 @@ OUTPUTS = ("meta_params.npz", "meta_loss.csv", "meta_loss.png", "metadata.json")
 def init_meta(config: MetaTrainConfig, key: jax.Array) -> dict:
     """Fresh meta-parameters for ``config.optimizer``, in JAX's default float dtype (that of
     the tasks' parameters: float64 under ``jax_enable_x64``)."""
-    init = optimizers.init_mlp_lopt if config.optimizer == "mlp" else optimizers.init_star_lopt
-    return init(key, hidden=config.hidden, horizon_features=config.horizon_features,
-                dtype=jnp.result_type(float))
+    return optimizers.LEARNED_OPTIMIZERS[config.optimizer].init(
+        key, hidden=config.hidden, horizon_features=config.horizon_features,
+        dtype=jnp.result_type(float))
 
 
 def optimizer_kwargs(config: MetaTrainConfig) -> dict:
     """The keyword arguments (besides ``num_steps``) the trained optimizer is built with."""
-    return {"nominal_step": config.nominal_step} if config.optimizer == "star" else {}
+    learned = optimizers.LEARNED_OPTIMIZERS[config.optimizer]
+    return {name: getattr(config, name) for name in learned.kwargs}
 
 
 def make_optimizer(config: MetaTrainConfig, meta: dict, num_steps: Any
                    ) -> optax.GradientTransformationExtraArgs:
     """The learned optimizer under ``meta``; ``num_steps`` is used with horizon features."""
     num_steps = num_steps if config.horizon_features else None
-    if config.optimizer == "mlp":
-        return optimizers.mlp_lopt(meta, num_steps)
-    return optimizers.star_lopt(meta, num_steps, **optimizer_kwargs(config))
+    learned = optimizers.LEARNED_OPTIMIZERS[config.optimizer]
+    return learned.build(meta, num_steps, **optimizer_kwargs(config))
 
 
 def outer_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
@@ -467,7 +467,8 @@ def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
     star, 0 for mlp."""
     weight_decay = args.weight_decay
     if weight_decay is None:
-        weight_decay = 0.1 if args.optimizer == "star" else 0.0
+        learned = optimizers.LEARNED_OPTIMIZERS.get(args.optimizer)
+        weight_decay = learned.meta_weight_decay if learned is not None else 0.0
     return from_args(MetaTrainConfig, args, weight_decay=weight_decay)
 
 
