@@ -282,7 +282,7 @@ def measure_solvers(cfg: Config, operator: hvp.HessianOperator, b: PyTree, lambd
 
 
 def spectra(cfg: Config, operators: dict[str, hvp.LinearOperator]) -> dict[str, hvp.Spectrum]:
-    lanczos = jax.jit(lambda op: hvp.extreme_eigenvalues(op, num_iters=cfg.lanczos_iters))
+    lanczos = jax.jit(lambda op: hvp.extreme_eigenvalues(op, maxiter=cfg.lanczos_iters))
     return {name: jax.device_get(lanczos(op)) for name, op in operators.items()}
 
 

@@ -399,7 +399,7 @@ def measure_implicit_size(cfg: Config, key: jax.Array, label: str, sizes: tuple[
                          cfg.implicit_train_steps, cfg.implicit_lr)
     args = (params, *problem[1:])
     operator = hvp.hessian(inner_loss, params, problem.hparams, problem.x, problem.y)
-    spectrum = jax.jit(lambda op: hvp.extreme_eigenvalues(op, num_iters=30))(operator)
+    spectrum = jax.jit(lambda op: hvp.extreme_eigenvalues(op, maxiter=30))(operator)
     damping = choose_damping(least_damping, float(spectrum.lambda_min))
     compiled = {name: compile_call(fun, args)
                 for name, fun in implicit_candidates(cfg, damping).items()}

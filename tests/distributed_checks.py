@@ -269,7 +269,8 @@ def test_es_population(mesh, antithetic):
     grad_ref, info_ref = jax.jit(single)(*_single(args))
     compiled = jax.jit(sharded).lower(*distributed.replicate(args, mesh)).compile()
     grad, info = compiled(*distributed.replicate(args, mesh))
-    _close((grad, info.loss, info.loss_std), (grad_ref, info_ref.loss, info_ref.loss_std))
+    _close((grad, info.outer_loss, info.outer_loss_std),
+           (grad_ref, info_ref.outer_loss, info_ref.outer_loss_std))
     # Shared directions: only the losses, one number per particle, cross devices.
     found = distributed.collectives(compiled)
     assert [(c.op, c.shapes) for c in found] == [("all-gather", ((population,),))], found
@@ -302,7 +303,7 @@ def test_pes_population_and_state_stay_on_their_devices(mesh):
         key = jax.random.key(10 + t)
         grad_ref, state_ref, info_ref = single(hparams, state_ref, key, *VALID)
         grad, state_sharded, info = sharded(hparams_sharded, state_sharded, key, *valid)
-        _close((grad, info.loss, state_sharded), (grad_ref, info_ref.loss, state_ref))
+        _close((grad, info.outer_loss, state_sharded), (grad_ref, info_ref.outer_loss, state_ref))
         w = state_sharded.inner_state["w"]
         assert {s.data.shape for s in w.addressable_shards} == {(population // DEVICES, hidden)}
     assert sharded._cache_size() == 1  # the new state comes back placed as the old: no recompile
