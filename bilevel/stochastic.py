@@ -48,9 +48,9 @@ Conventions (one for all six):
   so the trainer's skip leaves nothing poisoned behind.
 * **State that needs λ or the data's size.** SABA's memories and MASOBA's average are shaped like
   λ (and SABA's have one row per sample), which ``init(params)`` alone cannot know.
-  :meth:`init_state` builds the state from an :class:`InnerProblem`, λ and θ; until
-  :func:`bilevel.train` calls it, pass ``SABA(...).bind(hparams, inner_args, outer_args)`` (and
-  likewise MASOBA) to the trainer: ``init(params)`` then builds the state from the recorded shapes.
+  :meth:`init_state` builds the state from an :class:`InnerProblem`, λ and θ, and
+  :func:`bilevel.train` calls it. ``SABA(...).bind(hparams, inner_args, outer_args)`` records
+  the shapes so that plain ``init(params)`` works too, for code that calls only ``init``.
 """
 
 from __future__ import annotations
@@ -256,8 +256,8 @@ class _StochasticMethod(AbstractMethod):
     def init_state(self, problem: InnerProblem, params: PyTree, hparams: PyTree) -> PyTree:
         """The state at the start of training, from the problem's data, θ₀ and λ₀.
 
-        The protocol hook this module proposes for :func:`bilevel.train` (which today calls
-        ``init(params)``): SABA's memories need λ's shapes and the number of samples.
+        :class:`bilevel.AbstractMethod`'s hook, which :func:`bilevel.train` calls: SABA's
+        memories need λ's shapes and the number of samples.
         """
         where = f"bilevel.{self._name}"
         inner_size = _checked_size(where, "inner", self.inner_batch_size,

@@ -116,7 +116,9 @@ class AbstractMethod:
     that implements two pure functions, both traced inside the jitted outer step:
 
     * ``init(params) -> state``: the state the method carries from one outer step to the next
-      (e.g. :class:`ImplicitMethod`'s warm-start vector); checkpointed with the run;
+      (e.g. :class:`ImplicitMethod`'s warm-start vector); checkpointed with the run. A method
+      whose state also depends on λ₀ or the data overrides ``init_state(problem, params,
+      hparams)`` instead, which :func:`train` calls (its default calls ``init``);
     * ``hypergrad(problem, params, hparams, state, key) -> (grad, new_params, new_state,
       stats)``: ``problem`` is an :class:`InnerProblem`; ``grad`` is shaped like ``hparams``;
       ``new_params`` are the inner parameters to carry on from (``params``, or θ_T of an
@@ -129,6 +131,11 @@ class AbstractMethod:
 
     def init(self, params: PyTree) -> PyTree:
         return ()
+
+    def init_state(self, problem: InnerProblem, params: PyTree, hparams: PyTree) -> PyTree:
+        """The state at the start of training, for a method whose state needs more than θ₀
+        (e.g. SAGA memories shaped like λ and the data); by default ``init(params)``."""
+        return self.init(params)
 
     def hypergrad(self, problem: InnerProblem, params: PyTree, hparams: PyTree, state: PyTree,
                   key: jax.Array) -> tuple[PyTree, PyTree, PyTree, dict]:
@@ -523,13 +530,14 @@ def _strong(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(cast, tree)
 
 
-def _initial_state(params: PyTree, hparams: PyTree, config: TrainerConfig) -> _State:
+def _initial_state(params: PyTree, hparams: PyTree, config: TrainerConfig,
+                   problem: InnerProblem) -> _State:
     params, hparams = _strong(params), _strong(hparams)
     transformation = _resolve_optimizer(config.inner_optimizer, hparams)
     return _strong(_State(step=jnp.zeros((), jnp.int32), params=params, hparams=hparams,
                           inner_opt_state=transformation.init(params),
                           outer_opt_state=config.outer_optimizer.init(hparams),
-                          method_state=config.method.init(params),
+                          method_state=config.method.init_state(problem, params, hparams),
                           key=jax.random.key(config.seed)))
 
 
@@ -699,7 +707,9 @@ def train(inner_loss: Callable, outer_loss: Callable, params: PyTree, hparams: P
     """
     inner_args, outer_args = tuple(inner_args), tuple(outer_args)
     _check_inputs(inner_loss, outer_loss, params, hparams, config, inner_args, outer_args)
-    state = _initial_state(params, hparams, config)
+    state = _initial_state(params, hparams, config,
+                           InnerProblem(inner_loss, outer_loss, config.inner_optimizer,
+                                        inner_args, outer_args))
     history: list[dict] = []
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)

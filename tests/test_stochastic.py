@@ -381,3 +381,15 @@ def test_states_shaped_like_hparams_need_bind_or_init_state():
     assert state.outer_memory[1].shape == (N_OUTER, DIM)
     # Bound methods stay usable as the trainer's (hashable) jit cache key.
     assert hash(bound(SABA())) == hash(bound(SABA()))
+
+
+def test_train_builds_sabas_state_itself():
+    """bilevel.train calls the protocol's init_state(problem, params, hparams), so SABA needs no
+    bind(): the run equals the bound one, number for number."""
+    unbound = dataclasses.replace(MINIBATCH_CONFIGS["SABA"], outer_steps=5,
+                                  method=METHODS["SABA"].minibatch)
+    bound_run = run(dataclasses.replace(MINIBATCH_CONFIGS["SABA"], outer_steps=5))
+    unbound_run = run(unbound)
+    np.testing.assert_array_equal(unbound_run.hparams, bound_run.hparams)
+    assert [row["outer_loss"] for row in unbound_run.history] == [
+        row["outer_loss"] for row in bound_run.history]
