@@ -58,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,31 @@ def _check_count(owner: str, name: str, value: Any, allow_none: bool = False) ->
         return
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
         raise _fail(owner, name, "an integer >= 1" + (" or None" if allow_none else ""), value)
+
+
+#: The key of a field's check in ``dataclasses.Field.metadata``: ``check(owner, name, value)``.
+_CHECK = "bilevel.stochastic.check"
+
+
+def _checked(default: Any, check: Callable[[str, str, Any], None]) -> Any:
+    """A field with ``default`` that ``_StochasticMethod.__post_init__`` checks with ``check``."""
+    return dataclasses.field(default=default, metadata={_CHECK: check})
+
+
+def _step_size(default: float | None) -> Any:
+    """A step size (a finite number > 0); ``None`` allowed when it is the default."""
+    return _checked(default, lambda owner, name, value: _check_step_size(
+        owner, name, value, allow_none=default is None))
+
+
+def _count(default: int) -> Any:
+    """A number of steps (an integer >= 1)."""
+    return _checked(default, _check_count)
+
+
+def _check_averaging(owner: str, name: str, value: Any) -> None:
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise _fail(owner, name, "a number in (0, 1]", value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,12 +260,44 @@ class _Bound(NamedTuple):
     outer_size: int | None
 
 
+#: The fields every method ends with, after its own (so that the field order, which checkpoints
+#: record, stays that of the methods' own declarations); checked by ``_check_common_fields``.
+_COMMON_FIELDS = {"inner_batch_size": ("int | None", None),
+                  "outer_batch_size": ("int | None", None),
+                  "step_decay": ("float", 0.0)}
+
+
+#: Their lines of the methods' ``Attributes:`` (the batch sizes' unless the method has its own).
+_COMMON_DOC = {"inner_batch_size, outer_batch_size:": " minibatch rows; ``None``: all.\n",
+               "step_decay:": " a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the "
+                              "method's k-th\n        outer step (see the module docstring); 0: "
+                              "constant.\n"}
+
+
+def _method(cls: type) -> type:
+    """``cls`` as a frozen, keyword-only dataclass, with :data:`_COMMON_FIELDS` appended (and
+    :data:`_COMMON_DOC` to its docstring)."""
+    for name, (annotation, default) in _COMMON_FIELDS.items():
+        cls.__annotations__[name] = annotation
+        setattr(cls, name, default)
+    doc = cls.__doc__.removesuffix("    ")
+    cls.__doc__ = doc + "".join(f"      {key}{text}" for key, text in _COMMON_DOC.items()
+                                if f"      {key}" not in doc) + "    "
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _StochasticMethod(AbstractMethod):
-    """Shared by the six methods: ``init_state`` / ``bind`` / ``init``."""
+    """Shared by the six methods: the checks of the fields, ``init_state`` / ``bind`` /
+    ``init``."""
 
     #: Set by :meth:`bind`; not a setting.
     bound: _Bound | None = dataclasses.field(default=None, repr=False)
+
+    if TYPE_CHECKING:  # appended by _method
+        inner_batch_size: int | None
+        outer_batch_size: int | None
+        step_decay: float
 
     #: Whether the state needs λ's shapes or the sample counts (``init(params)`` needs ``bind``).
     _needs_problem = False
@@ -297,6 +354,16 @@ class _StochasticMethod(AbstractMethod):
             [jnp.zeros(s.shape, s.dtype) for s in self.bound.hparams_leaves])
         return self._state(params, hparams, self.bound.inner_size, self.bound.outer_size)
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if _CHECK in f.metadata:
+                f.metadata[_CHECK](self._name, f.name, getattr(self, f.name))
+        self._check_relations()
+        self._check_common_fields()
+
+    def _check_relations(self) -> None:
+        """Checks between a method's own fields, after each is checked alone."""
+
     def _check_common_fields(self) -> None:
         """The fields every method has: step_decay, the batch sizes, bound."""
         decay = self.step_decay
@@ -349,7 +416,7 @@ def _soba_step(method: Any, problem: InnerProblem, params, hparams, v, step, key
     return otu.tree_add(f_hparams, cross), new_params, new_v, loss, grad
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_method
 class SOBA(_StochasticMethod):
     """SOBA, the StOchastic Bilevel Algorithm: one SGD step on θ, on v and on λ per outer step.
 
@@ -373,20 +440,10 @@ class SOBA(_StochasticMethod):
       v_step_size: ρ_v > 0 for the step on v; ``None``: ρ, as in the paper.
       inner_batch_size, outer_batch_size: rows of ``inner_args`` / ``outer_args`` per minibatch;
         ``None``: all of them.
-      step_decay: a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the method's k-th
-        outer step (see the module docstring); 0: constant.
     """
 
-    inner_step_size: float = 0.1
-    v_step_size: float | None = None
-    inner_batch_size: int | None = None
-    outer_batch_size: int | None = None
-    step_decay: float = 0.0
-
-    def __post_init__(self):
-        _check_step_size("SOBA", "inner_step_size", self.inner_step_size)
-        _check_step_size("SOBA", "v_step_size", self.v_step_size, allow_none=True)
-        self._check_common_fields()
+    inner_step_size: float = _step_size(0.1)
+    v_step_size: float | None = _step_size(None)
 
     def _state(self, params, hparams, inner_size, outer_size):
         return SOBAState(otu.tree_zeros_like(params), _step0())
@@ -414,7 +471,7 @@ def _project(v: PyTree, radius: float | None) -> PyTree:
     return otu.tree_scale(jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-30)), v)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_method
 class MASOBA(_StochasticMethod):
     """MA-SOBA: SOBA with a moving average of the λ direction and v kept in a ball.
 
@@ -438,28 +495,14 @@ class MASOBA(_StochasticMethod):
       v_step_size: ρ_v > 0; ``None``: ρ.
       averaging: β in (0, 1], the weight of the new direction in the average (1: SOBA).
       v_radius: r > 0, the radius of the ball v is projected on; ``None``: no projection.
-      inner_batch_size, outer_batch_size: minibatch rows; ``None``: all.
-      step_decay: a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the method's k-th
-        outer step (see the module docstring); 0: constant.
     """
 
-    inner_step_size: float = 0.1
-    v_step_size: float | None = None
-    averaging: float = 0.1
-    v_radius: float | None = None
-    inner_batch_size: int | None = None
-    outer_batch_size: int | None = None
-    step_decay: float = 0.0
+    inner_step_size: float = _step_size(0.1)
+    v_step_size: float | None = _step_size(None)
+    averaging: float = _checked(0.1, _check_averaging)
+    v_radius: float | None = _step_size(None)
 
     _needs_problem = True
-
-    def __post_init__(self):
-        _check_step_size("MASOBA", "inner_step_size", self.inner_step_size)
-        _check_step_size("MASOBA", "v_step_size", self.v_step_size, allow_none=True)
-        if not _is_number(self.averaging) or not 0.0 < self.averaging <= 1.0:
-            raise _fail("MASOBA", "averaging", "a number in (0, 1]", self.averaging)
-        _check_step_size("MASOBA", "v_radius", self.v_radius, allow_none=True)
-        self._check_common_fields()
 
     def _state(self, params, hparams, inner_size, outer_size):
         return MASOBAState(otu.tree_zeros_like(params), otu.tree_zeros_like(hparams), _step0())
@@ -523,7 +566,7 @@ def _rows(tree: PyTree, size: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jnp.zeros((size, *jnp.shape(x)), x.dtype), tree)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_method
 class SABA(_StochasticMethod):
     """SABA, the Stochastic Average Bilevel Algorithm: SOBA with SAGA variance reduction.
 
@@ -543,23 +586,12 @@ class SABA(_StochasticMethod):
     Attributes:
       inner_step_size: ρ > 0, the SGD step on θ.
       v_step_size: ρ_v > 0; ``None``: ρ.
-      inner_batch_size, outer_batch_size: minibatch rows; ``None``: all.
-      step_decay: a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the method's k-th
-        outer step (see the module docstring); 0: constant.
     """
 
-    inner_step_size: float = 0.1
-    v_step_size: float | None = None
-    inner_batch_size: int | None = None
-    outer_batch_size: int | None = None
-    step_decay: float = 0.0
+    inner_step_size: float = _step_size(0.1)
+    v_step_size: float | None = _step_size(None)
 
     _needs_problem = True
-
-    def __post_init__(self):
-        _check_step_size("SABA", "inner_step_size", self.inner_step_size)
-        _check_step_size("SABA", "v_step_size", self.v_step_size, allow_none=True)
-        self._check_common_fields()
 
     def _state(self, params, hparams, inner_size, outer_size):
         for side, size in (("inner", inner_size), ("outer", outer_size)):
@@ -642,7 +674,7 @@ class StocBiOState(NamedTuple):
     step: jax.Array  # int32
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_method
 class StocBiO(_StochasticMethod):
     """StocBiO: T minibatch SGD steps on θ, then a Neumann-series estimate of v from Q minibatch
     HVPs, then the λ direction.
@@ -664,25 +696,12 @@ class StocBiO(_StochasticMethod):
       inner_step_size: ρ > 0.
       neumann_steps: Q >= 1 (the HVPs per outer step).
       neumann_step_size: η > 0 (the series' scale, not decayed); ``None``: ρ.
-      inner_batch_size, outer_batch_size: minibatch rows; ``None``: all.
-      step_decay: a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the method's k-th
-        outer step (see the module docstring); 0: constant.
     """
 
-    inner_steps: int = 10
-    inner_step_size: float = 0.1
-    neumann_steps: int = 10
-    neumann_step_size: float | None = None
-    inner_batch_size: int | None = None
-    outer_batch_size: int | None = None
-    step_decay: float = 0.0
-
-    def __post_init__(self):
-        _check_count("StocBiO", "inner_steps", self.inner_steps)
-        _check_step_size("StocBiO", "inner_step_size", self.inner_step_size)
-        _check_count("StocBiO", "neumann_steps", self.neumann_steps)
-        _check_step_size("StocBiO", "neumann_step_size", self.neumann_step_size, allow_none=True)
-        self._check_common_fields()
+    inner_steps: int = _count(10)
+    inner_step_size: float = _step_size(0.1)
+    neumann_steps: int = _count(10)
+    neumann_step_size: float | None = _step_size(None)
 
     def _state(self, params, hparams, inner_size, outer_size):
         return StocBiOState(_step0())
@@ -711,7 +730,7 @@ class AmIGOState(NamedTuple):
     step: jax.Array  # int32
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_method
 class AmIGO(_StochasticMethod):
     """AmIGO (amortized implicit gradient optimization): T SGD steps on θ, then M warm-started
     SGD steps on v's quadratic, then the λ direction.
@@ -733,25 +752,12 @@ class AmIGO(_StochasticMethod):
       inner_step_size: ρ > 0.
       v_steps: M >= 1 SGD steps on v per outer step (the HVPs per outer step).
       v_step_size: ρ_v > 0; ``None``: ρ.
-      inner_batch_size, outer_batch_size: minibatch rows; ``None``: all.
-      step_decay: a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the method's k-th
-        outer step (see the module docstring); 0: constant.
     """
 
-    inner_steps: int = 10
-    inner_step_size: float = 0.1
-    v_steps: int = 10
-    v_step_size: float | None = None
-    inner_batch_size: int | None = None
-    outer_batch_size: int | None = None
-    step_decay: float = 0.0
-
-    def __post_init__(self):
-        _check_count("AmIGO", "inner_steps", self.inner_steps)
-        _check_step_size("AmIGO", "inner_step_size", self.inner_step_size)
-        _check_count("AmIGO", "v_steps", self.v_steps)
-        _check_step_size("AmIGO", "v_step_size", self.v_step_size, allow_none=True)
-        self._check_common_fields()
+    inner_steps: int = _count(10)
+    inner_step_size: float = _step_size(0.1)
+    v_steps: int = _count(10)
+    v_step_size: float | None = _step_size(None)
 
     def _state(self, params, hparams, inner_size, outer_size):
         return AmIGOState(otu.tree_zeros_like(params), _step0())
@@ -789,7 +795,7 @@ class F2SAState(NamedTuple):
     step: jax.Array  # int32
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_method
 class F2SA(_StochasticMethod):
     """F2SA, the fully first-order stochastic approximation: no HVP, no v.
 
@@ -821,32 +827,19 @@ class F2SA(_StochasticMethod):
       penalty: σ_0 > 0, the first outer step's penalty.
       penalty_increment: δ > 0, added to σ after each outer step.
       max_penalty: σ_max >= σ_0 caps the schedule; ``None``: no cap.
-      inner_batch_size, outer_batch_size: minibatch rows; ``None``: all.
-      step_decay: a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the method's k-th
-        outer step (see the module docstring); 0: constant.
     """
 
-    inner_steps: int = 10
-    inner_step_size: float = 0.1
-    z_step_size: float | None = None
-    penalty: float = 1.0
-    penalty_increment: float = 0.1
-    max_penalty: float | None = None
-    inner_batch_size: int | None = None
-    outer_batch_size: int | None = None
-    step_decay: float = 0.0
+    inner_steps: int = _count(10)
+    inner_step_size: float = _step_size(0.1)
+    z_step_size: float | None = _step_size(None)
+    penalty: float = _step_size(1.0)
+    penalty_increment: float = _step_size(0.1)
+    max_penalty: float | None = _step_size(None)
 
-    def __post_init__(self):
-        _check_count("F2SA", "inner_steps", self.inner_steps)
-        _check_step_size("F2SA", "inner_step_size", self.inner_step_size)
-        _check_step_size("F2SA", "z_step_size", self.z_step_size, allow_none=True)
-        _check_step_size("F2SA", "penalty", self.penalty)
-        _check_step_size("F2SA", "penalty_increment", self.penalty_increment)
-        _check_step_size("F2SA", "max_penalty", self.max_penalty, allow_none=True)
+    def _check_relations(self) -> None:
         if self.max_penalty is not None and self.max_penalty < self.penalty:
             raise _fail("F2SA", "max_penalty", f"None or >= penalty={self.penalty}",
                         self.max_penalty)
-        self._check_common_fields()
 
     def _state(self, params, hparams, inner_size, outer_size):
         return F2SAState(jax.tree_util.tree_map(jnp.copy, params), _step0())
