@@ -351,11 +351,12 @@ class _Declaration:
     cli: bool | str  # False: no option; True: --field-name; a string: that flag
     metavar: str | None
     shown: str | None  # the help's default, where the value alone would mislead
+    aliases: tuple[str, ...] = ()  # further flags of the same option (old names)
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, rule: Rule | None = None,
           cli: bool | str = True, metavar: str | None = None, shown: str | None = None,
-          default_factory: Any = dataclasses.MISSING) -> Any:
+          aliases: tuple[str, ...] = (), default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field declared once: its default, ``rule`` (checked by :func:`validate`),
     ``help`` and command-line option.
 
@@ -369,8 +370,10 @@ def field(default: Any = dataclasses.MISSING, *, help: str, rule: Rule | None = 
       metavar: the option's argparse ``metavar``.
       shown: what the help says the default is, when the value alone would mislead (argparse's
         ``%(default)s`` may be used in it).
+      aliases: further flags of the same option, e.g. a renamed option's old flag.
     """
-    return _field(default, default_factory, _Declaration(help, rule, cli, metavar, shown))
+    return _field(default, default_factory,
+                  _Declaration(help, rule, cli, metavar, shown, tuple(aliases)))
 
 
 def _field(default: Any, default_factory: Any, declaration: _Declaration) -> Any:
@@ -508,8 +511,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
             keywords["required"] = True
         else:
             keywords["default"] = default
-        parser.add_argument(option, dest=_dest(option), help=_help(declaration, default),
-                            **keywords)
+        parser.add_argument(option, *declaration.aliases, dest=_dest(option),
+                            help=_help(declaration, default), **keywords)
 
 
 def from_args(cls: type, namespace: argparse.Namespace, *,

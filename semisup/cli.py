@@ -170,20 +170,12 @@ def _add_meta_arguments(meta) -> None:
     """The :class:`semisup.Config` options of :data:`_META_FIELDS`; ``--maxiter`` is also
     ``--solver-iters``, its old name."""
     _add_config_options(meta, _META_FIELDS)
-    _alias(meta, "--maxiter", "--solver-iters")
 
 
 def _add_config_options(group, fields) -> None:
     add_config_arguments(group, Config, only=fields,
                          defaults={k: v for k, v in TRAIN_DEFAULTS.items() if k in fields},
                          changes={k: v for k, v in _CLI_RULES.items() if k in fields})
-
-
-def _alias(group, flag: str, alias: str) -> None:
-    """Let ``alias`` also name the option ``flag`` of ``group`` (one help entry for both)."""
-    action = group._option_string_actions[flag]
-    action.option_strings.append(alias)
-    group._option_string_actions[alias] = action
 
 
 def _config(options: dict):

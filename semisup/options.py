@@ -94,7 +94,7 @@ class Config:
     hidden: int = field(64, rule=_COUNT, cli=False, help="the classifier's hidden width")
     solver: str = field("cg", rule=Choice(_solvers, summary=SOLVER_NAMES), metavar="NAME",
                         help="inverse-HVP approximation of the meta-gradient: {choices}")
-    maxiter: int = field(10, rule=_COUNT,
+    maxiter: int = field(10, rule=_COUNT, aliases=("--solver-iters",),
                          help="its iteration budget (Neumann terms, CG iterations, Nystrom "
                               "rank; any other solver gets the products of that many CG "
                               "iterations; see semisup.make_solver); --solver-iters "

@@ -357,3 +357,19 @@ def test_a_derived_option_refuses_a_bad_value_in_one_line_in_a_real_process():
     assert result.returncode == 2
     assert result.stderr == ("bilevel lopt train: error: argument --slots: must be an integer "
                              ">= 1, got '0'\n")
+
+
+def test_an_alias_names_the_same_option():
+    @dataclasses.dataclass(frozen=True)
+    class Renamed:
+        maxiter: int = field(10, rule=Int(min=1), aliases=("--solver-iters",), help="budget")
+
+        def __post_init__(self):
+            validate(self, "Renamed")
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Renamed)
+    assert from_args(Renamed, parser.parse_args(["--solver-iters", "7"])) == Renamed(maxiter=7)
+    assert from_args(Renamed, parser.parse_args(["--maxiter", "3"])) == Renamed(maxiter=3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--solver-iters", "0"])
