@@ -36,6 +36,7 @@ def _env(devices: int) -> dict:
     return env
 
 
+@pytest.mark.slow  # 24 s in a subprocess; the two-process agreement test stays
 def test_eight_device_checks_pass():
     command = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-q",
                "-rfEs", str(TESTS / "distributed_checks.py")]

@@ -104,6 +104,7 @@ def _logistic_problem():
     return inner, outer, newton, (x, y), (xv, yv)
 
 
+@pytest.mark.slow  # 13 s; the closed-form ridge checks cover the same path
 def test_hypergrad_matches_finite_differences_on_per_feature_logistic_l2():
     inner, outer, newton, data, val = _logistic_problem()
     lam = jnp.array([-2.0, -1.0, 0.0, 1.0])

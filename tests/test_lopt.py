@@ -204,7 +204,7 @@ def test_meta_parameter_counts():
 # Meta-gradients.
 
 
-@pytest.mark.parametrize("kind", ["mlp", "star"])
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("star", marks=pytest.mark.slow)])  # 20 s each
 def test_mixflow_meta_gradient_matches_finite_differences(kind):
     """d(loss after 4 learned-optimizer steps)/d(meta) on a quadratic, float64, against central
     differences along random directions (tolerance 1e-6 relative)."""
@@ -295,6 +295,7 @@ def test_shipped_meta_parameters_load_and_give_finite_updates():
 # Tasks.
 
 
+@pytest.mark.slow  # 24 s: one compile per named task
 def test_named_tasks_build_and_have_finite_losses():
     offline = [n for n in lopt.TASKS if n not in lopt.tasks.NEEDS_DATA_DIR]
     assert sum(lopt.TASKS[n]().held_out for n in offline) >= 3

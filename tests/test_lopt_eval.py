@@ -206,6 +206,7 @@ def test_bad_inputs_raise_named_errors():
 # learned optimizers inside the harness
 
 
+@pytest.mark.slow  # 17 s; the velo case below checks the same factory
 def test_learned_factory_tells_the_true_horizon_and_keeps_kwargs():
     from bilevel import lopt
 

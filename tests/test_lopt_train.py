@@ -23,6 +23,7 @@ def _leaves_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # 62 s of compiles; trainer and SSL resume stay in the default run
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     full = train.meta_train(train.init_meta_train(TINY))
     assert full.step == 4 and len(full.history) == 4

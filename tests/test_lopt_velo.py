@@ -55,6 +55,7 @@ def test_loss_buffer_matches_numpy_recurrence():
     assert np.all(velo.loss_features(j_means, j_min, jnp.asarray(2), jnp.asarray(decays)) == 0)
 
 
+@pytest.mark.slow  # 23 s of compiles
 def test_untrained_step_is_the_mean_bank_mlp_scaled_by_rms():
     """At initialisation the controls mix the bank's mean with step multiplier 10; the first
     update of a matrix is -0.001·d·exp(0.001·a)·RMS(p)·10 with (d, a) from that MLP."""

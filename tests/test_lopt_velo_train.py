@@ -21,6 +21,7 @@ def test_curriculum_and_buckets():
         assert 10 <= horizon <= vt.max_horizon(config, step)
 
 
+@pytest.mark.slow  # 56 s; the MLP/STAR trainer's resume test shares its checkpoint code
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     full = vt.velo_train(vt.init_velo_train(CONFIG))
     assert len(full.history) == 3 and all(np.isfinite(r["meta_loss"]) for r in full.history)
@@ -48,7 +49,7 @@ def test_config_errors(field, value, match):
         vt.VeLOTrainConfig(**{field: value})
 
 
-@pytest.mark.slow  # 25 s of compiles; the resume logic is covered by the test above
+@pytest.mark.slow  # 25 s of compiles; the resume logic is covered by the test above (slow too)
 def test_cli_trains_resumes_and_refuses_bad_options(tmp_path, capsys):
     from bilevel.cli import main
 

@@ -171,7 +171,8 @@ def test_auroc_and_paired_difference_against_closed_forms():
 # The meta-gradient against finite differences of the exactly solved inner problem (float64).
 
 
-@pytest.mark.parametrize("conf_inputs", fixmatch.CONF_INPUTS)
+@pytest.mark.parametrize("conf_inputs", [  # "image" alone: 28 s of compiles, the same path
+    pytest.param(c, marks=pytest.mark.slow) if c == "image" else c for c in fixmatch.CONF_INPUTS])
 def test_meta_gradient_with_dense_solve_matches_finite_differences(conf_inputs):
     config = fixmatch.Config(method="confnet", widths=(), hidden=3, weight_decay=0.05,
                              lambda_u=1.0, conf_widths=(2,), curvature="last",
@@ -233,6 +234,7 @@ def test_meta_gradient_with_dense_solve_matches_finite_differences(conf_inputs):
                            atol=1e-9), name
 
 
+@pytest.mark.slow  # 27 s; the head-only dense check below stays in the default run
 def test_meta_gradient_over_the_whole_classifier_matches_a_dense_formula():
     """``curvature="all"``: −(∂²L/∂φ∂θ)ᵀ (H + δI)⁻¹ ∇_θ L_val, assembled from ``jax.hessian``
     and ``jax.jacobian`` of the flattened classifier (body and head), float64."""
@@ -370,6 +372,7 @@ def test_every_method_trains_and_reports(method, digits_split):
         assert result["meta_failures"] == 0
 
 
+@pytest.mark.slow  # 27 s; the softmax input's meta-gradient is checked in the default run
 def test_confnet_with_softmax_input_and_the_labelled_meta_set_trains(digits_split):
     config = _tiny("confnet", threshold=0.2, conf_inputs="image+softmax", meta_data="labelled")
     data = semisup.merge_validation(digits_split)  # what callers do when uses_validation is off
@@ -406,6 +409,7 @@ def _float64(tree):
         lambda a: jnp.asarray(a, jnp.float64) if np.asarray(a).dtype.kind == "f" else a, tree)
 
 
+@pytest.mark.slow  # 68 s of compiles
 def test_unrolled_influence_replays_fixmatch_and_matches_finite_differences(digits_split):
     config = _tiny("fixmatch", threshold=0.2)
     data = jax.tree_util.tree_map(jnp.asarray, _float64(digits_split))
@@ -475,6 +479,7 @@ def test_unrolled_influence_errors_name_the_argument(digits_split):
         semisup.unrolled_influence(config, state, digits_split, x, y, loop="while")
 
 
+@pytest.mark.slow  # 31 s of compiles, one per meta optimizer
 def test_meta_optimizers_and_weight_decay_step_as_their_update_rules(digits_split):
     # One meta-step from the same state and key under four optimizers (float32). SGD with a large
     # step gives the meta-gradient g = −Δ/lr well above round-off; Adam's first step must be

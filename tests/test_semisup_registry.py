@@ -71,8 +71,12 @@ def _reference_weights(method, scores, mask):
     return scores * mask.sum() / (total if total > 0 else 1.0)
 
 
-@pytest.mark.parametrize("method", ["supervised", "fixmatch", "oracle", "softmax", "l2rw",
-                                    "confnet"])
+# fixmatch (a constant-score mask) and confnet (a parametric one) in the default run; the rest
+# cost 6-21 s of compiles each and run with -m slow.
+@pytest.mark.parametrize("method", [m if m in ("fixmatch", "confnet") else
+                                    pytest.param(m, marks=pytest.mark.slow) for m in
+                                    ("supervised", "fixmatch", "oracle", "softmax", "l2rw",
+                                     "confnet")])
 def test_a_builtin_weighting_gives_the_weights_of_its_formula(method, digits_split):
     config = _config(method)
     data = jax.tree_util.tree_map(jnp.asarray, digits_split)

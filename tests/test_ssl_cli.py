@@ -85,6 +85,7 @@ def test_out_file_in_a_real_process_no_traceback(tmp_path):
 # The run-folder rule.
 
 
+@pytest.mark.slow  # 32 s; semisup's checkpoint resume is checked in test_semisup
 def test_ctrl_c_then_rerun_resumes_bit_identical(tmp_path, capsys, monkeypatch):
     out, straight = tmp_path / "run", tmp_path / "straight"
     real = fixmatch.run_periods
