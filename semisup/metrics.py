@@ -58,6 +58,14 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
     ``ood_pass_rate`` and ``id_pass_rate`` (share of draws of OOD / ID images that passed the
     confidence mask); ``ood_weight_share`` (OOD share of the unlabelled loss weight);
     ``hvp_per_meta_step``, ``meta_failures``.
+
+    Pseudo-labels are the final EMA classifier's predictions of the unaugmented unlabelled
+    images: ``pseudo_label_accuracy`` (their accuracy on the ID images);
+    ``correct_weight_auroc`` (AUROC of the mean raw score of the drawn ID images, correct
+    pseudo-label as positive: a weighting may be right to down-weight wrong pseudo-labels of ID
+    images; NaN where ``weight_auroc`` is); ``pseudo_label_top_share`` (among the unlabelled
+    images, ID and OOD, whose final confidence reaches ``config.threshold``, the share of the
+    most frequent pseudo-label: 1/K is balanced, 1 is one class).
     """
     ood = np.asarray(data.unlabelled_ood, bool)
     seen = np.asarray(state.seen)
@@ -86,9 +94,35 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
         "hvp_per_meta_step": float(state.hvp_count) / max(int(state.meta_steps), 1),
         "meta_failures": int(state.meta_failures),
     }
+    metrics.update(_pseudo_labels(config, state, data, mean_score, drawn, weighted))
     if weighting.meta_step is not None:
         scores = np.asarray(fixmatch.weighting_scores(config, state.conf_params, state.params,
                                                       np.asarray(data.x_unlabelled)))
         metrics["final_weight_auroc"] = auroc(scores, ~ood)
         metrics["final_logit_std"] = float(scores.std())
     return metrics
+
+
+def _pseudo_labels(config: fixmatch.Config, state: fixmatch.State, data: Split,
+                   mean_score: np.ndarray, drawn: np.ndarray, weighted: bool) -> dict[str, float]:
+    images = np.asarray(data.x_unlabelled)
+    if len(images) == 0:
+        return {"pseudo_label_accuracy": math.nan, "correct_weight_auroc": math.nan,
+                "pseudo_label_top_share": math.nan}
+    probs = np.concatenate([np.asarray(fixmatch.predict(config, state.ema_params,
+                                                        np.asarray(images[i:i + 1024])))
+                            for i in range(0, len(images), 1024)])
+    label = np.asarray(data.unlabelled_label)
+    ood = np.asarray(data.unlabelled_ood, bool)
+    pseudo = probs.argmax(-1)
+    correct = (pseudo == label) & ~ood
+    confident = probs.max(-1) >= config.threshold
+    counts = np.bincount(pseudo[confident], minlength=probs.shape[-1])
+    scored = ~ood[drawn]  # the drawn ID images, in the order of mean_score
+    positive = correct[drawn][scored]
+    return {
+        "pseudo_label_accuracy": float(correct[~ood].mean()) if (~ood).any() else math.nan,
+        "correct_weight_auroc": auroc(mean_score[scored], positive) if weighted else math.nan,
+        "pseudo_label_top_share": float(counts.max() / counts.sum()) if counts.sum() else math.nan,
+    }
+

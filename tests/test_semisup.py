@@ -3,6 +3,7 @@ checkpoint/resume and the ``bilevel ssl`` command line."""
 
 import dataclasses
 import json
+import math
 import pickle
 import warnings
 
@@ -367,6 +368,16 @@ def test_every_method_trains_and_reports(method, digits_split):
     assert int(state.step) == 4 and np.all(np.isfinite(losses))
     result = semisup.evaluate(config, state, digits_split)
     assert 0.0 <= result["test_accuracy"] <= 1.0
+    in_dist = ~np.asarray(digits_split.unlabelled_ood, bool)
+    assert result["pseudo_label_accuracy"] == fixmatch.accuracy(
+        config, state.ema_params, np.asarray(digits_split.x_unlabelled)[in_dist],
+        np.asarray(digits_split.unlabelled_label)[in_dist])
+    classes = int(np.max(digits_split.y_test)) + 1
+    share = result["pseudo_label_top_share"]
+    assert math.isnan(share) or 1 / classes <= share <= 1
+    weighted = config.weighting.uses_unlabelled and not config.weighting.constant_scores
+    assert (0.0 <= result["correct_weight_auroc"] <= 1.0) if weighted else math.isnan(
+        result["correct_weight_auroc"])
     if method == "confnet":
         assert int(state.meta_steps) == 2 and result["hvp_per_meta_step"] > 0
         assert result["meta_failures"] == 0
