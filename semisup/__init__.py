@@ -53,6 +53,7 @@ _EXPORTS = {
     "evaluate": ("semisup.metrics", "evaluate"),
     "paired_difference": ("semisup.metrics", "paired_difference"),
     "CONF_INPUTS": ("semisup.options", "CONF_INPUTS"),
+    "WEIGHT_NORMS": ("semisup.options", "WEIGHT_NORMS"),
     "CURVATURES": ("semisup.options", "CURVATURES"),
     "META_DATA": ("semisup.options", "META_DATA"),
     "Split": ("semisup.protocol", "Split"),
@@ -123,7 +124,7 @@ if TYPE_CHECKING:  # pragma: no cover
         evaluate,
         paired_difference,
     )
-    from semisup.options import CONF_INPUTS, CURVATURES, META_DATA  # noqa: F401
+    from semisup.options import CONF_INPUTS, CURVATURES, META_DATA, WEIGHT_NORMS  # noqa: F401
     from semisup.protocol import (  # noqa: F401
         Split,
         make_split,

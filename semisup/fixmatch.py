@@ -148,7 +148,9 @@ def _inner_step(config: Config, state: State, data: Split) -> tuple[State, jax.A
         batch = draw(config, params, k_batch, data)
         index, mask = batch.index, batch.mask
         scores = jax.lax.stop_gradient(weighting.scores(config, state, data, batch))
-        weights = normalise(weighting.weights(scores, mask), mask)
+        weights = weighting.weights(scores, mask)
+        if config.weight_norm == "mask":
+            weights = normalise(weights, mask)
 
         def loss_fn(p):
             return batch_loss(config, p, batch.x_labelled, batch.y_labelled, batch.strong,

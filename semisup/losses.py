@@ -2,10 +2,11 @@
 
     L = CE(labelled) + λ_u · (1/μB) Σ_i w_i · 1[max p_weak,i ≥ τ] · CE(argmax p_weak,i, p_strong,i)
 
-Pseudo-labels are hard and stop-gradient. Every weighting is normalised to mean 1 over the
-images that pass the confidence mask (:func:`normalise`), so the total unlabelled weight is
-FixMatch's and a method only moves it between images; with weights 1 the loss is exactly
-FixMatch's.
+Pseudo-labels are hard and stop-gradient. By default (``Config.weight_norm="mask"``) every
+weighting is normalised to mean 1 over the images that pass the confidence mask
+(:func:`normalise`), so the total unlabelled weight is FixMatch's and a method only moves it
+between images; with weights 1 the loss is exactly FixMatch's. With ``weight_norm="none"`` the
+raw weights are used as they are.
 """
 
 from __future__ import annotations

@@ -42,11 +42,12 @@ def meta_set(config: Config, data: Split) -> tuple[jax.Array, jax.Array]:
 
 
 def weight_function(weighting: Weighting, config: Config) -> Callable[..., jax.Array]:
-    """``(φ, weak, weak_probs, mask) -> weights``: the normalised weights of a weighting with
-    trainable parameters φ, as a differentiable function of φ."""
+    """``(φ, weak, weak_probs, mask) -> weights``: the weights (normalised as
+    ``config.weight_norm`` says) of a weighting with trainable parameters φ, as a differentiable
+    function of φ."""
     def weights(phi, weak, probs, mask):
-        return normalise(weighting.weights(weighting.param_scores(config, phi, weak, probs),
-                                           mask), mask)
+        raw = weighting.weights(weighting.param_scores(config, phi, weak, probs), mask)
+        return normalise(raw, mask) if config.weight_norm == "mask" else raw
 
     return weights
 

@@ -31,6 +31,9 @@ CURVATURES = ("last", "all")
 CONF_INPUTS = ("image", "image+softmax")
 #: ``Config.meta_optimizer``.
 META_OPTIMIZERS = ("adam", "sgd")
+#: ``Config.weight_norm``: the unlabelled weights scaled to mean 1 over the images that pass the
+#: mask (the total unlabelled weight stays FixMatch's), or used as they are.
+WEIGHT_NORMS = ("mask", "none")
 #: ``Config.meta_data``: the meta loss's labelled images.
 META_DATA = ("validation", "labelled")
 #: ``make_split(design=...)``: OOD images added to a fixed ID pool, or swapped in.
@@ -123,6 +126,12 @@ class Config:
                            help="the meta loss's data (for the methods that read one, l2rw and "
                                 "confnet): the held-out validation set, or the labelled "
                                 "training set (DS3L; the validation labels then join training)")
+    weight_norm: str = field("mask", rule=Choice(WEIGHT_NORMS),
+                             help="mask: weights scaled to mean 1 over the images that pass the "
+                                  "mask, so a weighting only moves FixMatch's total unlabelled "
+                                  "weight between images (a filter raises the weight of what it "
+                                  "keeps); none: the raw weights as they are (the oracle is then "
+                                  "FixMatch without the OOD images)")
 
     def __post_init__(self):
         where = "semisup.Config"

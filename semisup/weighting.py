@@ -32,9 +32,10 @@ class Weighting:
     strong_i))``. In every inner step the loop draws a :class:`semisup.Batch` (the weak view's
     logits, pseudo-labels and confidence mask included), asks the weighting for one raw score
     per unlabelled image, turns the scores into raw weights with :meth:`weights`, and normalises
-    those to mean 1 over the images that pass the mask (:func:`semisup.normalise`), so that a
-    weighting only moves FixMatch's unlabelled weight between images. The scores are held fixed
-    in the classifier's step, and each image's scores are summed in ``State.score_sum``.
+    those (by default, ``Config.weight_norm="mask"``) to mean 1 over the images that pass the
+    mask (:func:`semisup.normalise`), so that a weighting only moves FixMatch's unlabelled weight
+    between images. The scores are held fixed in the classifier's step, and each image's scores
+    are summed in ``State.score_sum``.
 
     A weighting is a frozen dataclass without fields (its settings are :class:`semisup.Config`'s)
     made and entered in :data:`WEIGHTINGS` by :func:`register_weighting`. It says:

@@ -63,22 +63,25 @@ def _reference_scores(method, config, state, data, batch):
     return np.maximum(np.asarray(batch.mask) * (flat @ direction), 0.0)
 
 
-def _reference_weights(method, scores, mask):
+def _reference_weights(method, scores, mask, weight_norm="mask"):
     if method == "confnet":  # 2·sigmoid(z − z̄), z̄ the mean logit over the masked images
         centre = (scores * mask).sum() / max(mask.sum(), 1.0)
         scores = 2.0 / (1.0 + np.exp(-(scores - centre)))
+    if weight_norm == "none":
+        return scores
     total = (scores * mask).sum()
     return scores * mask.sum() / (total if total > 0 else 1.0)
 
 
-# fixmatch (a constant-score mask) and confnet (a parametric one) in the default run; the rest
-# cost 6-21 s of compiles each and run with -m slow.
-@pytest.mark.parametrize("method", [m if m in ("fixmatch", "confnet") else
-                                    pytest.param(m, marks=pytest.mark.slow) for m in
-                                    ("supervised", "fixmatch", "oracle", "softmax", "l2rw",
-                                     "confnet")])
-def test_a_builtin_weighting_gives_the_weights_of_its_formula(method, digits_split):
-    config = _config(method)
+# fixmatch (a constant-score mask), confnet (a parametric one) and the unnormalised oracle in the
+# default run; the rest cost 6-21 s of compiles each and run with -m slow.
+@pytest.mark.parametrize("method, weight_norm", [
+    (m, "mask") if m in ("fixmatch", "confnet") else
+    pytest.param(m, "mask", marks=pytest.mark.slow) for m in
+    ("supervised", "fixmatch", "oracle", "softmax", "l2rw", "confnet")] + [
+    ("oracle", "none"), pytest.param("confnet", "none", marks=pytest.mark.slow)])
+def test_a_builtin_weighting_gives_the_weights_of_its_formula(method, weight_norm, digits_split):
+    config = _config(method, weight_norm=weight_norm)
     data = jax.tree_util.tree_map(jnp.asarray, digits_split)
     state = semisup.init(config, jax.random.key(1), data)
     if method == "confnet":  # away from the initial logits 0, where every weight is 1
@@ -98,7 +101,7 @@ def test_a_builtin_weighting_gives_the_weights_of_its_formula(method, digits_spl
             assert not np.any(np.asarray(total))
         return
     scores = _reference_scores(method, config, state, data, batch)
-    weights = _reference_weights(method, scores, mask)
+    weights = _reference_weights(method, scores, mask, weight_norm)
     assert mask.sum() > 1  # the test can fail: some images pass the mask ...
     assert method == "fixmatch" or np.ptp(weights[mask > 0]) > 1e-3  # ... with unequal weights
     expected_scores, expected_weights = np.zeros_like(seen), np.zeros_like(seen)
