@@ -28,7 +28,9 @@ from experiments import ssl_common as common
 from experiments._common import positive_int
 from semisup import fixmatch, meta, metrics, options, solvers
 
-MODELS = {"mlp": dict(widths=(), hidden=64), "cnn": dict(widths=(16, 32), hidden=64)}
+MODELS = {"mlp": dict(widths=(), hidden=64), "cnn": dict(widths=(16, 32), hidden=64),
+          # the Fashion-MNIST studies' CNN (experiments/fmnist_headroom.py)
+          "cnn-small": dict(widths=(8, 16), hidden=64)}
 
 
 def influences(config: fixmatch.Config, params, data, key, solver: str, iters: int,

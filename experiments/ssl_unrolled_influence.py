@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bilevel import datasets
 from experiments import ssl_common as common
 from experiments._common import positive_int
+from experiments.fmnist_headroom import downsample
 from experiments.ssl_influence import MODELS
 from semisup import fixmatch, meta, metrics, options
 
@@ -116,6 +117,10 @@ def main(argv=None) -> int:
                              "steps only, the earlier ones held fixed)")
     parser.add_argument("--loop", choices=("scan", "python"), default="scan",
                         help="see semisup.unrolled_influence; 'python' for a CNN on the CPU")
+    parser.add_argument("--pool", type=positive_int, default=1,
+                        help="average-pool the images by this factor (2: Fashion-MNIST at 14×14, "
+                             "as experiments/fmnist_headroom.py)")
+    parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--out", default=str(common.RESULTS / "unrolled_influence"))
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -130,12 +135,14 @@ def main(argv=None) -> int:
             other, ood = datasets.load(ood, args.data_dir), "other"
     except (KeyError, FileNotFoundError, ValueError) as error:
         parser.error(str(error).strip("'\""))
+    dataset, other = (None if d is None else downsample(d, args.pool) for d in (dataset, other))
     data = common.splits(dataset, seeds, labelled_per_class=args.labels,
                          validation_per_class=args.validation, num_unlabelled=args.unlabelled,
                          ood_ratio=args.ratio, ood=ood, ood_dataset=other)
     # Flips suit natural images (CIFAR-10), not digits (as `bilevel ssl train --flip auto`).
     config = fixmatch.Config(method="fixmatch", steps=args.steps, batch_size=args.batch,
                              mu=args.mu, ema=0.99, flip=args.dataset == "cifar10", meta_every=1,
+                             threshold=args.threshold,
                              meta_data=args.meta_data, **MODELS[args.model])
     # FixMatch trains on the whole label budget; the meta loss reads the labelled set (DS3L) or
     # the validation set, which FixMatch then also trained on (as in ssl_influence).
