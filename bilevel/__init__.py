@@ -50,12 +50,13 @@ _EXPORTS = {
     "SABA": "bilevel.stochastic",
     "SOBA": "bilevel.stochastic",
     "StocBiO": "bilevel.stochastic",
+    "Minibatches": "bilevel.streams",
     "UnrolledInfo": "bilevel.unrolled",
     "unrolled_hypergrad": "bilevel.unrolled",
     "SolveError": "hvp.checks",
     "SolveWarning": "hvp.checks",
 }
-_SUBMODULES = ("checkpoint", "config", "distributed", "lazy", "stochastic")
+_SUBMODULES = ("checkpoint", "config", "distributed", "lazy", "stochastic", "streams")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
@@ -94,6 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ridge,
     )
     from bilevel.stochastic import F2SA, MASOBA, SABA, SOBA, AmIGO, StocBiO
+    from bilevel.streams import Minibatches
     from bilevel.trainer import (
         AbstractMethod,
         ESMethod,
