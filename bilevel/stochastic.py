@@ -28,7 +28,11 @@ Conventions (one for all six):
   estimate of the loss on all of them; a loss on one row is that sample's loss (SABA). Minibatch
   indices are drawn on device, without replacement within a batch, from the ``key`` the trainer
   passes (``jax.random``; the same key gives the same batches). ``inner_batch_size`` /
-  ``outer_batch_size`` ``None`` means the full batch.
+  ``outer_batch_size`` ``None`` means the full batch. :func:`bilevel.train` also takes the data
+  as ``bilevel.Minibatches(arrays, batch_size)``: it passes the method the arrays and sets its
+  batch size from the stream (the method keeps drawing its own batches, several per outer step,
+  from the trainer's key; the stream's epoch order is not used). A host iterator of batches
+  (which has no per-sample indices for SABA's memories) and ``replace=True`` are refused.
 * **Sign of v.** ``v ≈ v* = −H⁻¹ ∇_θ f`` with ``H = ∇²_θθ g``: v* minimises
   ``½ vᵀHv + ∇_θ fᵀ v``, its SGD direction is ``D_v = H v + ∇_θ f``, and the λ direction is
   ``D_λ = ∇_λ f + ∇²_λθ g · v``, the exact hypergradient at ``(θ*(λ), v*)``.
@@ -301,6 +305,10 @@ class _StochasticMethod(AbstractMethod):
 
     #: Whether the state needs λ's shapes or the sample counts (``init(params)`` needs ``bind``).
     _needs_problem = False
+
+    #: The protocol's flag: given a :class:`bilevel.Minibatches`, :func:`bilevel.train` passes
+    #: its arrays and sets the batch size from it.
+    draws_own_batches = True
 
     def _state(self, params: PyTree, hparams: PyTree, inner_size: int | None,
                outer_size: int | None) -> PyTree:

@@ -22,9 +22,18 @@ stop): λ and the outer optimizer state keep their values, the history row says
 may cure the cause; inner state that itself became non-finite is rolled back too. Unconverged
 (but finite) implicit solves are applied and reported in the ``converged`` column.
 
+Data are the whole arrays at every step (plain tuples, the default), or a stream
+(:mod:`bilevel.streams`): a :class:`bilevel.Minibatches` drawn inside the jitted step, or a host
+iterator of batches; each outer step then takes ``inner_steps + 1`` inner batches (one per inner
+step, one for the hypergradient) and one outer batch::
+
+    data = bilevel.Minibatches((x, y), batch_size=64)      # epochs of shuffled minibatches
+    bilevel.train(inner_loss, outer_loss, params, hparams, config, data, (x_val, y_val))
+
 The loop itself (progress bar, metrics, checkpoints) is a thin host-side shell around the pure
 step. Checkpoints are written atomically and a run killed and restarted on the same
-``checkpoint_dir`` ends with bit-identical params, hparams and history (wall times aside).
+``checkpoint_dir`` ends with bit-identical params, hparams and history (wall times aside), its
+streams continuing where they stopped.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -48,6 +57,7 @@ import optax
 import hvp
 from bilevel import _common, checkpoint, unrolled
 from bilevel.implicit import hypergrad
+from bilevel.streams import FetchedFeed, HostStream, Minibatches, SampledFeed
 from bilevel.unrolled import unrolled_hypergrad
 from hvp import checks as _checks
 
@@ -127,7 +137,17 @@ class AbstractMethod:
 
     :func:`bilevel.unrolled.inner_steps` runs optax steps on the inner loss for methods that
     need them.
+
+    A method that draws its own minibatches from per-sample arrays in ``problem.inner_args`` /
+    ``problem.outer_args`` (the :mod:`bilevel.stochastic` ones) sets the class attribute
+    ``draws_own_batches = True`` and has the fields ``inner_batch_size`` and
+    ``outer_batch_size`` (``None``: all rows). Given a :class:`bilevel.Minibatches`,
+    :func:`train` then hands such a method the stream's arrays and sets its batch size from
+    the stream's; every other method gets one batch per side and outer step.
     """
+
+    #: True for a method that samples minibatches itself (see above).
+    draws_own_batches = False
 
     def init(self, params: PyTree) -> PyTree:
         return ()
@@ -476,15 +496,50 @@ def _outer_update(config: TrainerConfig, state: _State, grad: PyTree, finite: ja
             _select(apply, opt_state, state.outer_opt_state), stats)
 
 
-def _make_step(inner_loss: Callable, outer_loss: Callable, config: TrainerConfig) -> Callable:
-    """The pure outer step ``(state, inner_args, outer_args) -> (state, stats)``."""
+def _is_feed(data: Any) -> bool:
+    return isinstance(data, SampledFeed | FetchedFeed)
 
-    def _outer_step(state: _State, inner_args: tuple, outer_args: tuple):
+
+def _streamed_inner_loop(inner_loss: Callable, transformation, start: tuple, hparams: PyTree,
+                         feed: Any, step: jax.Array, steps: int):
+    """``steps`` inner optax steps, step t on draw ``step·(steps+1) + t`` of the stream, and the
+    next draw (the method's batch); returns the final carry, the losses and that batch."""
+    selectors = feed.selectors(step * (steps + 1), steps + 1)
+
+    def one(carry, selector):
+        carry, losses = _inner_loop(inner_loss, transformation, carry, hparams,
+                                    feed.batch(selector), 1)
+        return carry, losses[0]
+
+    head = jax.tree_util.tree_map(lambda s: s[:steps], selectors)
+    carry, losses = jax.lax.scan(one, start, head)
+    return carry, losses, feed.batch(jax.tree_util.tree_map(lambda s: s[steps], selectors))
+
+
+def _one_draw(data: Any, step: jax.Array) -> tuple:
+    """The outer data of outer step ``step``: the arrays, or draw ``step`` of the stream."""
+    if not _is_feed(data):
+        return data
+    return data.batch(jax.tree_util.tree_map(lambda s: s[0], data.selectors(step, 1)))
+
+
+def _make_step(inner_loss: Callable, outer_loss: Callable, config: TrainerConfig) -> Callable:
+    """The pure outer step ``(state, inner_data, outer_data) -> (state, stats)``; each data is
+    the loss's tuple of arrays, or a stream's feed (:mod:`bilevel.streams`)."""
+
+    def _outer_step(state: _State, inner_data: Any, outer_data: Any):
         key, method_key = jax.random.split(state.key)
         transformation = _resolve_optimizer(config.inner_optimizer, state.hparams)
-        (params, inner_opt_state), inner_losses = _inner_loop(
-            inner_loss, transformation, (state.params, state.inner_opt_state), state.hparams,
-            inner_args, config.inner_steps)
+        if _is_feed(inner_data):
+            (params, inner_opt_state), inner_losses, inner_args = _streamed_inner_loop(
+                inner_loss, transformation, (state.params, state.inner_opt_state),
+                state.hparams, inner_data, state.step, config.inner_steps)
+        else:
+            inner_args = inner_data
+            (params, inner_opt_state), inner_losses = _inner_loop(
+                inner_loss, transformation, (state.params, state.inner_opt_state),
+                state.hparams, inner_args, config.inner_steps)
+        outer_args = _one_draw(outer_data, state.step)
         inner = InnerProblem(inner_loss, outer_loss, config.inner_optimizer, inner_args,
                              outer_args)
         grad, params, method_state, stats = config.method.hypergrad(
@@ -549,10 +604,10 @@ _WRITER = "bilevel.train"
 
 
 def _save_checkpoint(directory: str, state: _State, history: list[dict],
-                     config: TrainerConfig) -> None:
+                     config: TrainerConfig, data: _Data) -> None:
     checkpoint.save(os.path.join(directory, CHECKPOINT_NAME), state,
                     {"writer": _WRITER, "method": type(config.method).__name__,
-                     "history": history})
+                     "history": history, "data": data.describe()})
 
 
 def _mismatch(path: str, message: str) -> ValueError:
@@ -566,8 +621,9 @@ def _check_method(path: str, stored: Any, config: TrainerConfig) -> None:
         raise _mismatch(path, f"it was written by method {stored}, this run uses {method}")
 
 
-def _load_checkpoint(directory: str, initial: _State, config: TrainerConfig
-                     ) -> tuple[_State, list[dict]] | None:
+def _load_checkpoint(directory: str, initial: _State, config: TrainerConfig, data: _Data
+                     ) -> tuple[_State, list[dict], dict] | None:
+    """``(state, history, consumed)``, ``consumed`` the batches each host stream had used."""
     path = os.path.join(directory, CHECKPOINT_NAME)
     if not os.path.exists(path):
         return None
@@ -577,16 +633,46 @@ def _load_checkpoint(directory: str, initial: _State, config: TrainerConfig
             raise checkpoint.CheckpointError(path, f"it was written by "
                                                    f"{metadata.get('writer')!r}")
         _check_method(path, metadata.get("method"), config)
+        consumed = _check_data(path, metadata.get("data"), data)
         state, metadata = checkpoint.load(path, like=initial)
-        return state, metadata["history"]
+        return state, metadata["history"], consumed
     except checkpoint.NoHeaderError:
-        return _load_format_1(path, initial, config)
+        return (*_load_format_1(path, initial, config), _check_data(path, None, data))
     except checkpoint.MismatchError as error:
         raise _mismatch(path, _leaf_differs(error)) from None
     except checkpoint.CheckpointError as error:
         raise ValueError(f"bilevel.train: {path} is not a checkpoint of bilevel.train "
                          f"({error.reason}). Use another checkpoint_dir, or delete it to start "
                          f"afresh") from None
+
+
+def _data_phrase(description: Mapping) -> str:
+    kind = description.get("kind")
+    if kind == "Minibatches":
+        return (f"Minibatches(batch_size={description.get('batch_size')}, "
+                f"replace={description.get('replace')}) of {description.get('samples')} samples")
+    return {"arrays": "a tuple of arrays", "iterator": "an iterator of batches"}.get(
+        kind, repr(kind))
+
+
+def _check_data(path: str, stored: Any, data: _Data) -> dict[str, int]:
+    """Refuse a checkpoint whose data were of another kind (a resumed run would not continue
+    the same stream); return the batches each host stream had consumed."""
+    stored = stored if isinstance(stored, Mapping) else {}  # before streams: arrays
+    consumed = {}
+    for name, this in data.describe().items():
+        then = stored.get(name, {"kind": "arrays"})
+        then = then if isinstance(then, Mapping) else {"kind": None}
+        if {k: v for k, v in then.items() if k != "consumed"} != {
+                k: v for k, v in this.items() if k != "consumed"}:
+            raise _mismatch(path, f"its {name} were {_data_phrase(then)}, this run's are "
+                                  f"{_data_phrase(this)}")
+        if this["kind"] == "iterator":
+            count = then.get("consumed")
+            if not _is_int(count) or count < 0:
+                raise _mismatch(path, f"it records no count of the {name} batches consumed")
+            consumed[name] = int(count)
+    return consumed
 
 
 def _leaf_differs(error: checkpoint.MismatchError) -> str:
@@ -660,20 +746,108 @@ def _progress_bar(enabled: bool, total: int, completed: int):
     return bar, task
 
 
-def _check_inputs(inner_loss, outer_loss, params, hparams, config, inner_args, outer_args):
-    where = "bilevel.train"
-    if not isinstance(config, TrainerConfig):
-        raise TypeError(f"{where}: config must be a bilevel.TrainerConfig, got "
-                        f"{type(config).__name__}")
-    for name, value in (("inner_args", inner_args), ("outer_args", outer_args)):
-        if not isinstance(value, tuple | list):
-            raise TypeError(f"{where}: {name} must be a tuple, got {type(value).__name__}")
-    _common.check_losses(where, inner_loss, outer_loss, params, hparams, tuple(inner_args),
-                         tuple(outer_args))
+# --------------------------------------------------------------------------------------------
+# The losses' data: arrays, Minibatches drawn in the step, or batches read on the host.
+
+#: Folded into the seed's key to key the streams' draws (apart from the state's key, which is
+#: split at every step: its first split equals fold_in(key, 0) and fold_in(key, 1)).
+_STREAM_TAG = 0x5354524D
+
+
+def _stream_key(seed: int, side: int) -> jax.Array:
+    """The key of the ``side``-th loss's (0 inner, 1 outer) :class:`Minibatches` draws."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STREAM_TAG), side)
+
+
+def _source(where: str, name: str, data: Any, draws: int) -> Any:
+    """``data`` as a tuple of arrays, a :class:`Minibatches` or a :class:`HostStream`."""
+    if isinstance(data, Minibatches):
+        return data
+    if isinstance(data, tuple | list):
+        return tuple(data)
+    if isinstance(data, Iterator) or callable(data):
+        return HostStream(where, name, data, draws)
+    raise TypeError(f"{where}: {name} must be a tuple of arrays, a bilevel.Minibatches, an "
+                    f"iterator of batches or a zero-argument function returning one, got "
+                    f"{type(data).__name__}")
+
+
+def _describe(source: Any) -> dict:
+    return {"kind": "arrays"} if isinstance(source, tuple) else source.describe()
+
+
+class _Data:
+    """The two losses' data as :func:`train` got them, and what the jitted step receives."""
+
+    def __init__(self, inner: Any, outer: Any, seed: int):
+        self.sources = {"inner_args": inner, "outer_args": outer}
+        self.keys = {name: _stream_key(seed, side)
+                     for side, name in enumerate(self.sources)}
+        self.as_arrays: set[str] = set()  # Minibatches whose arrays a method samples itself
+        self.sampled: dict[str, SampledFeed] = {}
+
+    def describe(self) -> dict:
+        return {name: _describe(source) for name, source in self.sources.items()}
+
+    def fit_method(self, where: str, config: TrainerConfig) -> TrainerConfig:
+        """For a method that draws its own batches: the stream's batch size on the method."""
+        method = config.method
+        if not method.draws_own_batches:
+            return config
+        sizes = {}
+        for name, source in self.sources.items():
+            owner, side = type(method).__name__, name.removesuffix("_args")
+            if isinstance(source, HostStream):
+                raise TypeError(f"{where}: {name} is an iterator of batches, but {owner} draws "
+                                f"its own minibatches from per-sample arrays; pass "
+                                f"bilevel.Minibatches(arrays, batch_size) or the arrays")
+            if not isinstance(source, Minibatches):
+                continue
+            if source.replace:
+                raise ValueError(f"{where}: {name} is Minibatches(replace=True), but {owner} "
+                                 f"draws its own minibatches, without replacement; use "
+                                 f"replace=False")
+            own = getattr(method, f"{side}_batch_size")
+            if own is not None and own != source.batch_size:
+                raise ValueError(f"{where}: {name} is Minibatches(batch_size="
+                                 f"{source.batch_size}), but the method {owner} has "
+                                 f"{side}_batch_size={own}; set the batch size in one place")
+            sizes[f"{side}_batch_size"] = source.batch_size
+            self.as_arrays.add(name)
+        if not sizes:
+            return config
+        return dataclasses.replace(config, method=dataclasses.replace(method, **sizes))
+
+    def _seen(self, name: str) -> Any:
+        source = self.sources[name]
+        return source.arrays if name in self.as_arrays else source
+
+    def examples(self) -> tuple[tuple, tuple]:
+        """A batch of each side, shaped as the step's (for the checks and ``init_state``)."""
+        def example(source):
+            if isinstance(source, tuple):
+                return source
+            return source.first_batch() if isinstance(source, Minibatches) else source.first
+        return tuple(example(self._seen(name)) for name in self.sources)
+
+    def skip(self, consumed: Mapping[str, int], step: int) -> None:
+        for name, count in consumed.items():
+            self.sources[name].skip(count, step)
+
+    def feeds(self) -> tuple[Any, Any]:
+        """The step's data arguments for its next call (host streams read their batches)."""
+        def feed(name):
+            source = self._seen(name)
+            if isinstance(source, Minibatches):
+                if name not in self.sampled:  # on the device once, not at every step
+                    self.sampled[name] = SampledFeed(jax.device_put(source), self.keys[name])
+                return self.sampled[name]
+            return source.pull() if isinstance(source, HostStream) else source
+        return tuple(feed(name) for name in self.sources)
 
 
 def train(inner_loss: Callable, outer_loss: Callable, params: PyTree, hparams: PyTree,
-          config: TrainerConfig, inner_args: tuple = (), outer_args: tuple = (), *,
+          config: TrainerConfig, inner_args: Any = (), outer_args: Any = (), *,
           checkpoint_dir: str | os.PathLike | None = None,
           metrics: Callable[[PyTree, PyTree], Mapping[str, float]] | None = None,
           progress: bool = True) -> TrainResult:
@@ -684,17 +858,38 @@ def train(inner_loss: Callable, outer_loss: Callable, params: PyTree, hparams: P
     step-relevant config; data go in as arguments, not constants, so new data of the same shapes
     reuse it. See the module docstring for the update and the handling of non-finite steps.
 
+    Data (``inner_args`` and ``outer_args`` each, independently; :mod:`bilevel.streams`):
+
+    * a tuple of arrays: the whole data at every step (the default);
+    * a :class:`bilevel.Minibatches`: batches drawn inside the jitted step. Its key is
+      ``fold_in(fold_in(key(seed), 0x5354524D), 0)`` for ``inner_args`` (1 for ``outer_args``),
+      ``seed`` being ``config.seed``; outer step k (0-based) uses inner draws ``k·(T+1) + t``,
+      ``t = 0..T`` with ``T = config.inner_steps``: draw ``k·(T+1) + t`` for plain inner step t,
+      the last for the method (``problem.inner_args``), and outer draw k;
+    * an iterator of batches (tuples like ``inner_args``, every one with the first's shapes and
+      dtypes), or a zero-argument function returning one: read on the host in that order
+      (``T + 1`` inner batches and 1 outer batch per outer step). The checkpoint records how
+      many batches were consumed; a resumed run calls the function once and skips them, so the
+      function must give the same sequence each call. A bare iterator cannot be rewound:
+      resuming from a checkpoint past step 0 with one is refused.
+
+    The unrolled and ES methods reuse their one inner batch at each of their own unrolled steps.
+    A method that draws its own minibatches (:mod:`bilevel.stochastic`) takes the arrays and the
+    batch size of a :class:`bilevel.Minibatches` (its own ``*_batch_size`` must then be ``None``
+    or the same) and draws as it does from arrays; it refuses an iterator and
+    ``replace=True``.
+
     Args:
       inner_loss: ``inner_loss(params, hparams, *inner_args) -> scalar``.
       outer_loss: ``outer_loss(params, hparams, *outer_args) -> scalar``.
       params: initial inner parameters θ₀.
       hparams: initial hyperparameters λ₀, a pytree of floating arrays.
       config: a :class:`TrainerConfig`.
-      inner_args, outer_args: the losses' data.
+      inner_args, outer_args: the losses' data (see above).
       checkpoint_dir: where to write ``checkpoint.npz`` (every ``config.checkpoint_every`` outer
         steps and at the end). If it already holds one, training resumes from it; its state must
-        have the structure, shapes and dtypes of this run's (else ``ValueError``), and the run
-        then ends exactly as an uninterrupted one would have.
+        have the structure, shapes and dtypes of this run's and its data the same kind (else
+        ``ValueError``), and the run then ends exactly as an uninterrupted one would have.
       metrics: optional ``metrics(params, hparams) -> dict[str, float]`` called on the host after
         each outer step (e.g. validation accuracy); its entries join the history row.
       progress: show a ``rich`` progress bar with the outer loss (only on a terminal/notebook).
@@ -703,34 +898,45 @@ def train(inner_loss: Callable, outer_loss: Callable, params: PyTree, hparams: P
       a :class:`TrainResult` with the final params, hparams and the per-step history.
 
     Raises:
-      ValueError: the checkpoint does not match, or was written further than ``outer_steps``.
+      ValueError: the checkpoint does not match, or was written further than ``outer_steps``;
+        an iterator ran out, or yielded a batch unlike its first.
     """
-    inner_args, outer_args = tuple(inner_args), tuple(outer_args)
-    _check_inputs(inner_loss, outer_loss, params, hparams, config, inner_args, outer_args)
+    where = "bilevel.train"
+    if not isinstance(config, TrainerConfig):
+        raise TypeError(f"{where}: config must be a bilevel.TrainerConfig, got "
+                        f"{type(config).__name__}")
+    data = _Data(_source(where, "inner_args", inner_args, config.inner_steps + 1),
+                 _source(where, "outer_args", outer_args, 1), config.seed)
+    config = data.fit_method(where, config)
+    inner_example, outer_example = data.examples()
+    _common.check_losses(where, inner_loss, outer_loss, params, hparams, inner_example,
+                         outer_example)
     state = _initial_state(params, hparams, config,
                            InnerProblem(inner_loss, outer_loss, config.inner_optimizer,
-                                        inner_args, outer_args))
+                                        inner_example, outer_example))
     history: list[dict] = []
+    consumed: dict[str, int] = {}
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)
         os.makedirs(checkpoint_dir, exist_ok=True)
-        loaded = _load_checkpoint(checkpoint_dir, state, config)
+        loaded = _load_checkpoint(checkpoint_dir, state, config, data)
         if loaded is not None:
-            state, history = loaded
+            state, history, consumed = loaded
     start = int(state.step)
     if start > config.outer_steps:
         raise ValueError(f"bilevel.train: the checkpoint in {checkpoint_dir} is at outer step "
                          f"{start}, past outer_steps={config.outer_steps}")
     compile_time = 0.0
     if start < config.outer_steps:
+        data.skip(consumed, start)
+        feeds = data.feeds()
         begin = time.perf_counter()
-        step = _jitted_step(inner_loss, outer_loss, config).lower(
-            state, inner_args, outer_args).compile()
+        step = _jitted_step(inner_loss, outer_loss, config).lower(state, *feeds).compile()
         compile_time = time.perf_counter() - begin
-        state, history = _run(step, state, history, inner_args, outer_args, config,
-                              checkpoint_dir, metrics, progress)
+        state, history = _run(step, state, history, data, feeds, config, checkpoint_dir,
+                              metrics, progress)
     if checkpoint_dir is not None and start < config.outer_steps and not _saved_at_end(config):
-        _save_checkpoint(checkpoint_dir, state, history, config)
+        _save_checkpoint(checkpoint_dir, state, history, config, data)
     result = TrainResult(state.params, state.hparams, history, resumed_from=start,
                          compile_time=compile_time)
     if result.skipped_steps and start < config.outer_steps:
@@ -745,14 +951,14 @@ def _saved_at_end(config: TrainerConfig) -> bool:
     return every is not None and config.outer_steps % every == 0
 
 
-def _run(step, state, history, inner_args, outer_args, config, checkpoint_dir, metrics,
-         progress):
+def _run(step, state, history, data, feeds, config, checkpoint_dir, metrics, progress):
+    """The outer steps from ``state.step`` on; ``feeds`` are the first one's data arguments."""
     history = list(history)
     bar, task = _progress_bar(progress, config.outer_steps, int(state.step))
     with bar:
         for k in range(int(state.step), config.outer_steps):
             begin = time.perf_counter()
-            state, stats = step(state, inner_args, outer_args)
+            state, stats = step(state, *feeds)
             stats = jax.device_get(stats)  # waits for the step
             row = {"step": k + 1, **{name: _to_python(v) for name, v in stats.items()},
                    "wall_time": time.perf_counter() - begin}
@@ -762,7 +968,9 @@ def _run(step, state, history, inner_args, outer_args, config, checkpoint_dir, m
             bar.update(task, advance=1, loss=f"{row['outer_loss']:.4e}")
             every = config.checkpoint_every
             if checkpoint_dir is not None and every is not None and (k + 1) % every == 0:
-                _save_checkpoint(checkpoint_dir, state, history, config)
+                _save_checkpoint(checkpoint_dir, state, history, config, data)
+            if k + 1 < config.outer_steps:
+                feeds = data.feeds()  # after the checkpoint, which counts consumed batches
     return state, history
 
 
