@@ -191,8 +191,9 @@ def _write(rows, timing, arms, seeds, args, out) -> None:
              "AUROC ID/OOD: each unlabelled image's mean raw weight score over training, ID "
              "positive; AUROC correct PL: the same scores of ID images, correct final "
              "pseudo-label positive. OOD weight: OOD share of the unlabelled loss weight. PL: "
-             "the final EMA classifier's pseudo-labels (accuracy on ID images; share of the "
-             "most frequent class among the confident ones, 1/6 balanced). Meta-step: median ms "
+             "the final EMA classifier's pseudo-labels (accuracy on ID images; the most "
+             "frequent class's share of the unlabelled loss weight received over training, 1/6 "
+             "balanced). Meta-step: median ms "
              "of one meta-step, and its cost in inner steps.", "",
              "| arm | accuracy | − FixMatch | gap closed | " +
              " | ".join(h for _, h, _ in COLUMNS) + " | meta-step | s/run |",

@@ -63,9 +63,10 @@ def evaluate(config: fixmatch.Config, state: fixmatch.State, data: Split) -> dic
     images: ``pseudo_label_accuracy`` (their accuracy on the ID images);
     ``correct_weight_auroc`` (AUROC of the mean raw score of the drawn ID images, correct
     pseudo-label as positive: a weighting may be right to down-weight wrong pseudo-labels of ID
-    images; NaN where ``weight_auroc`` is); ``pseudo_label_top_share`` (among the unlabelled
-    images, ID and OOD, whose final confidence reaches ``config.threshold``, the share of the
-    most frequent pseudo-label: 1/K is balanced, 1 is one class).
+    images; NaN where ``weight_auroc`` is); ``pseudo_label_top_share`` (the unlabelled loss
+    weight each image received over training, summed per final pseudo-label, ID and OOD images
+    alike: the most frequent class's share, 1/K balanced, 1 one class; NaN without unlabelled
+    weight).
     """
     ood = np.asarray(data.unlabelled_ood, bool)
     seen = np.asarray(state.seen)
@@ -116,13 +117,14 @@ def _pseudo_labels(config: fixmatch.Config, state: fixmatch.State, data: Split,
     ood = np.asarray(data.unlabelled_ood, bool)
     pseudo = probs.argmax(-1)
     correct = (pseudo == label) & ~ood
-    confident = probs.max(-1) >= config.threshold
-    counts = np.bincount(pseudo[confident], minlength=probs.shape[-1])
+    counts = np.bincount(pseudo, weights=np.asarray(state.weight_sum, np.float64),
+                         minlength=probs.shape[-1])
     scored = ~ood[drawn]  # the drawn ID images, in the order of mean_score
     positive = correct[drawn][scored]
     return {
         "pseudo_label_accuracy": float(correct[~ood].mean()) if (~ood).any() else math.nan,
         "correct_weight_auroc": auroc(mean_score[scored], positive) if weighted else math.nan,
-        "pseudo_label_top_share": float(counts.max() / counts.sum()) if counts.sum() else math.nan,
+        "pseudo_label_top_share": float(counts.max() / counts.sum()) if counts.sum() > 0
+        else math.nan,
     }
 
