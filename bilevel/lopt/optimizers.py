@@ -129,9 +129,30 @@ def _as_vector(p: jax.Array) -> jax.Array:
     return p.reshape(1) if p.ndim == 0 else p
 
 
+def is_array_wrapper(x: Any) -> bool:
+    """Whether ``x`` is an array held in a pytree node of its own, such as flax's
+    ``nnx.Variable`` (``nnx.Param``): something ``jnp.asarray`` reads but JAX does not treat as
+    a leaf.
+
+    The accumulators treat such a wrapper as one leaf and hold plain arrays. Were the state
+    unflattened with the wrapper's node, each parameter's :class:`FactoredMoments` would sit
+    *inside* a Variable; ``nnx.Optimizer`` then turns that NamedTuple into an ``nnx.State``
+    when it writes the new state back, and the next ``update`` fails on ``_replace``. The
+    wrapper's metadata (a sharding of the parameter's axes) does not fit the accumulators'
+    extra decay axis anyway.
+    """
+    return not isinstance(x, jax.Array) and hasattr(type(x), "__jax_array__")
+
+
+def state_structure(tree: PyTree) -> jax.tree_util.PyTreeDef:
+    """The structure of ``tree`` down to its arrays, with :func:`is_array_wrapper` nodes as
+    leaves: the structure of each per-parameter field of the state."""
+    return jax.tree_util.tree_structure(tree, is_leaf=is_array_wrapper)
+
+
 def init_state(params: PyTree) -> LOptState:
     """Zero accumulators shaped for ``params`` and ``iteration = 0``."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_array_wrapper)
     vectors = [_as_vector(jnp.asarray(p)) for p in leaves]
     momentum = [jnp.zeros((*p.shape, len(MOMENTUM_DECAYS)), p.dtype) for p in vectors]
     second = [jnp.zeros((*p.shape, len(RMS_DECAYS)), p.dtype) for p in vectors]
@@ -463,9 +484,10 @@ def _learned_optimizer(where: str, meta: dict, num_steps: Any, outputs: int,
         fac_decay = learned_decays(ADAFACTOR_DECAYS, meta["adafactor_decays"])
         g_leaves, treedef = jax.tree_util.tree_flatten(grads)
         p_leaves = treedef.flatten_up_to(params)
-        m_leaves = treedef.flatten_up_to(state.momentum)
-        v_leaves = treedef.flatten_up_to(state.second_moment)
-        f_leaves = treedef.flatten_up_to(state.factored)
+        state_def = state_structure(grads)
+        m_leaves = state_def.flatten_up_to(state.momentum)
+        v_leaves = state_def.flatten_up_to(state.second_moment)
+        f_leaves = state_def.flatten_up_to(state.factored)
         clock = time_features(state.iteration, num_steps, meta["momentum_decays"].dtype)
         results = []
         for p, g, m, v, fac in zip(p_leaves, g_leaves, m_leaves, v_leaves, f_leaves,
@@ -484,8 +506,11 @@ def _learned_optimizer(where: str, meta: dict, num_steps: Any, outputs: int,
             out = _network_outputs(meta, p, g, ms, v, fac, clock)
             step = leaf_update(out, p, ms, v).astype(p.dtype).reshape(shape)
             results.append((step, jnp.stack(ms, axis=-1), v[..., None], fac))
-        steps, ms, vs, facs = (treedef.unflatten(list(x)) for x in zip(*results, strict=True))
-        return steps, LOptState(state.iteration + 1, ms, vs, facs)
+        # No leaves at all when every parameter is frozen (optax.multi_transform, masked).
+        steps, ms, vs, facs = list(zip(*results, strict=True)) or [()] * 4
+        return treedef.unflatten(steps), LOptState(state.iteration + 1, state_def.unflatten(ms),
+                                                   state_def.unflatten(vs),
+                                                   state_def.unflatten(facs))
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -49,6 +49,7 @@ from bilevel.lopt.optimizers import (
     init_state,
     learned_decays,
     normalise_per_tensor,
+    state_structure,
 )
 
 PyTree = Any
@@ -338,9 +339,10 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
             (ADAFACTOR_DECAYS, "adafactor_decays")))
         g_leaves, treedef = jax.tree_util.tree_flatten(grads)
         p_leaves = treedef.flatten_up_to(params)
-        m_leaves = treedef.flatten_up_to(acc.momentum)
-        v_leaves = treedef.flatten_up_to(acc.second_moment)
-        f_leaves = treedef.flatten_up_to(acc.factored)
+        state_def = state_structure(grads)
+        m_leaves = state_def.flatten_up_to(acc.momentum)
+        v_leaves = state_def.flatten_up_to(acc.second_moment)
+        f_leaves = state_def.flatten_up_to(acc.factored)
 
         per_tensor, features = [], []
         for p, g, m, v, fac in zip(p_leaves, g_leaves, m_leaves, v_leaves, f_leaves,
@@ -354,8 +356,11 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
             per_tensor.append((p, g, m, v, fac, fac_g))
             features.append(tensor_features(p, m, v, fraction, losses, rank).astype(dtype))
 
-        controls, step_mult, hidden, cell = controller(meta, jnp.stack(features), state.hidden,
-                                                       state.cell)
+        if features:
+            controls, step_mult, hidden, cell = controller(meta, jnp.stack(features),
+                                                           state.hidden, state.cell)
+        else:  # every parameter frozen (optax.multi_transform, masked): no tensor to control
+            hidden, cell = state.hidden, state.cell
         steps, ms, vs, facs = [], [], [], []
         for i, (p, g, m, v, fac, fac_g) in enumerate(per_tensor):
             network = mix_bank(meta["bank"], controls[i])
@@ -366,9 +371,9 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
             ms.append(m)
             vs.append(v)
             facs.append(fac)
-        unflatten = treedef.unflatten
+        unflatten = state_def.unflatten
         accumulators = LOptState(acc.iteration + 1, unflatten(ms), unflatten(vs),
                                  unflatten(facs))
-        return unflatten(steps), VeLOState(accumulators, hidden, cell, means, running_min)
+        return treedef.unflatten(steps), VeLOState(accumulators, hidden, cell, means, running_min)
 
     return optax.GradientTransformationExtraArgs(init, update)
