@@ -8,8 +8,9 @@ declarations (:mod:`bilevel.lopt.options`, and with them ``bilevel lopt --help``
 for importing JAX.
 
 >>> from bilevel import lopt
->>> meta, metadata = lopt.pretrained("star_lopt")               # doctest: +SKIP
->>> opt = lopt.star_lopt(meta, **metadata["optimizer_kwargs"])   # doctest: +SKIP
+>>> opt = lopt.pretrained_optimizer("star_lopt", num_steps=1000)  # doctest: +SKIP
+>>> meta, metadata = lopt.pretrained("star_lopt")                 # doctest: +SKIP
+>>> opt = lopt.star_lopt(meta, 1000, **metadata["optimizer_kwargs"])  # the same  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from bilevel.lazy import attach
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
+    "TrainState": "bilevel.lopt.ecosystem",
+    "build_optimizer": "bilevel.lopt.ecosystem",
+    "pretrained_optimizer": "bilevel.lopt.ecosystem",
     "LOptState": "bilevel.lopt.optimizers",
     "available_pretrained": "bilevel.lopt.optimizers",
     "init_mlp_lopt": "bilevel.lopt.optimizers",
@@ -49,6 +53,11 @@ __getattr__, __dir__ = attach(__name__, _EXPORTS, _SUBMODULES)
 
 if TYPE_CHECKING:  # pragma: no cover
     from bilevel.lopt import tasks  # noqa: F401
+    from bilevel.lopt.ecosystem import (  # noqa: F401
+        TrainState,
+        build_optimizer,
+        pretrained_optimizer,
+    )
     from bilevel.lopt.optimizers import (  # noqa: F401
         LOptState,
         available_pretrained,
