@@ -10,7 +10,9 @@ per class (one of them the validation image, which methods without a meta loss t
 ``experiments/ssl_arms.py``, e.g. ``confnet-cg:conf_inputs=image+softmax:meta_data=labelled``.
 
 Every finished (arm, seed) run is appended to ``OUT.jsonl``; rerunning the same command resumes
-(nothing finished runs again), and the table and plot are rewritten after every run.
+(nothing finished runs again), and the table and plot are rewritten after every run. The file is
+read again before each run, so two processes given the same ``--out`` (one per core) share the
+work: neither repeats a run the other has finished.
 
     python -m experiments.fmnist_arms --arms fixmatch,oracle,softmax,confnet-cg --seeds 10
     python -m experiments.fmnist_arms --smoke        # a minute: a tiny configuration
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
         for arm in arms:
             config = configs[arm]
             for seed in seeds:
+                rows, timing = _read(out.with_suffix(".jsonl"))  # another process's runs too
                 if (arm, seed) not in rows:
                     sub = headroom._select(data, seeds, [seed])
                     results, states, seconds = common.run_arm(config, sub, [seed],
