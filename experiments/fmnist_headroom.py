@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pool", type=positive_int, default=2,
                         help="average-pool the 28×28 images by this factor")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=str(common.RESULTS / "fmnist" / "headroom"))
+    parser.add_argument("--out", default=str(common.RESULTS / "fashion_mnist" / "headroom"))
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
