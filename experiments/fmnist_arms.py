@@ -72,6 +72,8 @@ def main(argv=None) -> int:
                         help="average-pool the 28×28 images by this factor")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=str(common.RESULTS / "fashion_mnist" / "arms"))
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite the table and plot from OUT.jsonl, running nothing")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -89,12 +91,17 @@ def main(argv=None) -> int:
                    for arm in arms}
     except ValueError as error:
         parser.error(str(error))
-    dataset = headroom.downsample(datasets.load("fashion_mnist", args.data_dir), args.pool)
     seeds = list(range(args.seeds))
+    out = common.Path(args.out)
+    if args.table_only:
+        rows, timing = _read(out.with_suffix(".jsonl"))
+        _write(rows, timing, arms, seeds, args, out)
+        print(out.with_suffix(".md").read_text())
+        return 0
+    dataset = headroom.downsample(datasets.load("fashion_mnist", args.data_dir), args.pool)
     data = common.splits(dataset, seeds, labelled_per_class=args.budget - 1,
                          validation_per_class=1, num_unlabelled=args.unlabelled,
                          ood_ratio=args.ood_ratio, ood="near", design="add")
-    out = common.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, timing = _read(out.with_suffix(".jsonl"))
     with Progress() as progress:
@@ -150,21 +157,28 @@ def _line(rows, arm, seeds) -> str:
 
 
 def _summary(rows, arms, seeds) -> list[dict]:
-    fix, oracle = _values(rows, "fixmatch", seeds), _values(rows, "oracle", seeds)
+    """One entry per arm with at least one finished seed; differences are paired over the
+    seeds both arms (and the oracle, for the gap) have finished."""
     out = []
     for arm in arms:
-        acc = _values(rows, arm, seeds)
-        if acc is None:
+        have = [s for s in seeds if (arm, s) in rows]
+        if not have:
             continue
-        entry = {"arm": arm, "acc": acc,
-                 "seconds": np.median(_values(rows, arm, seeds, "seconds"))}
-        if fix is not None:
-            entry["vs_fixmatch"] = metrics.paired_difference(acc, fix)
-            if oracle is not None:
-                gap = float(np.mean(oracle - fix))
-                entry["gap_closed"] = entry["vs_fixmatch"][0] / gap if gap > 0 else np.nan
+        entry = {"arm": arm, "seeds": len(have), "acc": _values(rows, arm, have),
+                 "seconds": np.median(_values(rows, arm, have, "seconds"))}
+        paired = [s for s in have if ("fixmatch", s) in rows]
+        if len(paired) > 1:
+            fix = _values(rows, "fixmatch", paired)
+            entry["vs_fixmatch"] = metrics.paired_difference(_values(rows, arm, paired), fix)
+            common = [s for s in paired if ("oracle", s) in rows]
+            if common:
+                gap = float(np.mean(_values(rows, "oracle", common) -
+                                    _values(rows, "fixmatch", common)))
+                mine = float(np.mean(_values(rows, arm, common) -
+                                     _values(rows, "fixmatch", common)))
+                entry["gap_closed"] = mine / gap if gap > 0 else np.nan
         for key, _, _ in COLUMNS:
-            entry[key] = _values(rows, arm, seeds, key)
+            entry[key] = _values(rows, arm, have, key)
         out.append(entry)
     return out
 
@@ -189,8 +203,9 @@ def _write(rows, timing, arms, seeds, args, out) -> None:
              f"{args.batch}, μ = {args.mu}, τ = {args.threshold}, EMA 0.99, meta-step every "
              f"{args.meta_every} steps, meta learning rate {args.meta_lr}, solver budget "
              f"{args.maxiter}.", "",
-             "Accuracy: ID test accuracy (%), mean ± std. − FixMatch: paired mean difference "
-             "[95 % t interval] in points. Gap closed: that difference over oracle − FixMatch. "
+             "Seeds: finished paired seeds. Accuracy: ID test accuracy (%), mean ± std. "
+             "− FixMatch: paired mean difference [95 % t interval] in points, over the seeds "
+             "both have. Gap closed: that difference over oracle − FixMatch. "
              "AUROC ID/OOD: each unlabelled image's mean raw weight score over training, ID "
              "positive; AUROC correct PL: the same scores of ID images, correct final "
              "pseudo-label positive. OOD weight: OOD share of the unlabelled loss weight. PL: "
@@ -198,14 +213,14 @@ def _write(rows, timing, arms, seeds, args, out) -> None:
              "frequent class's share of the unlabelled loss weight received over training, 1/6 "
              "balanced). Meta-step: median ms "
              "of one meta-step, and its cost in inner steps.", "",
-             "| arm | accuracy | − FixMatch | gap closed | " +
+             "| arm | seeds | accuracy | − FixMatch | gap closed | " +
              " | ".join(h for _, h, _ in COLUMNS) + " | meta-step | s/run |",
-             "|---" * (len(COLUMNS) + 6) + "|"]
+             "|---" * (len(COLUMNS) + 7) + "|"]
     for e in done:
         relative = e["arm"] != "fixmatch" and "vs_fixmatch" in e
         closed = e.get("gap_closed", np.nan) if relative else np.nan
         t = timing.get(e["arm"])
-        cells = [e["arm"], headroom._pct(e["acc"]),
+        cells = [e["arm"], str(e["seeds"]), headroom._pct(e["acc"]),
                  headroom._interval(e["vs_fixmatch"]) if relative else "–",
                  f"{closed:.0%}" if np.isfinite(closed) else "–",
                  *(_mean(e[k], p) for k, _, p in COLUMNS),
