@@ -221,10 +221,90 @@ def _compare_hvp_epilog() -> str:
             f"warm-up):\n{LEGEND}")
 
 
+# --------------------------------------------------------------------------------------------
+# bench-bilevel: the options and the run (the engine is bilevel.bench_bilevel_engine)
+
+
+def _add_bench_bilevel_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's options; names and groups come from :mod:`bilevel.bench_bilevel` (no JAX)."""
+    from bilevel import bench_bilevel as bench
+    from bilevel.argtypes import positive_float, positive_int
+
+    def methods(text: str) -> tuple[str, ...]:
+        try:
+            return bench.parse_methods(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parser.epilog = bench.CLI_EPILOG
+    parser.add_argument("--problem", choices=bench.PROBLEMS, default="quadratics",
+                        help="quadratics (suboptimality), datacleaning (test accuracy) or logreg "
+                             "(suboptimality) (default: %(default)s)")
+    parser.add_argument("--methods", type=methods, default=tuple(bench.METHODS), metavar="LIST",
+                        help="comma list of " + ", ".join(bench.METHODS) + "; or all, ours, "
+                             "benchmark (default: all)")
+    parser.add_argument("--time", type=positive_float, default=60.0, metavar="SECONDS",
+                        help="wall-clock budget of each run (default: %(default)s)")
+    parser.add_argument("--seeds", type=positive_int, default=5,
+                        help="seeds per method, 1..N (default: %(default)s)")
+    parser.add_argument("--out", type=out_dir, default="bilevel-bench-bilevel", metavar="DIR",
+                        help="folder for the runs (JSON lines, resumed), tables and plot, checked "
+                             "before any work (default: %(default)s)")
+    parser.add_argument("--benchmark-dir", default=str(bench.DEFAULT_BENCHMARK_DIR), metavar="DIR",
+                        help="benchmark_bilevel at commit " + bench.BENCHMARK_COMMIT[:7] +
+                             " (for the benchopt-* methods) (default: %(default)s)")
+    parser.add_argument("--export-from", default=None, metavar="GITDIR",
+                        help="a git clone or mirror of benchmark_bilevel: export the pinned commit "
+                             "into --benchmark-dir when it lacks it")
+    parser.add_argument("--smoke", action="store_true",
+                        help="small problem sizes, for a check that everything runs")
+
+
+def _run_bench_bilevel(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
+    from bilevel import bench_bilevel as bench
+
+    try:  # before JAX loads
+        _writable_folder(args.out)
+    except OSError as error:
+        parser.error(f"argument --out: {str(args.out)!r} is not a writable folder: "
+                     f"{error.strerror or error}")
+    config = bench.StudyConfig(problem=args.problem, methods=args.methods, budget=args.time,
+                               seeds=args.seeds, smoke=args.smoke,
+                               benchmark_dir=args.benchmark_dir)
+    needs_benchmark = any(bench.METHODS[m].side == "benchmark" for m in config.methods)
+    try:
+        if needs_benchmark and args.export_from:
+            bench.export_benchmark(Path(args.benchmark_dir).expanduser(), Path(args.export_from))
+        folder = bench.check_benchmark(Path(args.benchmark_dir)) if needs_benchmark else None
+    except (bench.BenchError, OSError) as error:
+        parser.error(str(error))
+    from bilevel import bench_bilevel_engine as engine
+
+    start = time.perf_counter()
+    first = (f"bench-bilevel on {config.problem}: {len(config.methods)} methods x {config.seeds} "
+             f"seeds x {config.budget:g} s")
+    try:
+        with _progress(bench.planned_runs(config), start, first) as on_run:
+            runs, problem, info = engine.run_study(
+                config, args.out, on_run,
+                bench=bench.Benchmark(folder) if folder is not None else None)
+    except bench.BenchError as error:
+        parser.error(str(error))
+    rows, summary, paths = engine.write_outputs(config, args.out, runs, problem, info)
+    print(engine.markdown_table(rows, summary, problem.metric))  # Markdown: never wrapped
+    print(f"wrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 BUILTIN: dict[str, Command] = {
     "compare-hvp": Command(
         "compare inverse-HVP approximations inside the implicit hypergradient against a dense "
         "float64 reference", _add_compare_hvp_arguments, _run_compare_hvp),
+    "bench-bilevel": Command(
+        "our stochastic bilevel methods against benchopt's benchmark_bilevel solvers, side by "
+        "side under one wall-clock budget", _add_bench_bilevel_arguments, _run_bench_bilevel),
 }
 
 
