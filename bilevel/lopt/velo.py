@@ -9,7 +9,18 @@ bank; it is applied to every scalar of the tensor, reading the same 28 accumulat
 :func:`bilevel.lopt.mlp_lopt` plus the clipped gradient and ``g/√(v+1e-6)`` (30 inputs, each
 normalised per tensor), and outputs a direction ``d`` and magnitude ``a``:
 
-``Δθ = −0.001 · d · exp(0.001 a) · RMS(θ) · s``
+``Δθ = −0.001 · d · exp(0.001 a) · max(RMS(θ), min_scale) · s``, then, if its RMS exceeds
+``max_relative_step · max(RMS(θ), min_scale)``, scaled down to that bound, and multiplied by a
+divergence guard's factor ``ρ ≤ 1``.
+
+VeLO scales the step by the tensor's RMS alone, which has two failure modes that are not the
+meta-parameters' fault: a tensor whose RMS is zero (a zero-initialised bias) or tiny never moves,
+and a tensor the step points along grows geometrically (a step of a fixed fraction of RMS(θ)
+compounds), which is how the shipped optimizer diverged or went NaN. The floor ``min_scale``
+and the trust region ``max_relative_step`` address the two per step; the guard (``max_regress``,
+``guard_rate``) slows a run whose smoothed loss gives back half of its progress, since no
+per-step bound stops compounding over thousands of steps (:func:`velo_lopt`). Where none of
+them binds the step is VeLO's, to the last bit.
 
 Per-tensor LSTM inputs (28): the fraction of training done ``x = t/num_steps`` as
 ``tanh(10(x − c))`` for c ∈ {0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1}; nine loss features
@@ -62,6 +73,14 @@ MAX_RANK = 4
 NUM_TENSOR_INPUTS = len(HORIZON_CENTRES) + (NUM_LOSS_EMAS - 1) + len(MOMENTUM_DECAYS) + 2 + (
     MAX_RANK + 1)
 GRADIENT_CLIP = 1000.0
+#: Default floor of the parameter scale: see :func:`velo_lopt`.
+MIN_SCALE = 1e-2
+#: Default trust region, the largest step RMS as a fraction of the parameter scale.
+MAX_RELATIVE_STEP = 0.03
+#: Default divergence guard: the fraction of its progress the smoothed loss may give back...
+MAX_REGRESS = 0.5
+#: ... before every step shrinks by this fraction a step (and grows back by as much after).
+GUARD_RATE = 0.1
 
 
 class VeLOState(NamedTuple):
@@ -72,6 +91,9 @@ class VeLOState(NamedTuple):
       hidden, cell: the LSTM state, one row per parameter tensor, ``(num_tensors, width)``.
       loss_means: the loss EMAs (not bias-corrected), ``(10,)``.
       loss_min: the running minimum of the bias-corrected EMAs, ``(10,)``.
+      initial_loss: the first loss seen (the divergence guard's reference; as the EMAs see
+        it), ``()``.
+      step_factor: the divergence guard's factor ``ρ`` in ``(0, 1]`` on every step, ``()``.
     """
 
     accumulators: LOptState
@@ -79,6 +101,8 @@ class VeLOState(NamedTuple):
     cell: jax.Array
     loss_means: jax.Array
     loss_min: jax.Array
+    initial_loss: jax.Array
+    step_factor: jax.Array
 
 
 def _linear(key: jax.Array, fan_in: int, fan_out: int, dtype, scale: float = 1.0) -> dict:
@@ -276,6 +300,32 @@ def param_features(p, g, m, v, fac, fac_g) -> jax.Array:
 # The transformation.
 
 
+def parameter_scale(p: jax.Array, min_scale: float) -> jax.Array:
+    """``σ = max(√(mean(θ²) + 1e-9), min_scale)``: VeLO's RMS scale with a floor."""
+    return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9), min_scale)
+
+
+def trust_region(step: jax.Array, scale: jax.Array, max_relative_step: float) -> jax.Array:
+    """``step`` scaled down (as a whole) to ``RMS(step) ≤ max_relative_step·scale``.
+
+    Where the bound does not bind the factor is exactly 1 (``jnp.minimum``), so the step is
+    returned bit for bit; the ``1e-30`` only keeps a zero step finite.
+    """
+    if max_relative_step == np.inf:
+        return step
+    rms = jnp.sqrt(jnp.mean(jnp.square(step)))
+    return step * jnp.minimum(1.0, max_relative_step * scale / jnp.maximum(rms, 1e-30))
+
+
+def guard_step_factor(factor: jax.Array, smoothed: jax.Array, lowest: jax.Array,
+                      initial: jax.Array, max_regress: float, rate: float) -> jax.Array:
+    """The divergence guard's next factor ``ρ``: shrunk by ``rate`` while the smoothed loss is
+    above ``lowest + max_regress·(initial − lowest)`` (it has given back that fraction of its
+    progress), grown back by ``1/(1 − rate)`` up to exactly 1 otherwise."""
+    regressed = smoothed > lowest + max_regress * (initial - lowest)
+    return jnp.where(regressed, factor * (1.0 - rate), jnp.minimum(1.0, factor / (1.0 - rate)))
+
+
 def _check_meta(where: str, meta: Any) -> None:
     expected = {"mix_in", "mix_max", "lstm", "controls", "step_size", "bank",
                 "momentum_decays", "rms_decays", "adafactor_decays"}
@@ -289,13 +339,46 @@ def _check_meta(where: str, meta: Any) -> None:
                          f"{NUM_PARAM_INPUTS}")
 
 
-def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraArgs:
+def velo_lopt(meta: dict, num_steps: Any, *, min_scale: float = MIN_SCALE,
+              max_relative_step: float = MAX_RELATIVE_STEP, max_regress: float = MAX_REGRESS,
+              guard_rate: float = GUARD_RATE) -> optax.GradientTransformationExtraArgs:
     """The VeLO-style learned optimizer (see the module docstring).
+
+    The step of a tensor ``θ`` is ``Δ = −0.001·d·exp(0.001 a)·σ·s`` with the parameter scale
+    ``σ = max(RMS(θ), min_scale)``, clipped to the trust region ``RMS(Δ) ≤ max_relative_step·σ``
+    (scaled down as a whole, so its direction is kept), times the divergence guard's ``ρ``.
+
+    The three safeguards (issue 17) leave VeLO's step bit for bit wherever they do not bind.
+    A per-step bound alone cannot keep a long run finite: a step pinned at 3% of RMS(θ) along
+    θ still compounds (1.03^t), which is what the shipped meta-parameters, meta-trained on
+    horizons up to 128 steps, do after about a thousand steps. The guard reads the loss VeLO is
+    given anyway: while the loss EMA with the shortest half-life (10 steps) is above its
+    running minimum ``m`` plus ``max_regress·(ℓ₀ − m)`` (ℓ₀ the first loss), ``ρ`` shrinks by
+    ``guard_rate`` a step, and otherwise grows back to 1. A run that has given back half its
+    progress so slows down until it stops, rather than running away.
 
     Args:
       meta: meta-parameters from :func:`init_velo_lopt` or a file.
       num_steps: the training horizon the optimizer is told (a number > 0 or a traced scalar);
         the fraction of training ``t/num_steps`` and the loss EMAs' half-lives depend on it.
+      min_scale: floor of the parameter scale ``σ`` (>= 0), in the parameters' units. VeLO's is
+        ``√1e-9 ≈ 3e-5``, at which a zero-initialised bias moves by about ``3e-7`` a step and
+        effectively never trains; with the default ``1e-2`` such a tensor takes the untrained
+        optimizer's step (``0.01·σ`` per unit direction), i.e. Adam's with learning rate
+        ``1e-4``, until its own RMS passes the floor. It binds only on tensors with
+        ``RMS < min_scale``: zero or tiny ones (the shipped tasks' weight matrices start at
+        ``1/√fan_in ≥ 0.036``). 0 restores VeLO's scale.
+      max_relative_step: the trust region (> 0, ``math.inf`` to switch it off): one step may
+        change a tensor by at most this fraction of its scale, in RMS, so it bounds a step's
+        multiplicative growth of the tensor by ``1 + max_relative_step``. The untrained
+        optimizer's steps are about ``0.01·σ`` and the shipped meta-parameters' median about
+        the same, so the default ``0.1`` binds only on steps ten times larger, the ones that
+        blow a tensor up (a mixture of the bank's ReLU networks scales ``d`` by the cube of
+        its weights' scale).
+      max_regress: the guard's threshold, the fraction of the progress from the first loss to
+        the smoothed loss's running minimum that may be given back (``math.inf``: no guard).
+      guard_rate: the fraction ``ρ`` shrinks by a step while the threshold is passed, in
+        ``(0, 1)``; ``ρ`` then halves in about 7 steps.
 
     Returns:
       an ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, loss=...)``
@@ -310,6 +393,16 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
             raise ValueError(f"{where}: num_steps must be > 0, got {num_steps!r}")
     except (TypeError, jax.errors.ConcretizationTypeError):
         pass  # traced
+    if not isinstance(min_scale, int | float) or not 0.0 <= min_scale < np.inf:
+        raise ValueError(f"{where}: min_scale must be a finite number >= 0, got {min_scale!r}")
+    if not isinstance(max_relative_step, int | float) or not max_relative_step > 0.0:
+        raise ValueError(f"{where}: max_relative_step must be a number > 0 (math.inf: no "
+                         f"trust region), got {max_relative_step!r}")
+    if not isinstance(max_regress, int | float) or not max_regress >= 0.0:
+        raise ValueError(f"{where}: max_regress must be a number >= 0 (math.inf: no guard), "
+                         f"got {max_regress!r}")
+    if not isinstance(guard_rate, int | float) or not 0.0 < guard_rate < 1.0:
+        raise ValueError(f"{where}: guard_rate must be a number in (0, 1), got {guard_rate!r}")
     dtype = meta["momentum_decays"].dtype
     width = meta["lstm"]["wh"].shape[0]
 
@@ -317,7 +410,8 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
         n = len(jax.tree_util.tree_leaves(params))
         zeros = jnp.zeros((n, width), dtype)
         return VeLOState(init_state(params), zeros, zeros, jnp.zeros((NUM_LOSS_EMAS,), dtype),
-                         jnp.full((NUM_LOSS_EMAS,), 1e30, dtype))
+                         jnp.full((NUM_LOSS_EMAS,), 1e30, dtype), jnp.zeros((), dtype),
+                         jnp.ones((), dtype))
 
     def update(grads, state, params=None, *, loss=None, **extra_args):
         del extra_args
@@ -332,6 +426,13 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
         means, running_min = update_loss_buffer(state.loss_means, state.loss_min, acc.iteration,
                                                 loss, decays)
         losses = loss_features(means, running_min, acc.iteration + 1, decays)
+        # the fastest EMA, bias-corrected as running_min is, so that at step 0 all three agree
+        smoothed = means[0] / (1.0 - decays[0] ** (acc.iteration + 1).astype(dtype))
+        initial_loss = jnp.where(acc.iteration == 0, smoothed, state.initial_loss)
+        factor = state.step_factor
+        if max_regress != np.inf:
+            factor = guard_step_factor(factor, smoothed, running_min[0], initial_loss,
+                                       max_regress, guard_rate)
         fraction = acc.iteration.astype(dtype) / jnp.asarray(num_steps, dtype)
 
         beta_m, beta_v, beta_f = (learned_decays(d0, meta[name]) for d0, name in (
@@ -365,8 +466,9 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
         for i, (p, g, m, v, fac, fac_g) in enumerate(per_tensor):
             network = mix_bank(meta["bank"], controls[i])
             out = apply_network(network, param_features(p, g, m, v, fac, fac_g).astype(dtype))
-            rms = jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9)
-            step = -STEP_MULT * out[..., 0] * jnp.exp(EXP_MULT * out[..., 1]) * rms * step_mult[i]
+            scale = parameter_scale(p, min_scale)
+            step = -STEP_MULT * out[..., 0] * jnp.exp(EXP_MULT * out[..., 1]) * scale * step_mult[i]
+            step = trust_region(step, scale, max_relative_step) * factor
             steps.append(step.astype(p.dtype).reshape(jnp.shape(p_leaves[i])))
             ms.append(m)
             vs.append(v)
@@ -374,6 +476,7 @@ def velo_lopt(meta: dict, num_steps: Any) -> optax.GradientTransformationExtraAr
         unflatten = state_def.unflatten
         accumulators = LOptState(acc.iteration + 1, unflatten(ms), unflatten(vs),
                                  unflatten(facs))
-        return treedef.unflatten(steps), VeLOState(accumulators, hidden, cell, means, running_min)
+        return treedef.unflatten(steps), VeLOState(accumulators, hidden, cell, means, running_min,
+                                                   initial_loss, factor)
 
     return optax.GradientTransformationExtraArgs(init, update)
