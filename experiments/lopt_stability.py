@@ -1,0 +1,245 @@
+"""Study: do the shipped learned optimizers stay stable when told a horizon 0.25x-4x the true
+one (issue 17: no NaN, no loss above 1.5x its initial value)?
+
+Every named task of ``lopt.TASKS`` whose data is on this machine is trained for its own horizon
+``T`` by each shipped learned optimizer told ``num_steps = f·T`` for f in ``--factors``
+(0.25, 1, 4), over a few seeds. ``mlp_lopt`` reads no horizon, so its one run per seed stands
+for every f. ``velo_lopt`` runs twice: with VeLO's step rule (``before``: scale = RMS(θ), no
+trust region, no guard; ``min_scale=0, max_relative_step=max_regress=inf``) and with the
+safeguarded one (``after``: the defaults of :func:`bilevel.lopt.velo_lopt`). A run *diverges*
+when any of its losses (the
+minibatch loss at every step, the full-training-set loss at ``--evals`` points) is not finite,
+or when a full-training-set loss exceeds 1.5x the initial one. Besides the named tasks,
+``mlp_digits_bias_free`` (``mlp_digits`` without its bias vectors) is run, the network on which
+VeLO's rule was known to diverge.
+
+Usage::
+
+    python experiments/lopt_stability.py                         # full study
+    python experiments/lopt_stability.py --smoke --out /tmp/s    # 2 tasks, 40 steps
+    python experiments/lopt_stability.py --combine a.csv b.csv   # tables from parts run apart
+
+Writes ``stability.csv`` and ``stability.md`` into ``--out`` after every task, so an
+interrupted run leaves a partial result, labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import _common  # noqa: E402  (experiments/ is on sys.path when run as a script)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bilevel import lopt
+from bilevel.lopt import evaluate, velo
+
+OUT = Path(__file__).resolve().parent / "results" / "lopt"
+FACTORS = (0.25, 1.0, 4.0)
+DIVERGENCE = 1.5  # a run diverges when its full-training-set loss exceeds this x the initial
+#: ``(optimizer, rule) -> keyword arguments`` (velo_lopt's step rule before / after issue 17).
+RULES = {("mlp_lopt", "unchanged"): {}, ("star_lopt", "unchanged"): {},
+         ("velo_lopt", "before"): {"min_scale": 0.0, "max_relative_step": math.inf,
+                                   "max_regress": math.inf},
+         ("velo_lopt", "after"): {}}
+COLUMNS = ("task", "held_out", "steps", "optimizer", "rule", "told_factor", "seeds", "nan_runs",
+           "diverged_runs", "worst_max_over_initial", "mean_final_over_initial",
+           "mean_final_loss")
+
+
+def bias_free(task):
+    """``task`` (an MLP of ``lopt.tasks.image_mlp_task``) with its biases held at zero and
+    removed from the parameters."""
+    def full(params):
+        return {**params, **{f"b{k[1:]}": jnp.zeros(v.shape[1:], v.dtype)
+                             for k, v in params.items()}}
+
+    return task._replace(
+        name=f"{task.name}_bias_free", held_out=True,
+        init=lambda key: {k: v for k, v in task.init(key).items() if k.startswith("w")},
+        loss=lambda params, batch: task.loss(full(params), batch),
+        eval_loss=lambda params: task.eval_loss(full(params)))
+
+
+def _builder(name: str, kwargs: dict):
+    """``build(told)`` for a shipped optimizer and whether it reads the horizon."""
+    meta, metadata = lopt.pretrained(name)
+    make = {"mlp_lopt": lopt.mlp_lopt, "star_lopt": lopt.star_lopt,
+            "velo_lopt": lopt.velo_lopt}[name]
+    extra = {k: v for k, v in dict(metadata.get("optimizer_kwargs", {})).items()
+             if k != "num_steps"}
+    horizon = name == "velo_lopt" or bool(metadata.get("horizon_features"))
+    return (lambda told: make(meta, num_steps=told if horizon else None, **extra, **kwargs)), \
+        horizon
+
+
+def run_factors(task, build, steps: int, told: np.ndarray, keys: jax.Array, every: int
+                ) -> evaluate.Curve:
+    """One compiled program: axes ``(len(told), len(keys))``; the told horizon is traced."""
+    def one(t, key):
+        return evaluate.run_optimizer(task, build(t), steps, key, eval_every=every)
+
+    fn = jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None)))
+    return fn(jnp.asarray(told, jnp.float32), keys)
+
+
+def summarise(curve: evaluate.Curve) -> dict:
+    """Per-run flags and ratios over the seed axis (the last leading axis)."""
+    train = np.asarray(curve.train_loss, np.float64)
+    ev = np.asarray(curve.eval_loss, np.float64)
+    nan = ~np.isfinite(train).all(-1) | ~np.isfinite(ev).all(-1)
+    ratio = np.where(np.isfinite(ev), ev, np.inf) / ev[..., :1]
+    diverged = nan | (ratio.max(-1) > DIVERGENCE)
+    final = np.where(np.isfinite(ev[..., -1]), ev[..., -1], np.inf)
+    return {"nan_runs": int(nan.sum()), "diverged_runs": int(diverged.sum()),
+            "worst_max_over_initial": float(ratio.max()),
+            "mean_final_over_initial": float(np.mean(final / ev[..., 0])),
+            "mean_final_loss": float(np.mean(final))}
+
+
+def run_task(task, factors, seeds: int, evals: int, steps: int | None) -> list[dict]:
+    steps = steps or task.horizon
+    every = evaluate.eval_interval(steps, evals)
+    keys = evaluate.seed_keys(seeds)
+    rows = []
+    for (name, rule), kwargs in RULES.items():
+        build, horizon = _builder(name, kwargs)
+        told = np.asarray([f * steps for f in factors]) if horizon else np.asarray([steps])
+        start = time.time()
+        curve = run_factors(task, build, steps, told, keys, every)
+        for i, factor in enumerate(factors):
+            index = i if horizon else 0
+            one = jax.tree_util.tree_map(lambda x, index=index: x[index], curve)
+            rows.append({"task": task.name, "held_out": task.held_out, "steps": steps,
+                         "optimizer": name, "rule": rule, "told_factor": factor,
+                         "seeds": seeds, **summarise(one)})
+        print(f"{task.name} {name} ({rule}): "
+              + ", ".join(f"f={r['told_factor']:g} {r['diverged_runs']}/{seeds}"
+                          for r in rows[-len(factors):])
+              + f" diverged  [{time.time() - start:.0f} s]", flush=True)
+    return rows
+
+
+def _parse(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if key in ("steps", "seeds", "nan_runs", "diverged_runs"):
+            out[key] = int(value)
+        elif key in ("task", "optimizer", "rule"):
+            out[key] = value
+        elif key == "held_out":
+            out[key] = value == "True"
+        else:
+            out[key] = float(value)
+    return out
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.4g}"
+    return str(x)
+
+
+def totals(rows: list[dict], factors) -> list[str]:
+    lines = ["| optimizer | rule | " + " | ".join(f"f = {f:g}" for f in factors)
+             + " | all |", "|---|---|" + "---:|" * (len(factors) + 1)]
+    for name, rule in RULES:
+        mine = [r for r in rows if r["optimizer"] == name and r["rule"] == rule]
+        if not mine:
+            continue
+        cells = []
+        for f in (*factors, None):
+            sel = [r for r in mine if f is None or r["told_factor"] == f]
+            runs = sum(r["seeds"] for r in sel)
+            cells.append(f"{sum(r['diverged_runs'] for r in sel)} / {runs} "
+                         f"({sum(r['nan_runs'] for r in sel)} NaN)")
+        lines.append(f"| {name} | {rule} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(rows: list[dict], out: Path, args, done: int, total: int, wall: float) -> None:
+    rows = sorted(rows, key=lambda r: (r["task"], r["optimizer"], r["rule"], r["told_factor"]))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "stability.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    commit = _common.git_commit("bilevel", "experiments")
+    status = ("complete" if done == total else
+              f"**PARTIAL: {done} of {total} tasks** (interrupted; the missing tasks were not "
+              f"run)")
+    lines = [
+        "# Stability of the shipped learned optimizers against the told horizon", "",
+        f"Status: {status}. Each task trained for its own horizon T by each shipped optimizer "
+        f"told num_steps = f·T, {args.seeds} seeds. A run diverges when a loss is not finite or "
+        f"the full-training-set loss (at {args.evals} points and at the start) exceeds "
+        f"{DIVERGENCE}x its initial value. mlp_lopt reads no horizon: one run per seed, "
+        f"repeated under every f. velo_lopt `before` = VeLO's step rule (scale RMS(θ), no trust "
+        f"region, no guard: `min_scale=0, max_relative_step=max_regress=inf`); `after` = the "
+        f"defaults (min_scale={velo.MIN_SCALE:g}, max_relative_step={velo.MAX_RELATIVE_STEP:g}, "
+        f"max_regress={velo.MAX_REGRESS:g}, guard_rate={velo.GUARD_RATE:g}). "
+        f"mlp_digits_bias_free is mlp_digits without its biases.", "",
+        "## Diverged runs (of all runs), over the tasks", "", *totals(rows, args.factors), "",
+        "## Per task", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["", "## Machine", "", f"- CPU: {_common.cpu_model()}",
+              f"- platform: {platform.platform()}",
+              f"- JAX: {jax.__version__}, devices: {jax.devices()[0].platform}",
+              "- library at commit: " + (
+                  f"{commit[0]}{' (with local changes)' if commit[1] else ''}" if commit
+                  else "unknown"),
+              f"- wall time: {wall / 60:.1f} min" + (" (parts run side by side, the longest)"
+                                                     if args.combine else ""),
+              f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"]
+    (out / "stability.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="2 tasks, 40 steps, 2 seeds")
+    parser.add_argument("--tasks", nargs="*", default=None, help="default: every available task")
+    parser.add_argument("--factors", type=float, nargs="+", default=list(FACTORS))
+    parser.add_argument("--seeds", type=_common.positive_int, default=2)
+    parser.add_argument("--evals", type=_common.positive_int, default=20)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--no-bias-free", action="store_true",
+                        help="skip mlp_digits_bias_free")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="write the tables from these stability.csv files (parts run apart, "
+                             "same --seeds, --evals, --factors) instead of running")
+    parser.add_argument("--wall-minutes", type=float, default=0.0,
+                        help="with --combine: the wall time to report")
+    args = parser.parse_args(argv)
+    if args.combine:
+        rows = [_parse(r) for path in args.combine for r in csv.DictReader(open(path))]
+        expected = len({r["task"] for r in rows})
+        write(rows, args.out, args, expected, expected, 60 * args.wall_minutes)
+        print((args.out / "stability.md").read_text())
+        return 0
+    names = args.tasks or (["mlp_digits", "quadratic"] if args.smoke else None)
+    tasks, missing = evaluate.load_tasks(names, args.data_dir)
+    if not args.no_bias_free and not args.smoke and (names is None or "mlp_digits" in names):
+        tasks.append(bias_free(lopt.TASKS["mlp_digits"](data_dir=args.data_dir)))
+    for name, why in missing:
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    steps = 40 if args.smoke else None
+    rows, start = [], time.time()
+    for done, task in enumerate(tasks, 1):
+        rows += run_task(task, args.factors, args.seeds, args.evals if not args.smoke else 4,
+                         steps)
+        write(rows, args.out, args, done, len(tasks), time.time() - start)
+    print((args.out / "stability.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
