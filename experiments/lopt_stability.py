@@ -13,6 +13,12 @@ or when a full-training-set loss exceeds 1.5x the initial one. Besides the named
 ``mlp_digits_bias_free`` (``mlp_digits`` without its bias vectors) is run, the network on which
 VeLO's rule was known to diverge.
 
+STAR (``--parts star``): on four tasks of its meta-training family, STAR runs 10x its
+meta-training horizon ``H`` (told ``H``, so ``told_factor`` = 0.1 and its fraction-of-training
+inputs saturate), as shipped, with its nominal term removed (``nominal_step=0``: the learned
+terms alone) and with its learned heads zeroed (``init_star_lopt``: the nominal AggMo-Adam term
+alone), to show what the nominal term does there (Harrison et al. 2022).
+
 Usage::
 
     python experiments/lopt_stability.py                         # full study
@@ -50,6 +56,8 @@ RULES = {("mlp_lopt", "unchanged"): {}, ("star_lopt", "unchanged"): {},
          ("velo_lopt", "before"): {"min_scale": 0.0, "max_relative_step": math.inf,
                                    "max_regress": math.inf},
          ("velo_lopt", "after"): {}}
+STAR_TASKS = ("mlp_digits", "logistic_digits", "quadratic", "mlp_mnist5k")
+STAR_FACTOR = 10  # STAR runs this many times its meta-training horizon
 COLUMNS = ("task", "held_out", "steps", "optimizer", "rule", "told_factor", "seeds", "nan_runs",
            "diverged_runs", "worst_max_over_initial", "mean_final_over_initial",
            "mean_final_loss")
@@ -131,15 +139,59 @@ def run_task(task, factors, seeds: int, evals: int, steps: int | None) -> list[d
 def _parse(row: dict) -> dict:
     out = {}
     for key, value in row.items():
-        if key in ("steps", "seeds", "nan_runs", "diverged_runs"):
+        if key == "held_out":
+            out[key] = value == "True"
+        elif key in ("steps", "seeds", "nan_runs", "diverged_runs"):
             out[key] = int(value)
         elif key in ("task", "optimizer", "rule"):
             out[key] = value
-        elif key == "held_out":
-            out[key] = value == "True"
         else:
             out[key] = float(value)
     return out
+
+
+def star_variants() -> dict[str, tuple]:
+    """``label -> (meta, nominal_step)`` of the STAR study, and its meta-training horizon."""
+    meta, metadata = lopt.pretrained("star_lopt")
+    nominal = dict(metadata.get("optimizer_kwargs", {})).get("nominal_step", 1e-3)
+    zeroed = lopt.init_star_lopt(jax.random.key(0), horizon_features=True)
+    return {"10x H: shipped": (meta, nominal), "10x H: learned terms only": (meta, 0.0),
+            "10x H: nominal term alone": (zeroed, nominal)}, int(metadata["config"]["horizon"])
+
+
+def run_star(task, seeds: int, evals: int) -> list[dict]:
+    variants, horizon = star_variants()
+    steps = STAR_FACTOR * horizon
+    every = evaluate.eval_interval(steps, evals)
+    rows = []
+    for label, (meta, nominal) in variants.items():
+        start = time.time()
+        opt = lopt.star_lopt(meta, num_steps=horizon, nominal_step=nominal)
+        curve = evaluate.run_seeds(task, opt, steps, evaluate.seed_keys(seeds), eval_every=every)
+        rows.append({"task": task.name, "held_out": task.held_out, "steps": steps,
+                     "optimizer": "star_lopt", "rule": label,
+                     "told_factor": horizon / steps, "seeds": seeds, **summarise(curve)})
+        print(f"{task.name} star_lopt ({label}): {rows[-1]['diverged_runs']}/{seeds} diverged, "
+              f"final/initial {rows[-1]['mean_final_over_initial']:.3g} "
+              f"[{time.time() - start:.0f} s]", flush=True)
+    return rows
+
+
+def star_table(rows: list[dict]) -> list[str]:
+    mine = [r for r in rows if r["rule"].startswith("10x H")]
+    if not mine:
+        return []
+    lines = ["## STAR at 10x its meta-training horizon", "",
+             f"Told H = {int(mine[0]['told_factor'] * mine[0]['steps'])} steps, run "
+             f"{mine[0]['steps']}. Shipped: as meta-trained; learned terms only: "
+             "`nominal_step=0`; nominal term alone: the learned heads zeroed (`init_star_lopt`).",
+             "", "| task | variant | diverged | worst max / initial | final / initial |",
+             "|---|---|---:|---:|---:|"]
+    for r in mine:
+        lines.append(f"| {r['task']} | {r['rule'][7:]} | {r['diverged_runs']} / {r['seeds']} | "
+                     f"{_fmt(r['worst_max_over_initial'])} | "
+                     f"{_fmt(r['mean_final_over_initial'])} |")
+    return lines + [""]
 
 
 def _fmt(x) -> str:
@@ -152,7 +204,8 @@ def totals(rows: list[dict], factors) -> list[str]:
     lines = ["| optimizer | rule | " + " | ".join(f"f = {f:g}" for f in factors)
              + " | all |", "|---|---|" + "---:|" * (len(factors) + 1)]
     for name, rule in RULES:
-        mine = [r for r in rows if r["optimizer"] == name and r["rule"] == rule]
+        mine = [r for r in rows if r["optimizer"] == name and r["rule"] == rule
+                and r["told_factor"] in factors]
         if not mine:
             continue
         cells = []
@@ -188,7 +241,8 @@ def write(rows: list[dict], out: Path, args, done: int, total: int, wall: float)
         f"max_regress={velo.MAX_REGRESS:g}, guard_rate={velo.GUARD_RATE:g}). "
         f"mlp_digits_bias_free is mlp_digits without its biases.", "",
         "## Diverged runs (of all runs), over the tasks", "", *totals(rows, args.factors), "",
-        "## Per task", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        *star_table(rows), "## Per task", "", "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     lines += ["", "## Machine", "", f"- CPU: {_common.cpu_model()}",
               f"- platform: {platform.platform()}",
@@ -211,8 +265,9 @@ def main(argv=None) -> int:
     parser.add_argument("--evals", type=_common.positive_int, default=20)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--no-bias-free", action="store_true",
-                        help="skip mlp_digits_bias_free")
+    parser.add_argument("--parts", default="told,star",
+                        help="comma list: told (the told-horizon counts), star (STAR at 10x "
+                             "its meta-training horizon); default both")
     parser.add_argument("--combine", type=Path, nargs="+", default=None,
                         help="write the tables from these stability.csv files (parts run apart, "
                              "same --seeds, --evals, --factors) instead of running")
@@ -226,16 +281,22 @@ def main(argv=None) -> int:
         print((args.out / "stability.md").read_text())
         return 0
     names = args.tasks or (["mlp_digits", "quadratic"] if args.smoke else None)
-    tasks, missing = evaluate.load_tasks(names, args.data_dir)
-    if not args.no_bias_free and not args.smoke and (names is None or "mlp_digits" in names):
+    extra = "mlp_digits_bias_free"
+    tasks, missing = evaluate.load_tasks(
+        None if names is None else [n for n in names if n != extra], args.data_dir)
+    if not args.smoke and (names is None or extra in names):
         tasks.append(bias_free(lopt.TASKS["mlp_digits"](data_dir=args.data_dir)))
+    parts = set(args.parts.split(","))
     for name, why in missing:
         print(f"skipping {name}: {why}", file=sys.stderr)
     steps = 40 if args.smoke else None
     rows, start = [], time.time()
     for done, task in enumerate(tasks, 1):
-        rows += run_task(task, args.factors, args.seeds, args.evals if not args.smoke else 4,
-                         steps)
+        evals = args.evals if not args.smoke else 4
+        if "told" in parts:
+            rows += run_task(task, args.factors, args.seeds, evals, steps)
+        if "star" in parts and task.name in STAR_TASKS and not args.smoke:
+            rows += run_star(task, args.seeds, evals)
         write(rows, args.out, args, done, len(tasks), time.time() - start)
     print((args.out / "stability.md").read_text())
     return 0
