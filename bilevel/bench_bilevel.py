@@ -245,14 +245,23 @@ def _scalar(text: str) -> Any:
     return text
 
 
+#: The most outer steps between two clock reads, on both sides. ``eval_freq`` only sets how often
+#: benchopt's callback runs (not the algorithm); the published 131072 (ijcnn1) or 512 would leave
+#: a 30 s run with one or two points.
+MAX_CHUNK = 64
+
+
 def step_params(problem: str, solver: str, bench: Benchmark | None) -> tuple[dict, str]:
-    """The settings both sides use for ``solver``'s algorithm on ``problem``."""
+    """The settings both sides use for ``solver``'s algorithm on ``problem``, and their source
+    (``eval_freq`` capped at :data:`MAX_CHUNK`)."""
     if bench is not None:
-        return bench.best_params(problem, solver)
-    step, ratio = FALLBACK_PARAMS[problem][solver]
-    params = {"step_size": step, "outer_ratio": ratio, "batch_size": 64, "n_inner_steps": 10,
-              "n_shia_steps": 10, "eval_freq": 16, "lmbda0": 1.0, "delta_lmbda": 0.1}
-    return params, "fallback (no benchmark folder)"
+        params, source = bench.best_params(problem, solver)
+    else:
+        step, ratio = FALLBACK_PARAMS[problem][solver]
+        params = {"step_size": step, "outer_ratio": ratio, "batch_size": 64, "n_inner_steps": 10,
+                  "n_shia_steps": 10, "eval_freq": 16, "lmbda0": 1.0, "delta_lmbda": 0.1}
+        source = "fallback (no benchmark folder)"
+    return {**params, "eval_freq": min(int(params.get("eval_freq", 16)), MAX_CHUNK)}, source
 
 
 # --------------------------------------------------------------------------------------------
