@@ -151,9 +151,10 @@ def export_benchmark(dest: Path, mirror: Path = BENCHMARK_MIRROR,
     return dest
 
 
-def check_benchmark(folder: Path | None) -> Path:
-    """The folder, after checking that benchopt imports and that it holds the benchmark."""
-    if importlib.util.find_spec("benchopt") is None:
+def check_benchmark(folder: Path | None, solvers: bool = True) -> Path:
+    """The folder, after checking that it holds the benchmark and (for its ``solvers``) that
+    benchopt imports."""
+    if solvers and importlib.util.find_spec("benchopt") is None:
         raise BenchError(f"the benchopt-* methods need benchopt, the 'bench' extra: {EXTRA}")
     if folder is None:
         raise BenchError("the benchopt-* methods need --benchmark-dir, a folder with "
@@ -167,10 +168,11 @@ def check_benchmark(folder: Path | None) -> Path:
 
 class Benchmark:
     """The benchmark's code, imported from ``folder`` (its root goes on ``sys.path``, as
-    benchopt does, for ``benchmark_utils``)."""
+    benchopt does, for ``benchmark_utils``); ``solvers=False``: only its generator and configs,
+    which need no benchopt."""
 
-    def __init__(self, folder: Path):
-        self.folder = check_benchmark(folder)
+    def __init__(self, folder: Path, solvers: bool = True):
+        self.folder = check_benchmark(folder, solvers)
         if str(self.folder) not in sys.path:
             sys.path.insert(0, str(self.folder))
         commit = self.folder / "COMMIT"

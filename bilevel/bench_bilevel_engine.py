@@ -556,6 +556,10 @@ def run_study(config: StudyConfig, out: Path, on_run: Callable[[str], None] | No
     out.mkdir(parents=True, exist_ok=True)
     if bench is None and any(METHODS[m].side == "benchmark" for m in config.methods):
         bench = Benchmark(Path(config.benchmark_dir) if config.benchmark_dir else None)
+    elif bench is None and config.benchmark_dir:  # ours alone: still its generator and configs
+        folder = Path(config.benchmark_dir).expanduser()
+        if (folder / "solvers" / "soba.py").is_file():
+            bench = Benchmark(folder, solvers=False)
     problem = build_problem(config.problem, config.smoke, bench)
     path = runs_file(out, config)
     runs = [r for r in load_runs(path) if r["budget"] == config.budget]

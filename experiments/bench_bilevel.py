@@ -51,16 +51,19 @@ def main(argv=None) -> int:
     methods = bench.parse_methods(SMOKE_METHODS if args.smoke else args.methods)
     if args.smoke:
         problems, args.seeds, args.time = ["quadratics"], 1, 1.0
-    folder = None
-    if importlib.util.find_spec("benchopt") is None:
+    has_benchopt = importlib.util.find_spec("benchopt") is not None
+    if not has_benchopt:
         print(f"benchopt is not installed ({bench.EXTRA}): running ours only", file=sys.stderr)
         methods = tuple(m for m in methods if bench.METHODS[m].side == "ours")
-    elif any(bench.METHODS[m].side == "benchmark" for m in methods):
+    try:  # the generator and the configs serve ours too, so export even for ours alone
         folder = bench.export_benchmark(args.benchmark_dir, args.mirror)
+    except bench.BenchError as error:
+        print(f"{error}: running ours only, on the fallback generator", file=sys.stderr)
+        folder, methods = None, tuple(m for m in methods if bench.METHODS[m].side == "ours")
 
     from bilevel import bench_bilevel_engine as engine
 
-    benchmark = bench.Benchmark(folder) if folder is not None else None
+    benchmark = bench.Benchmark(folder, solvers=has_benchopt) if folder else None
     for problem_name in problems:
         config = bench.StudyConfig(problem=problem_name, methods=methods, budget=args.time,
                                    seeds=args.seeds, smoke=args.smoke)
