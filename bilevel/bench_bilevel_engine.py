@@ -567,6 +567,8 @@ def run_study(config: StudyConfig, out: Path, on_run: Callable[[str], None] | No
     for seed in range(1, config.seeds + 1):
         for name in config.methods:
             if (name, seed) in done:
+                if on_run:
+                    on_run(f"{name} seed {seed}: already in {path.name}")
                 continue
             spec = METHODS[name]
             params, source = step_params(config.problem, spec.solver, bench)

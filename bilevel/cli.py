@@ -135,7 +135,9 @@ class _LogLines:
 
 
 @contextlib.contextmanager
-def _progress(total: int, start: float, first: str) -> Iterator[Callable[[str], None]]:
+def _progress(total: int, start: float, first: str,
+              description: str = "inner solve and reference"
+              ) -> Iterator[Callable[[str], None]]:
     """An ``on_step(message)`` hook: a rich progress bar when stderr is a terminal, else
     :class:`_LogLines`, whose first line is ``first`` (the work before the first step)."""
     from rich.console import Console
@@ -150,7 +152,7 @@ def _progress(total: int, start: float, first: str) -> Iterator[Callable[[str], 
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("inner solve and reference", total=total)
+        task = bar.add_task(description, total=total)
         yield lambda message: bar.update(task, advance=1, description=message)
 
 
@@ -286,7 +288,8 @@ def _run_bench_bilevel(args: argparse.Namespace, parser: argparse.ArgumentParser
     first = (f"bench-bilevel on {config.problem}: {len(config.methods)} methods x {config.seeds} "
              f"seeds x {config.budget:g} s")
     try:
-        with _progress(bench.planned_runs(config), start, first) as on_run:
+        with _progress(bench.planned_runs(config), start, first,
+                       "problem, then the first run") as on_run:
             runs, problem, info = engine.run_study(
                 config, args.out, on_run,
                 bench=bench.Benchmark(folder) if folder is not None else None)
