@@ -540,7 +540,8 @@ def machine_info(bench: Benchmark | None) -> dict:
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind), "x64": bool(jax.config.jax_enable_x64),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
     if bench is not None:
         import benchopt
         info.update(benchopt=benchopt.__version__, benchmark_commit=bench.commit)
