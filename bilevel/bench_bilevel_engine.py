@@ -723,7 +723,7 @@ def write_outputs(config: StudyConfig, out: Path, runs: list[dict], problem: Pro
     rows, summary = summarize(runs, problem.metric)
     text = markdown(config, problem, rows, summary, info)
     settings = {r["method"]: (r["params"], r["params_source"]) for r in runs}
-    text += "\n".join(["Settings per method:", ""] + [
+    text += "\n".join(["", "Settings per method:", ""] + [
         f"- {m}: {json.dumps(p)} ({s})" for m, (p, s) in settings.items()]) + "\n"
     (out / f"{stem}.md").write_text(text)
     with (out / f"{stem}_summary.csv").open("w") as f:
