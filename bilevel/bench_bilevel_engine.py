@@ -340,7 +340,7 @@ def our_method(name: str, params: dict) -> OurRun:
     raise ValueError(f"not one of our methods: {name!r}")
 
 
-def _lipschitz(problem: Problem, iterations: int = 30) -> float:
+def _lipschitz(problem: Problem, iterations: int = 10) -> float:
     """The largest eigenvalue of the full-batch inner Hessian at (θ₀, λ₀), by power iteration."""
     def hvp(v):
         return jax.jvp(lambda p: jax.grad(problem.inner_loss)(p, problem.hparams0,
