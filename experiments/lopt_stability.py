@@ -113,12 +113,15 @@ def summarise(curve: evaluate.Curve) -> dict:
             "mean_final_loss": float(np.mean(final))}
 
 
-def run_task(task, factors, seeds: int, evals: int, steps: int | None) -> list[dict]:
+def run_task(task, factors, seeds: int, evals: int, steps: int | None, rules=None
+             ) -> list[dict]:
     steps = steps or task.horizon
     every = evaluate.eval_interval(steps, evals)
     keys = evaluate.seed_keys(seeds)
     rows = []
     for (name, rule), kwargs in RULES.items():
+        if rules is not None and f"{name}:{rule}" not in rules:
+            continue
         build, horizon = _builder(name, kwargs)
         told = np.asarray([f * steps for f in factors]) if horizon else np.asarray([steps])
         start = time.time()
@@ -265,6 +268,9 @@ def main(argv=None) -> int:
     parser.add_argument("--evals", type=_common.positive_int, default=20)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--rules", default=None,
+                        help="comma list of optimizer:rule to run (default all), e.g. "
+                             "velo_lopt:after")
     parser.add_argument("--parts", default="told,star",
                         help="comma list: told (the told-horizon counts), star (STAR at 10x "
                              "its meta-training horizon); default both")
@@ -294,7 +300,8 @@ def main(argv=None) -> int:
     for done, task in enumerate(tasks, 1):
         evals = args.evals if not args.smoke else 4
         if "told" in parts:
-            rows += run_task(task, args.factors, args.seeds, evals, steps)
+            rows += run_task(task, args.factors, args.seeds, evals, steps,
+                             None if args.rules is None else args.rules.split(","))
         if "star" in parts and task.name in STAR_TASKS and not args.smoke:
             rows += run_star(task, args.seeds, evals)
         write(rows, args.out, args, done, len(tasks), time.time() - start)
