@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
-from bilevel import _common
+from bilevel import _common, streams
 from bilevel.trainer import AbstractMethod, InnerProblem
 
 PyTree = Any
@@ -170,7 +170,7 @@ class _Sampler(NamedTuple):
     def indices(self, key: jax.Array) -> jax.Array:
         if self.batch is None:
             return jnp.arange(self.size)
-        return jax.random.choice(key, self.size, (self.batch,), replace=False)
+        return streams.distinct_indices(key, self.size, self.batch)
 
     def draw(self, key: jax.Array) -> tuple:
         if self.batch is None:

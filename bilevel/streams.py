@@ -115,6 +115,13 @@ def _permute(key: jax.Array, positions: jax.Array, n: int) -> jax.Array:
     return x.astype(jnp.int32)
 
 
+def distinct_indices(key: jax.Array, n: int, count: int) -> jax.Array:
+    """``count`` distinct indices of [0, n), the first ``count`` entries of the pseudo-random
+    permutation ``key`` selects: O(count) work, where ``jax.random.choice(..., replace=False)``
+    shuffles all n (11.9 ms a draw at n = 32768 on this project's CPU)."""
+    return _permute(key, jnp.arange(count, dtype=jnp.uint32), n)
+
+
 # --------------------------------------------------------------------------------------------
 # Minibatches.
 
