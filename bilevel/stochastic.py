@@ -135,17 +135,9 @@ def _check_averaging(owner: str, name: str, value: Any) -> None:
 
 def _num_samples(where: str, name: str, args: tuple) -> int | None:
     """The common leading size of the arrays in ``args`` (``None`` when there are none)."""
-    sizes = set()
-    for leaf in jax.tree_util.tree_leaves(args):
-        shape = np.shape(leaf)
-        if not shape:
-            raise ValueError(f"{where}: every array in {name} needs a leading sample axis, but "
-                             f"{name} holds a scalar")
-        sizes.add(shape[0])
-    if len(sizes) > 1:
-        raise ValueError(f"{where}: the arrays in {name} have leading axes of sizes "
-                         f"{sorted(sizes)}; the leading axis is the sample axis, the same for all")
-    return sizes.pop() if sizes else None
+    if not jax.tree_util.tree_leaves(args):
+        return None
+    return streams.num_samples(where, name, args)
 
 
 def _checked_size(where: str, side: str, batch_size: int | None, args: tuple) -> int | None:

@@ -359,7 +359,8 @@ def test_a_batch_larger_than_the_data_is_refused_naming_it(side, size):
 def test_data_without_a_common_sample_axis_is_refused(key):
     problem = InnerProblem(inner_loss, outer_loss, None, (INNER_ARGS[0], INNER_ARGS[1][:5]),
                            OUTER_ARGS)
-    with pytest.raises(ValueError, match=r"inner_args have leading axes of sizes \[5, 32\]"):
+    with pytest.raises(ValueError,
+                       match=r"inner_args holds arrays with leading axes of sizes \[5, 32\]"):
         SOBA(inner_batch_size=4).hypergrad(problem, PARAMS0, HPARAMS0,
                                            SOBA().init(PARAMS0), key)
 
