@@ -38,3 +38,25 @@ def random_indefinite(seed: int, n: int, dtype=jnp.float64) -> jax.Array:
     magnitudes = np.geomspace(0.5, 5.0, n)
     signs = np.where(np.arange(n) % 3 == 0, -1.0, 1.0)
     return jnp.asarray((q * (signs * magnitudes)) @ q.T, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer results (tests/test_trainer.py, tests/test_streams.py).
+
+
+def without_wall_time(history):
+    """A trainer history without its wall times, the one field two equal runs differ in."""
+    return [{k: v for k, v in row.items() if k != "wall_time"} for row in history]
+
+
+def assert_bit_identical(a, b):
+    """Two ``bilevel.TrainResult`` with the same params, hparams and history, bit for bit."""
+    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.hparams)),
+                    jax.tree_util.tree_leaves((b.params, b.hparams)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # NaN-free histories, so == compares every float exactly.
+    assert without_wall_time(a.history) == without_wall_time(b.history)
+
+
+def norm_metric(params, hparams):
+    return {"param_norm": float(jnp.linalg.norm(params))}

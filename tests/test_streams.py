@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.optimize
+from conftest import assert_bit_identical, norm_metric
 
 import bilevel
 import bilevel.checkpoint
@@ -151,21 +152,6 @@ STREAMS = {
     "iterator": lambda: (host_batches(INNER_ARGS, INNER_BATCH, 1),
                          host_batches(OUTER_ARGS, OUTER_BATCH, 2)),
 }
-
-
-def without_wall_time(history):
-    return [{k: v for k, v in row.items() if k != "wall_time"} for row in history]
-
-
-def assert_bit_identical(a, b):
-    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.hparams)),
-                    jax.tree_util.tree_leaves((b.params, b.hparams)), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert without_wall_time(a.history) == without_wall_time(b.history)
-
-
-def norm_metric(params, hparams):
-    return {"param_norm": float(jnp.linalg.norm(params))}
 
 
 # --------------------------------------------------------------------------------------------

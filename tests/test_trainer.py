@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_bit_identical, norm_metric
 
 import bilevel
 import bilevel.checkpoint
@@ -73,22 +74,6 @@ RESUMABLE_ES = dataclasses.replace(RESUMABLE, method=ESMethod(population=4, sigm
 def run(config, checkpoint_dir=None, **kwargs):
     return train(ridge_inner, ridge_outer, PARAMS0, HPARAMS0, config, INNER_ARGS, OUTER_ARGS,
                  checkpoint_dir=checkpoint_dir, progress=False, **kwargs)
-
-
-def without_wall_time(history):
-    return [{k: v for k, v in row.items() if k != "wall_time"} for row in history]
-
-
-def assert_bit_identical(a, b):
-    for x, y in zip(jax.tree_util.tree_leaves((a.params, a.hparams)),
-                    jax.tree_util.tree_leaves((b.params, b.hparams)), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # NaN-free histories, so == compares every float exactly.
-    assert without_wall_time(a.history) == without_wall_time(b.history)
-
-
-def norm_metric(params, hparams):
-    return {"param_norm": float(jnp.linalg.norm(params))}
 
 
 # --------------------------------------------------------------------------------------------
