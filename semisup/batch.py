@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 import jax
 
-from semisup import augment
-from semisup.losses import classifier_logits, pseudo_labels
+from semisup import augment, models
+from semisup.losses import pseudo_labels
 from semisup.protocol import Split
 
 
@@ -21,6 +21,8 @@ class Batch(NamedTuple):
       weak, strong: their weak and strong views.
       weak_logits: the classifier's logits of the weak view (stop-gradient).
       pseudo, mask: FixMatch's pseudo-labels and confidence mask (:func:`semisup.pseudo_labels`).
+      weak_features: the classifier body's features of the weak view (stop-gradient), from
+        which ``weak_logits`` were computed (heads beyond the classifier's read them).
     """
 
     x_labelled: jax.Array
@@ -31,6 +33,7 @@ class Batch(NamedTuple):
     weak_logits: jax.Array
     pseudo: jax.Array
     mask: jax.Array
+    weak_features: jax.Array
 
 
 def sample(config, key, data: Split):
@@ -50,6 +53,8 @@ def sample(config, key, data: Split):
 def draw(config, params, key, data: Split) -> Batch:
     """:func:`sample`, then the classifier ``params``' pseudo-labels of the weak view."""
     x_l, y_l, index, weak, strong = sample(config, key, data)
-    weak_logits = jax.lax.stop_gradient(classifier_logits(config, params, weak))
+    feats = jax.lax.stop_gradient(models.features(params["body"], weak, config.widths,
+                                                  config.hidden))
+    weak_logits = models.head(jax.lax.stop_gradient(params["head"]), feats)
     pseudo, mask = pseudo_labels(weak_logits, config.threshold)
-    return Batch(x_l, y_l, index, weak, strong, weak_logits, pseudo, mask)
+    return Batch(x_l, y_l, index, weak, strong, weak_logits, pseudo, mask, feats)

@@ -42,11 +42,12 @@ TRAIN_DEFAULTS = {"method": "confnet", "batch_size": 32, "mu": 4, "ema": 0.99, "
 _CLI_RULES = {"meta_lr": {"rule": Float(gt=0, le=10)}}
 #: The :class:`semisup.Config` fields of each group of ``train``'s options, in help order.
 _TRAINING_FIELDS = ("method", "steps", "batch_size", "mu", "threshold", "lambda_u", "lr", "ema")
-_META_FIELDS = ("solver", "maxiter", "curvature", "damping", "meta_every", "meta_lr",
-                "meta_optimizer", "meta_weight_decay", "conf_inputs", "meta_data", "weight_norm")
+_META_FIELDS = ("solver", "maxiter", "curvature", "damping", "meta_every", "meta_start",
+                "meta_lr", "meta_optimizer", "meta_weight_decay", "conf_inputs", "meta_data",
+                "weight_norm")
 #: Run options an earlier version did not store, with the value its runs had.
 _LATER_OPTIONS = {"meta_optimizer": "adam", "meta_weight_decay": 0.0, "conf_inputs": "image",
-                  "meta_data": "validation", "weight_norm": "mask"}
+                  "meta_data": "validation", "weight_norm": "mask", "meta_start": 0}
 #: The options that say which data a run reads (``eval`` rebuilds its split from them).
 _DATA_OPTIONS = ("dataset", "data_dir", "ood", "ood_ratio", "design", "labels_per_class",
                  "validation_per_class", "unlabelled", "seed")

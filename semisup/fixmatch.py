@@ -117,6 +117,9 @@ def init(config: Config, key: jax.Array, data: Split) -> State:
                         ) from None
     params = models.init_classifier(key_model, image_shape, num_classes, config.widths,
                                     config.hidden)
+    heads = config.weighting.init_heads(config, jax.random.fold_in(key_model, 1), num_classes)
+    if heads is not None:
+        params = {**params, "aux": heads}
     conf = _weighting_params(config, key_conf, image_shape, num_classes)
     n = data.x_unlabelled.shape[-4]
     zeros = jnp.zeros((n,), jnp.float32)
@@ -153,8 +156,7 @@ def _inner_step(config: Config, state: State, data: Split) -> tuple[State, jax.A
             weights = normalise(weights, mask)
 
         def loss_fn(p):
-            return batch_loss(config, p, batch.x_labelled, batch.y_labelled, batch.strong,
-                              batch.pseudo, mask, weights)
+            return weighting.loss(config, p, batch, weights)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer(config).update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -170,7 +172,13 @@ def _inner_step(config: Config, state: State, data: Split) -> tuple[State, jax.A
 
 
 def _meta_step(config: Config, state: State, data: Split) -> State:
-    return config.weighting.meta_step(config, state, data)
+    """The weighting's meta-step, skipped (the state unchanged) before ``config.meta_start``
+    inner steps."""
+    meta_step = config.weighting.meta_step
+    if not config.meta_start:
+        return meta_step(config, state, data)
+    return jax.lax.cond(state.step >= config.meta_start,
+                        lambda s: meta_step(config, s, data), lambda s: s, state)
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,30 @@ def logits(params: dict, images: jax.Array, widths: Sequence[int] = (16, 32),
     return head(params["head"], features(params["body"], images, widths, hidden))
 
 
+def init_open_heads(key: jax.Array, hidden: int, num_classes: int) -> dict:
+    """Parameters of IOMatch's two extra heads on the classifier's features (Li et al. 2023): a
+    ReLU projection ``hidden → hidden → hidden``, then ``num_classes`` one-vs-all binary
+    classifiers (``2·num_classes`` logits, no bias) and a ``num_classes + 1``-way open-set
+    classifier (the last class: outlier). Xavier-normal kernels, zero biases, as IOMatch's."""
+    keys = jax.random.split(key, 4)
+    lecun, xavier = nn.initializers.lecun_normal(), nn.initializers.xavier_normal()
+    return {"proj1": {"kernel": lecun(keys[0], (hidden, hidden)), "bias": jnp.zeros((hidden,))},
+            "proj2": {"kernel": lecun(keys[1], (hidden, hidden)), "bias": jnp.zeros((hidden,))},
+            "binary": {"kernel": xavier(keys[2], (hidden, 2 * num_classes))},
+            "open": {"kernel": xavier(keys[3], (hidden, num_classes + 1)),
+                     "bias": jnp.zeros((num_classes + 1,))}}
+
+
+def open_heads(heads: dict, feats: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The one-vs-all logits ``(N, 2, K)`` (axis 1: outlier, inlier) and the open-set logits
+    ``(N, K + 1)`` of the extra heads :func:`init_open_heads` on the body's features."""
+    proj = nn.relu(feats @ heads["proj1"]["kernel"] + heads["proj1"]["bias"])
+    proj = proj @ heads["proj2"]["kernel"] + heads["proj2"]["bias"]
+    binary = proj @ heads["binary"]["kernel"]
+    binary = binary.reshape(binary.shape[:-1] + (2, binary.shape[-1] // 2))
+    return binary, proj @ heads["open"]["kernel"] + heads["open"]["bias"]
+
+
 def init_confidence(key: jax.Array, image_shape: tuple[int, int, int],
                     widths: Sequence[int] = (8, 16), num_classes: int | None = None) -> dict:
     """Parameters of the :class:`ConfidenceNet`; ``num_classes`` adds the class-probability

@@ -108,6 +108,10 @@ class Config:
     damping: float = field(0.0, rule=Float(ge=0, le=1e3), help="added to the Hessian in the "
                                                                "solve")
     meta_every: int = field(5, rule=_COUNT, help="classifier steps per meta-step")
+    meta_start: int = field(0, rule=Int(min=0),
+                            help="classifier steps before the first meta-step (the weighting "
+                                 "keeps its initial parameters until then: the confidence "
+                                 "network weighs like FixMatch while its pseudo-labels form)")
     meta_lr: float = field(1e-3, rule=Float(gt=0), help="the confidence network's learning rate")
     meta_optimizer: str = field("adam", rule=Choice(META_OPTIMIZERS),
                                 help="the confidence network's optimizer (sgd steps by the raw "

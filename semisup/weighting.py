@@ -48,6 +48,8 @@ class Weighting:
     * ``constant_scores``: its scores are the same for every image (``fixmatch``), so the
       metrics report no ranking (AUROC) of them.
     * :meth:`scores` and :meth:`weights`: the per-image computation, under ``jit``.
+    * :meth:`loss`: the classifier's inner loss on a batch, FixMatch's weighted loss unless a
+      weighting trains heads of its own (:meth:`init_heads`: ``iomatch``).
     * Trainable parameters, optionally: :meth:`init_params` returns them (``None``: it has
       none), ``State.conf_params`` carries them, ``meta_step`` (``None``: no meta-step) trains
       them after every ``meta_every`` inner steps with the meta-optimiser of
@@ -75,6 +77,21 @@ class Weighting:
         """The raw weights of ``scores`` (before :func:`semisup.normalise`); the scores
         themselves unless a weighting says otherwise."""
         return scores
+
+    def loss(self, config: Config, params: Any, batch: Batch, weights: jax.Array) -> jax.Array:
+        """The inner step's loss of the classifier ``params`` on ``batch``, the unlabelled
+        images weighted by ``weights`` (normalised, unless ``Config.weight_norm="none"``):
+        FixMatch's weighted loss (:func:`semisup.batch_loss`) unless a weighting trains heads of
+        its own (:meth:`init_heads`)."""
+        from semisup.losses import batch_loss
+        return batch_loss(config, params, batch.x_labelled, batch.y_labelled, batch.strong,
+                          batch.pseudo, batch.mask, weights)
+
+    def init_heads(self, config: Config, key: jax.Array, num_classes: int) -> Any:
+        """Parameters of extra heads on the classifier's features that this weighting's
+        :meth:`loss` trains with the classifier (they sit in the classifier's parameters under
+        ``"aux"``, take its optimiser steps and its EMA), or ``None``: it has none."""
+        return None
 
     def init_params(self, config: Config, key: jax.Array, image_shape: tuple[int, int, int],
                     num_classes: int) -> Any:
@@ -157,6 +174,7 @@ BUILTIN = {
     "softmax": "semisup.strategies",
     "l2rw": "semisup.strategies",
     "confnet": "semisup.strategies",
+    "iomatch": "semisup.strategies",
 }
 
 #: Method name -> :class:`Weighting` subclass, in registration order (the built-ins first).

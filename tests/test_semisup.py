@@ -356,11 +356,14 @@ def _tiny(method, **kw):
                            **kw)
 
 
-_SLOW = pytest.mark.slow  # compile-bound; confnet and l2rw exercise every code path between them
+# Compile-bound: confnet, l2rw and iomatch (the one with heads of its own) exercise every code
+# path between them.
+_SLOW = pytest.mark.slow
+_DEFAULT_RUN = ("confnet", "l2rw", "iomatch")
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=_SLOW) if m not in ("confnet", "l2rw")
-                                    else m for m in fixmatch.METHODS])
+@pytest.mark.parametrize("method", [m if m in _DEFAULT_RUN else pytest.param(m, marks=_SLOW)
+                                    for m in fixmatch.METHODS])
 def test_every_method_trains_and_reports(method, digits_split):
     config = _tiny(method, threshold=0.2)
     state = fixmatch.init(config, jax.random.key(0), digits_split)
