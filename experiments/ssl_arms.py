@@ -34,6 +34,8 @@ ARMS = {"supervised": dict(method="supervised"), "fixmatch": dict(method="fixmat
         "confnet-neumann": dict(method="confnet", solver="neumann"),
         "confnet-cg": dict(method="confnet", solver="cg"),
         "confnet-nystrom": dict(method="confnet", solver="nystrom"),
+        # IOMatch filters (weights 0/1) without raising the kept images' weight.
+        "iomatch": dict(method="iomatch", weight_norm="none"),
         # Trained on the labelled set alone, as the meta-learning arms are (the validation set
         # unused): separates the effect of the weighting from the cost of holding labels out.
         "fixmatch-heldout": dict(method="fixmatch"), "oracle-heldout": dict(method="oracle")}
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--design", choices=protocol.DESIGNS, default="add",
                         help="OOD added to a fixed ID pool, or swapped in at a fixed pool size")
     parser.add_argument("--ratios", default="0.5,1.0")
-    parser.add_argument("--arms", default=",".join(a for a in ARMS if a != "confnet-nystrom"),
+    parser.add_argument("--arms", default=",".join(a for a in ARMS
+                                                   if a not in ("confnet-nystrom", "iomatch")),
                         help="comma-separated arms, each name[:field=value...] to override "
                              "Config fields, e.g. confnet-cg:meta_optimizer=sgd:meta_lr=100")
     parser.add_argument("--seeds", type=positive_int, default=5)
