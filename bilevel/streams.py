@@ -122,6 +122,24 @@ def distinct_indices(key: jax.Array, n: int, count: int) -> jax.Array:
     return _permute(key, jnp.arange(count, dtype=jnp.uint32), n)
 
 
+def epoch_indices(key: jax.Array, n: int, batch_size: int, draws: jax.Array) -> jax.Array:
+    """The indices of draws ``draws`` (int32 array, any shape) of the epochs of [0, n) that
+    ``key`` selects, shape ``draws.shape + (batch_size,)``: epoch ``e`` is the permutation keyed
+    by ``jax.random.fold_in(key, e)``, cut into ``n // batch_size`` consecutive batches (the
+    ``n % batch_size`` samples it puts last sit that epoch out); draw ``t`` is batch
+    ``t % (n // batch_size)`` of epoch ``t // (n // batch_size)``. O(batch_size) per draw."""
+    per_epoch = n // batch_size
+    draws = jnp.asarray(draws, jnp.int32)
+    positions = (draws % per_epoch)[..., None] * batch_size + jnp.arange(batch_size,
+                                                                          dtype=jnp.int32)
+    epochs = (draws // per_epoch).reshape(-1)
+
+    def one(e, p):
+        return _permute(jax.random.fold_in(key, e), p, n)
+
+    return jax.vmap(one)(epochs, positions.reshape(-1, batch_size)).reshape(positions.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # Minibatches.
 
@@ -239,11 +257,7 @@ class Minibatches:
         if self.replace:
             return jax.vmap(lambda t: jax.random.randint(jax.random.fold_in(key, t), (b,), 0, n,
                                                          dtype=jnp.int32))(steps)
-        per_epoch = self.batches_per_epoch
-        positions = (steps % per_epoch)[:, None] * b + jnp.arange(b, dtype=jnp.int32)
-        epochs = steps // per_epoch
-        return jax.vmap(lambda e, p: _permute(jax.random.fold_in(key, e), p, n))(epochs,
-                                                                                 positions)
+        return epoch_indices(key, n, b, steps)
 
     def batch(self, key: jax.Array, step: int | jax.Array) -> tuple:
         """Draw ``step``: the arrays' rows at :meth:`indices`, a tuple like ``arrays``."""

@@ -297,9 +297,15 @@ def test_a_nan_makes_the_step_not_finite_and_changes_nothing(name, key):
                                                      OUTER_ARGS)
     assert not bool(stats["finite"])
     np.testing.assert_array_equal(new_params, params)  # handed back as it came, NaN included
-    for new, old in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state),
-                        strict=True):
-        np.testing.assert_array_equal(new, old)
+    # SABA's place in its epochs moves on (a skipped step's batch is not drawn again).
+    moving = {"order", "draws"} if name == "SABA" else set()
+    for field, old in state._asdict().items():
+        if field not in moving:
+            for a, b in zip(jax.tree_util.tree_leaves(getattr(new_state, field)),
+                            jax.tree_util.tree_leaves(old), strict=True):
+                np.testing.assert_array_equal(a, b)
+    if moving:
+        assert int(new_state.draws) == int(state.draws) + 1
 
 
 def test_a_nan_sample_skips_only_the_steps_that_draw_it():
@@ -311,6 +317,38 @@ def test_a_nan_sample_skips_only_the_steps_that_draw_it():
     assert 0 < finite.sum() < len(finite)  # 20 of 40 rows per batch: about half the steps
     assert np.all(result.series("skipped") == ~finite)
     assert np.all(np.isfinite(result.hparams)) and np.all(np.isfinite(result.params))
+
+
+def test_saba_with_a_nan_sample_skips_one_step_an_epoch():
+    """SABA's outer batches come in epochs of 2 (20 of 40 rows): exactly one step an epoch draws
+    the NaN row and is skipped; the next draws the other half (the draws move on when skipped)."""
+    c, d = OUTER_ARGS
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        result = run(MINIBATCH_CONFIGS["SABA"], outer_args=(c, d.at[3].set(jnp.nan)),
+                     outer_steps=40)
+    finite = result.series("finite").reshape(20, 2)
+    np.testing.assert_array_equal(finite.sum(axis=1), 1)
+    assert np.all(np.isfinite(result.hparams)) and np.all(np.isfinite(result.params))
+
+
+def test_saba_draws_every_sample_once_an_epoch(key):
+    """Batches of 8 of 32 inner and 10 of 40 outer rows: after 3 steps 24 and 30 memory rows
+    were written, all different; after 4 (an epoch) every row. Independent draws would have
+    left rows out."""
+    method = bound(SABA(inner_batch_size=8, outer_batch_size=10))
+    step, state = hypergrad_step(method), method.init(PARAMS0)
+    params, hparams = PARAMS0 + 0.1, HPARAMS0
+    for t in range(8):
+        _, params, state, _ = step(params, hparams, state, jax.random.fold_in(key, t),
+                                   INNER_ARGS, OUTER_ARGS)
+        written = [int(jnp.sum(jnp.any(m != 0, axis=1)))
+                   for m in (state.inner_memory[0], state.outer_memory[0])]
+        if t == 2:
+            assert written == [24, 30]
+        if t == 3:
+            assert written == [N_INNER, N_OUTER]
+            order = int(state.order)
+    assert int(state.draws) == 8 and int(state.order) == order  # one seed for the run
 
 
 # --------------------------------------------------------------------------------------------
