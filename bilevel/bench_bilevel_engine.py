@@ -299,7 +299,7 @@ def our_method(name: str, params: dict) -> OurRun:
     """Our method configured like the benchmark's solver of the same algorithm: the same step
     ``ρ = step_size``, outer step ``ρ / outer_ratio``, batch size, inner and Neumann step counts,
     and schedules (SOBA: both steps ``/ √(k+1)``, as the benchmark's SOBA; SABA, StocBiO,
-    AmIGO: constant)."""
+    AmIGO: constant); SABA keeps a memory per batch of a fixed partition, as the benchmark's."""
     from bilevel import stochastic
 
     rho, ratio = float(params["step_size"]), float(params["outer_ratio"])
@@ -314,8 +314,8 @@ def our_method(name: str, params: dict) -> OurRun:
         return OurRun(stochastic.MASOBA(inner_step_size=rho, averaging=0.5, step_decay=0.5,
                                         **batch), optax.sgd(_decaying(rho / ratio, 0.5)), chunk, 0)
     if name == "saba":
-        return OurRun(stochastic.SABA(inner_step_size=rho, **batch), optax.sgd(rho / ratio),
-                      chunk, 0)
+        return OurRun(stochastic.SABA(inner_step_size=rho, memory="batch", **batch),
+                      optax.sgd(rho / ratio), chunk, 0)
     if name == "stocbio":
         return OurRun(stochastic.StocBiO(inner_steps=steps, inner_step_size=rho,
                                          neumann_steps=int(params.get("n_shia_steps", 10)),
