@@ -129,8 +129,9 @@ def run(args, devices, train, val, test, changed) -> dict:
         return bilevel.hypergrad(datacleaning_inner, datacleaning_outer, p, h, a, o,
                                  solver=hvp.CG(maxiter=args.cg_iters), on_failure="ignore",
                                  stationarity_tol=None)[0]
-    memory = jax.jit(hypergrad).lower(theta, lam, inner_args, outer_args).compile(
-        ).memory_analysis()
+    compiled = jax.jit(hypergrad).lower(theta, lam, inner_args, outer_args).compile()
+    memory = compiled.memory_analysis()
+    first_hypergrad = np.asarray(compiled(theta, lam, inner_args, outer_args))
 
     # The same inner problem with equal weights: training on the noisy set.
     start = time.perf_counter()
@@ -155,7 +156,8 @@ def run(args, devices, train, val, test, changed) -> dict:
                 "outputs": int(memory.output_size_in_bytes),
                 "temporaries": int(memory.temp_size_in_bytes)},
             "outer_loss": [float(r["outer_loss"]) for r in history],
-            "lam": lam_final, "params": np.asarray(result.params)}
+            "lam": lam_final, "params": np.asarray(result.params),
+            "first_hypergrad": first_hypergrad}
 
 
 def noisy_baseline(args, train, test) -> float:
@@ -200,11 +202,15 @@ def main() -> int:
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
               "noisy_baseline_test_accuracy": baseline,
               "changed_labels": int(changed.sum()),
-              "runs": [{k: v for k, v in r.items() if k not in ("lam", "params")} for r in runs]}
+              "runs": [{k: v for k, v in r.items() if k not in ("lam", "params", "first_hypergrad")}
+                       for r in runs]}
     if len(runs) == 2:
         gap = np.abs(runs[0]["lam"] - runs[1]["lam"])
         curves = np.array([runs[0]["outer_loss"], runs[1]["outer_loss"]])
+        g8, g1 = runs[0]["first_hypergrad"], runs[1]["first_hypergrad"]
         record["agreement"] = {
+            "first_hypergrad_relative_difference": float(np.linalg.norm(g8 - g1)
+                                                         / np.linalg.norm(g1)),
             "max_abs_lambda_difference": float(np.max(gap)),
             "lambda_difference_quantiles": {q: float(np.quantile(gap, float(q)))
                                             for q in ("0.5", "0.99", "0.999")},
@@ -252,7 +258,9 @@ def write_markdown(path: Path, record: dict) -> None:
     if "agreement" in record:
         a = record["agreement"]
         q = a["lambda_difference_quantiles"]
-        lines += ["", f"Sharded against one device: |Δλ| median {q['0.5']:.2e}, 99th percentile "
+        lines += ["", f"Sharded against one device, the same hypergradient (at the initial θ, λ): "
+                  f"relative difference {a['first_hypergrad_relative_difference']:.1e}. After "
+                  f"the whole run: |Δλ| median {q['0.5']:.2e}, 99th percentile "
                   f"{q['0.99']:.2e}, 99.9th {q['0.999']:.2e}, max "
                   f"{a['max_abs_lambda_difference']:.2e} ({a['lambda_share_differing_by_0.1']:.2%}"
                   f" of the λ differ by more than 0.1; correlation "
@@ -261,9 +269,10 @@ def write_markdown(path: Path, record: dict) -> None:
                   f"{a['max_relative_outer_loss_difference']:.1e} relative (first step: "
                   f"{a['first_step_outer_loss_difference']:.1e}); test accuracy difference "
                   f"{a['test_accuracy_difference']:+.4f}, AUROC difference "
-                  f"{a['auroc_difference']:+.4f}. Adam on λ divides each hypergradient component "
-                  f"by its own running RMS, so components near zero follow their rounding: the "
-                  f"summation order of the sharded reductions moves those λ, not the others."]
+                  f"{a['auroc_difference']:+.4f}. The two runs differ only in the "
+                  f"summation order of float32 reductions; those differences grow over the "
+                  f"outer steps (Adam on λ normalises every component, small ones included), "
+                  f"while what the run is for (test accuracy, AUROC) agrees."]
     lines += ["", f"Machine: {json.dumps(record['machine'])}", ""]
     path.write_text("\n".join(lines))
 
