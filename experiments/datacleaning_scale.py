@@ -225,9 +225,34 @@ def main() -> int:
             "auroc_difference": runs[0]["corrupted_auroc"] - runs[1]["corrupted_auroc"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    plot(args.out.with_suffix(".png"), runs, changed)
     write_markdown(args.out.with_suffix(".md"), record)
     print(args.out.with_suffix(".md").read_text())
     return 0
+
+
+def plot(path: Path, runs: list[dict], changed: np.ndarray) -> None:
+    """Validation loss per outer step (every run) and the learned λ of the sharded run, for
+    the examples whose label was changed and the others."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in runs:
+        left.plot(r["outer_loss"], label=f"{r['devices']} device(s)")
+    left.set(xlabel="outer step", ylabel="validation loss", title="outer loss")
+    left.legend()
+    lam = runs[0]["lam"]
+    bins = np.linspace(lam.min(), lam.max(), 60)
+    right.hist(lam[~changed], bins, alpha=0.6, label="label kept")
+    right.hist(lam[changed], bins, alpha=0.6, label="label changed")
+    right.set(xlabel="λ (weight σ(λ))", ylabel="examples",
+              title=f"learned λ, {runs[0]['devices']} devices")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _mb(n: int) -> str:
