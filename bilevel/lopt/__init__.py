@@ -1,5 +1,6 @@
 """Learned optimizers: the per-parameter MLP (``small_fc_lopt``), STAR and the VeLO-style
-hierarchy, as optax transformations, with the tasks they are meta-trained and evaluated on.
+hierarchy, as optax transformations, with the tasks they are meta-trained and evaluated on, and
+the safeguards (a trust region and a divergence guard) that keep them from diverging.
 
 The public API is what this module exports; everything else may change.
 
@@ -34,6 +35,8 @@ _EXPORTS = {
     "pretrained": "bilevel.lopt.optimizers",
     "save_meta_params": "bilevel.lopt.optimizers",
     "star_lopt": "bilevel.lopt.optimizers",
+    "SafeguardState": "bilevel.lopt.safeguards",
+    "safeguarded": "bilevel.lopt.safeguards",
     "TASKS": "bilevel.lopt.tasks",
     "Task": "bilevel.lopt.tasks",
     "sample_task": "bilevel.lopt.tasks",
@@ -41,9 +44,9 @@ _EXPORTS = {
     "init_velo_lopt": "bilevel.lopt.velo",
     "velo_lopt": "bilevel.lopt.velo",
 }
-#: Submodules reachable as attributes (``lopt.tasks``); ``optimizers`` and ``velo`` too, as when
-#: this module imported them eagerly.
-_SUBMODULES = ("optimizers", "tasks", "velo")
+#: Submodules reachable as attributes (``lopt.tasks``); ``optimizers``, ``safeguards`` and
+#: ``velo`` too, as when this module imported them eagerly.
+_SUBMODULES = ("optimizers", "safeguards", "tasks", "velo")
 
 __all__ = sorted([*_EXPORTS, "tasks"])
 
@@ -70,5 +73,6 @@ if TYPE_CHECKING:  # pragma: no cover
         save_meta_params,
         star_lopt,
     )
+    from bilevel.lopt.safeguards import SafeguardState, safeguarded  # noqa: F401
     from bilevel.lopt.tasks import TASKS, Task, sample_task  # noqa: F401
     from bilevel.lopt.velo import VeLOState, init_velo_lopt, velo_lopt  # noqa: F401

@@ -20,7 +20,9 @@ compounds), which is how the shipped optimizer diverged or went NaN. The floor `
 and the trust region ``max_relative_step`` address the two per step; the guard (``max_regress``,
 ``guard_rate``) stops a run whose smoothed loss gives back a quarter of its progress, since no
 per-step bound stops compounding over thousands of steps (:func:`velo_lopt`). Where none of
-them binds the step is VeLO's, to the last bit.
+them binds the step is VeLO's, to the last bit. The three are :mod:`bilevel.lopt.safeguards`'
+functions and defaults, which :func:`~bilevel.lopt.safeguards.safeguarded` applies to the
+other learned optimizers.
 
 Per-tensor LSTM inputs (28): the fraction of training done ``x = t/num_steps`` as
 ``tanh(10(x − c))`` for c ∈ {0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1}; nine loss features
@@ -62,6 +64,17 @@ from bilevel.lopt.optimizers import (
     normalise_per_tensor,
     state_structure,
 )
+from bilevel.lopt.safeguards import (  # noqa: F401  (re-exported: velo.trust_region, ...)
+    GUARD_RATE,
+    MAX_REGRESS,
+    MAX_RELATIVE_STEP,
+    MIN_SCALE,
+    check_safeguards,
+    guard_step_factor,
+    parameter_scale,
+    trust_region,
+    update_loss_buffer,
+)
 
 PyTree = Any
 
@@ -73,14 +86,6 @@ MAX_RANK = 4
 NUM_TENSOR_INPUTS = len(HORIZON_CENTRES) + (NUM_LOSS_EMAS - 1) + len(MOMENTUM_DECAYS) + 2 + (
     MAX_RANK + 1)
 GRADIENT_CLIP = 1000.0
-#: Default floor of the parameter scale: see :func:`velo_lopt`.
-MIN_SCALE = 1e-2
-#: Default trust region, the largest step RMS as a fraction of the parameter scale.
-MAX_RELATIVE_STEP = 0.03
-#: Default divergence guard: the fraction of its progress the smoothed loss may give back...
-MAX_REGRESS = 0.25
-#: ... before every step shrinks by this fraction a step (and grows back by as much after).
-GUARD_RATE = 0.5
 
 
 class VeLOState(NamedTuple):
@@ -210,19 +215,6 @@ def _loss_decays(num_steps: Any, dtype) -> jax.Array:
     return jnp.exp(-1.0 / half_lives)
 
 
-def update_loss_buffer(means: jax.Array, running_min: jax.Array, iteration: jax.Array,
-                       loss: jax.Array, decays: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One step of the loss EMAs; the loss is first clipped to twice the largest EMA so that a
-    single spike cannot wreck the features."""
-    t = iteration.astype(decays.dtype)
-    corrected = means / (1.0 - decays ** (t + 1.0))
-    ceiling = jnp.where(iteration == 0, loss, 2.0 * jnp.abs(jnp.max(corrected)))
-    loss = jnp.minimum(loss, ceiling)
-    means = decays * means + (1.0 - decays) * loss
-    corrected = means / (1.0 - decays ** (t + 1.0))
-    return means, jnp.minimum(running_min, corrected)
-
-
 def loss_features(means: jax.Array, running_min: jax.Array, iteration: jax.Array,
                   decays: jax.Array) -> jax.Array:
     """Nine features: each EMA's place between its running minimum and the next slower EMA,
@@ -300,32 +292,6 @@ def param_features(p, g, m, v, fac, fac_g) -> jax.Array:
 # The transformation.
 
 
-def parameter_scale(p: jax.Array, min_scale: float) -> jax.Array:
-    """``σ = max(√(mean(θ²) + 1e-9), min_scale)``: VeLO's RMS scale with a floor."""
-    return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p)) + 1e-9), min_scale)
-
-
-def trust_region(step: jax.Array, scale: jax.Array, max_relative_step: float) -> jax.Array:
-    """``step`` scaled down (as a whole) to ``RMS(step) ≤ max_relative_step·scale``.
-
-    Where the bound does not bind the factor is exactly 1 (``jnp.minimum``), so the step is
-    returned bit for bit; the ``1e-30`` only keeps a zero step finite.
-    """
-    if max_relative_step == np.inf:
-        return step
-    rms = jnp.sqrt(jnp.mean(jnp.square(step)))
-    return step * jnp.minimum(1.0, max_relative_step * scale / jnp.maximum(rms, 1e-30))
-
-
-def guard_step_factor(factor: jax.Array, smoothed: jax.Array, lowest: jax.Array,
-                      initial: jax.Array, max_regress: float, rate: float) -> jax.Array:
-    """The divergence guard's next factor ``ρ``: shrunk by ``rate`` while the smoothed loss is
-    above ``lowest + max_regress·(initial − lowest)`` (it has given back that fraction of its
-    progress), grown back by ``1/(1 − rate)`` up to exactly 1 otherwise."""
-    regressed = smoothed > lowest + max_regress * (initial - lowest)
-    return jnp.where(regressed, factor * (1.0 - rate), jnp.minimum(1.0, factor / (1.0 - rate)))
-
-
 def _check_meta(where: str, meta: Any) -> None:
     expected = {"mix_in", "mix_max", "lstm", "controls", "step_size", "bank",
                 "momentum_decays", "rms_decays", "adafactor_decays"}
@@ -353,9 +319,11 @@ def velo_lopt(meta: dict, num_steps: Any, *, min_scale: float = MIN_SCALE,
     θ still compounds (1.03^t), which is what the shipped meta-parameters, meta-trained on
     horizons up to 128 steps, do after about a thousand steps. The guard reads the loss VeLO is
     given anyway: while the loss EMA with the shortest half-life (10 steps) is above its
-    running minimum ``m`` plus ``max_regress·(ℓ₀ − m)`` (ℓ₀ the first loss), ``ρ`` shrinks by
-    ``guard_rate`` a step, and otherwise grows back to 1. A run that has given back a quarter of
-    its progress so stops within a few steps, rather than running away. (On ``mlp_digits_long``
+    running minimum ``m`` plus ``max_regress·max(ℓ₀ − m, 0.4·|ℓ₀|)`` (ℓ₀ the first loss),
+    ``ρ`` shrinks by ``guard_rate`` a step, and otherwise regrows by ``guard_rate/10`` a step
+    to 1 (:func:`bilevel.lopt.safeguards.guard_step_factor`, shared with
+    :func:`~bilevel.lopt.safeguards.safeguarded`). A run that has given back a quarter of its
+    progress so stops within a few steps, rather than running away. (On ``mlp_digits_long``
     the milder ``max_regress=0.5, guard_rate=0.1`` still let 2 of 4 runs told 0.25x or 1x the
     horizon spike above 1.5x the initial loss; these defaults let none.)
 
@@ -382,7 +350,7 @@ def velo_lopt(meta: dict, num_steps: Any, *, min_scale: float = MIN_SCALE,
       max_regress: the guard's threshold, the fraction of the progress from the first loss to
         the smoothed loss's running minimum that may be given back (``math.inf``: no guard).
       guard_rate: the fraction ``ρ`` shrinks by a step while the threshold is passed, in
-        ``(0, 1)``; it regrows by ``1/(1 − guard_rate)`` a step once the loss is back below.
+        ``(0, 1)``; it regrows by ``guard_rate/10`` a step once the loss is back below.
 
     Returns:
       an ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, loss=...)``
@@ -397,16 +365,7 @@ def velo_lopt(meta: dict, num_steps: Any, *, min_scale: float = MIN_SCALE,
             raise ValueError(f"{where}: num_steps must be > 0, got {num_steps!r}")
     except (TypeError, jax.errors.ConcretizationTypeError):
         pass  # traced
-    if not isinstance(min_scale, int | float) or not 0.0 <= min_scale < np.inf:
-        raise ValueError(f"{where}: min_scale must be a finite number >= 0, got {min_scale!r}")
-    if not isinstance(max_relative_step, int | float) or not max_relative_step > 0.0:
-        raise ValueError(f"{where}: max_relative_step must be a number > 0 (math.inf: no "
-                         f"trust region), got {max_relative_step!r}")
-    if not isinstance(max_regress, int | float) or not max_regress >= 0.0:
-        raise ValueError(f"{where}: max_regress must be a number >= 0 (math.inf: no guard), "
-                         f"got {max_regress!r}")
-    if not isinstance(guard_rate, int | float) or not 0.0 < guard_rate < 1.0:
-        raise ValueError(f"{where}: guard_rate must be a number in (0, 1), got {guard_rate!r}")
+    check_safeguards(where, min_scale, max_relative_step, max_regress, guard_rate)
     dtype = meta["momentum_decays"].dtype
     width = meta["lstm"]["wh"].shape[0]
 
