@@ -9,6 +9,7 @@ optimizer's run on the same inputs. Two transformations that must be the same op
 compared without compiling either: same jaxpr, same constants."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,17 +91,41 @@ def bare(optimizers) -> dict:
 # One constructor.
 
 
-def _by_hand(name: str, num_steps, **overrides):
+def _by_hand(name: str, num_steps, safeguards=None, **overrides):
+    """The rule as meta-trained (``safeguards=None``: velo_lopt's defaults are its safeguards)
+    or wrapped in ``lopt.safeguarded(**safeguards)``."""
     meta, metadata = lopt.pretrained(name)  # the existing two-value call keeps working
     build = {"mlp_lopt": lopt.mlp_lopt, "star_lopt": lopt.star_lopt,
              "velo_lopt": lopt.velo_lopt}[name]
-    return build(meta, num_steps, **{**metadata["optimizer_kwargs"], **overrides})
+    rule = build(meta, num_steps, **{**metadata["optimizer_kwargs"], **overrides})
+    return rule if safeguards is None else lopt.safeguarded(rule, **safeguards)
+
+
+def _shipped_by_hand(name: str, num_steps, **overrides):
+    """What ``pretrained_optimizer`` makes by default: velo_lopt with its built-in safeguards,
+    the others wrapped in the same ones."""
+    return _by_hand(name, num_steps, None if name == "velo_lopt" else {}, **overrides)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_pretrained_optimizer_is_the_optimizer_built_by_hand(name, optimizers):
     horizon = None if name == "mlp_lopt" else HORIZON  # the shipped mlp_lopt reads no horizon
-    _same_computation(optimizers[name], _by_hand(name, horizon))
+    _same_computation(optimizers[name], _shipped_by_hand(name, horizon))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_without_safeguards_it_is_the_meta_trained_rule(name):
+    """``safeguards=False``: the bare rule (velo_lopt: VeLO's, min_scale=0, no trust region or
+    guard); safeguard settings reach every optimizer the same way."""
+    horizon = None if name == "mlp_lopt" else HORIZON
+    bare = lopt.pretrained_optimizer(name, HORIZON, safeguards=False)
+    off = {"min_scale": 0.0, "max_relative_step": math.inf, "max_regress": math.inf}
+    _same_computation(bare, _by_hand(name, horizon, **off) if name == "velo_lopt"
+                      else _by_hand(name, horizon))
+    settings = {"max_relative_step": 0.1, "guard_rate": 0.2}
+    tuned = lopt.pretrained_optimizer(name, HORIZON, **settings)
+    _same_computation(tuned, _by_hand(name, horizon, **settings) if name == "velo_lopt"
+                      else _by_hand(name, horizon, settings))
 
 
 def test_the_horizon_is_accepted_by_every_optimizer_and_needed_where_read(optimizers):
@@ -113,8 +138,8 @@ def test_the_horizon_is_accepted_by_every_optimizer_and_needed_where_read(optimi
 def test_overrides_replace_the_recorded_keyword_arguments():
     overridden = lopt.pretrained_optimizer("star_lopt", HORIZON, nominal_step=2e-3,
                                            weight_decay=0.5)
-    _same_computation(overridden, _by_hand("star_lopt", HORIZON, nominal_step=2e-3,
-                                           weight_decay=0.5))
+    _same_computation(overridden, _shipped_by_hand("star_lopt", HORIZON, nominal_step=2e-3,
+                                                   weight_decay=0.5))
 
 
 def test_a_traced_horizon(optimizers):
@@ -138,10 +163,19 @@ def test_a_traced_horizon(optimizers):
     ({"name": "star_lopt", "num_steps": "1000"}, ValueError, "num_steps .* got '1000'"),
     ({"name": "velo_lopt", "num_steps": np.ones(2)}, ValueError, "num_steps .* scalar"),
     ({"name": "mlp_lopt", "num_steps": 10, "nominal_step": 1e-3}, TypeError,
-     r"mlp_lopt takes no keyword argument 'nominal_step'; it accepts \['num_steps'\]"),
+     r"mlp_lopt takes no keyword argument 'nominal_step'; it accepts \['num_steps', "
+     r"'safeguards', 'min_scale', 'max_relative_step', 'max_regress', 'guard_rate'\]"),
     ({"name": "velo_lopt", "num_steps": 10, "lr": 1e-3}, TypeError, "argument 'lr'"),
     ({"name": "star_lopt", "num_steps": 10, "weight_decay": -1.0}, ValueError,
      "weight_decay must be a finite number >= 0"),
+    ({"name": "mlp_lopt", "num_steps": 10, "max_relative_step": 0.0}, ValueError,
+     r"pretrained_optimizer\('mlp_lopt'\): max_relative_step must be a number > 0"),
+    ({"name": "velo_lopt", "num_steps": 10, "guard_rate": 1.5}, ValueError,
+     "guard_rate must be a number in"),
+    ({"name": "star_lopt", "num_steps": 10, "safeguards": False, "max_regress": 1.0},
+     ValueError, "max_regress sets a safeguard, which safeguards=False switches off"),
+    ({"name": "mlp_lopt", "num_steps": 10, "safeguards": "no"}, ValueError,
+     "safeguards must be True or False, got 'no'"),
 ])
 def test_pretrained_optimizer_errors_name_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -291,6 +325,7 @@ def test_nnx_optimizer_under_nnx_jit(name, optimizers):
     expected, _ = _run(tx, _params(), grads, jnp.stack(losses))
     _close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), expected)
     accumulators = nnx.as_pure(optimizer.opt_state)
+    accumulators = getattr(accumulators, "inner", accumulators)  # SafeguardState
     accumulators = getattr(accumulators, "accumulators", accumulators)  # VeLOState
     assert isinstance(accumulators.factored["kernel"], lopt.optimizers.FactoredMoments)
     assert int(accumulators.iteration) == STEPS and int(optimizer.step[...]) == STEPS

@@ -218,14 +218,18 @@ def test_learned_factory_tells_the_true_horizon_and_keeps_kwargs():
     meta = lopt.init_mlp_lopt(jax.random.key(0), horizon_features=True, dtype=jnp.float64)
     make = evaluate.learned_factory("mlp_lopt", meta, {"optimizer_kwargs": {"num_steps": 7}})
     told_true = run(make(12))
-    np.testing.assert_array_equal(told_true, run(lopt.mlp_lopt(meta, num_steps=12)))
-    assert not np.array_equal(told_true, run(lopt.mlp_lopt(meta, num_steps=7)))
+    np.testing.assert_array_equal(told_true, run(lopt.safeguarded(lopt.mlp_lopt(meta, 12))))
+    assert not np.array_equal(told_true, run(lopt.safeguarded(lopt.mlp_lopt(meta, 7))))
     star = lopt.init_star_lopt(jax.random.key(0), dtype=jnp.float64)
     make = evaluate.learned_factory("star_lopt", star, {"optimizer_kwargs": {"nominal_step": 3e-3}})
     got = run(make(12))
-    np.testing.assert_array_equal(got, run(lopt.star_lopt(star, nominal_step=3e-3)))
-    assert not np.array_equal(got, run(lopt.star_lopt(star)))
+    np.testing.assert_array_equal(got, run(lopt.safeguarded(lopt.star_lopt(star,
+                                                                           nominal_step=3e-3))))
+    assert not np.array_equal(got, run(lopt.safeguarded(lopt.star_lopt(star))))
     assert got.shape == (2, 3) and np.all(np.isfinite(got))
+    bare = evaluate.learned_factory("star_lopt", star, {"optimizer_kwargs": {"nominal_step": 3e-3}},
+                                    safeguards=False)
+    np.testing.assert_array_equal(run(bare(12)), run(lopt.star_lopt(star, nominal_step=3e-3)))
 
 
 def test_learned_factory_tells_velo_the_true_horizon():

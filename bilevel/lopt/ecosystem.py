@@ -30,20 +30,25 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from bilevel.lopt import optimizers, velo
+from bilevel.lopt import optimizers, safeguards, velo
 
 
 class Builder(NamedTuple):
     """How to make one learned optimizer from its meta-parameters.
 
     Attributes:
-      build: ``build(meta, num_steps, **kwargs) -> optax transformation``.
+      build: ``build(meta, num_steps, **kwargs) -> optax transformation``: the step rule as
+        meta-trained.
       reads_horizon: ``reads_horizon(meta) -> bool``: whether these meta-parameters need the
         horizon ``num_steps``.
+      builtin_safeguards: whether ``build`` takes the safeguards' keyword arguments itself
+        (``velo_lopt``, whose floor also enters its step); the others are wrapped in
+        :func:`~bilevel.lopt.safeguards.safeguarded`.
     """
 
     build: Callable[..., optax.GradientTransformationExtraArgs]
     reads_horizon: Callable[[dict], bool]
+    builtin_safeguards: bool = False
 
 
 def _has_horizon_inputs(meta: dict) -> bool:
@@ -54,7 +59,7 @@ def _has_horizon_inputs(meta: dict) -> bool:
 BUILDERS = {
     "mlp_lopt": Builder(optimizers.mlp_lopt, _has_horizon_inputs),
     "star_lopt": Builder(optimizers.star_lopt, _has_horizon_inputs),
-    "velo_lopt": Builder(velo.velo_lopt, lambda meta: True),
+    "velo_lopt": Builder(velo.velo_lopt, lambda meta: True, builtin_safeguards=True),
 }
 
 
@@ -75,7 +80,8 @@ def _check_num_steps(where: str, num_steps: Any) -> None:
                          f"> 0, got {num_steps!r}")
 
 
-def build_optimizer(meta: dict, metadata: dict, num_steps: Any | None = None, **overrides: Any
+def build_optimizer(meta: dict, metadata: dict, num_steps: Any | None = None, *,
+                    safeguards: bool = True, **overrides: Any
                     ) -> optax.GradientTransformationExtraArgs:
     """The learned optimizer that ``meta`` parametrises, as its metadata records it.
 
@@ -88,18 +94,23 @@ def build_optimizer(meta: dict, metadata: dict, num_steps: Any | None = None, **
         > 0 or a traced scalar. Needed by meta-parameters that read the fraction of training
         (``velo_lopt``, and ``mlp_lopt`` / ``star_lopt`` made with ``horizon_features=True``);
         accepted and unused by the others, so that the same call makes every optimizer.
+      safeguards: apply the trust region and the divergence guard of
+        :mod:`bilevel.lopt.safeguards` (default); ``False`` gives the step rule exactly as
+        meta-trained (for ``velo_lopt``, VeLO's: ``min_scale=0`` and no trust region or guard).
       **overrides: keyword arguments of the optimizer that replace the recorded ones (STAR's
-        ``nominal_step`` and ``weight_decay``).
+        ``nominal_step`` and ``weight_decay``) and, with ``safeguards``, the safeguards'
+        settings (``min_scale``, ``max_relative_step``, ``max_regress``, ``guard_rate``; see
+        :func:`~bilevel.lopt.safeguards.safeguarded`), the same for every optimizer.
 
     Returns:
       the ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
       loss=loss)``.
     """
-    return _build("lopt.build_optimizer", meta, metadata, num_steps, overrides)
+    return _build("lopt.build_optimizer", meta, metadata, num_steps, safeguards, overrides)
 
 
-def pretrained_optimizer(name: str, num_steps: Any | None = None, **overrides: Any
-                         ) -> optax.GradientTransformationExtraArgs:
+def pretrained_optimizer(name: str, num_steps: Any | None = None, *, safeguards: bool = True,
+                         **overrides: Any) -> optax.GradientTransformationExtraArgs:
     """A shipped learned optimizer, ready to use: :func:`~bilevel.lopt.pretrained`'s
     meta-parameters built with their recorded keyword arguments.
 
@@ -115,8 +126,11 @@ def pretrained_optimizer(name: str, num_steps: Any | None = None, **overrides: A
       num_steps: the training horizon, the number of updates the optimizer will make; needed by
         ``star_lopt`` and ``velo_lopt``, accepted and unused by ``mlp_lopt`` (see
         :func:`build_optimizer`).
+      safeguards: with the trust region and divergence guard (default; see
+        :func:`build_optimizer`); ``False``: the meta-trained step rule, bit for bit.
       **overrides: keyword arguments replacing the recorded ones (``star_lopt``:
-        ``nominal_step``, ``weight_decay``).
+        ``nominal_step``, ``weight_decay``) and the safeguards' settings (``min_scale``,
+        ``max_relative_step``, ``max_regress``, ``guard_rate``).
 
     Returns:
       an ``optax.GradientTransformationExtraArgs``.
@@ -127,22 +141,31 @@ def pretrained_optimizer(name: str, num_steps: Any | None = None, **overrides: A
         raise ValueError(f"{where}: no shipped learned optimizer named {name!r}; "
                          f"available: {list(names)}")
     meta, metadata = optimizers.pretrained(name)
-    return _build(f"{where}({name!r})", meta, metadata, num_steps, overrides)
+    return _build(f"{where}({name!r})", meta, metadata, num_steps, safeguards, overrides)
 
 
-def _build(where: str, meta: dict, metadata: dict, num_steps: Any, overrides: dict
-           ) -> optax.GradientTransformationExtraArgs:
+def _build(where: str, meta: dict, metadata: dict, num_steps: Any, guarded: Any,
+           overrides: dict) -> optax.GradientTransformationExtraArgs:
     name = metadata.get("optimizer") if isinstance(metadata, dict) else None
     if name not in BUILDERS:
         raise ValueError(f"{where}: metadata['optimizer'] must name one of {sorted(BUILDERS)}, "
                          f"got {name!r}")
+    if not isinstance(guarded, bool):
+        raise ValueError(f"{where}: safeguards must be True or False, got {guarded!r}")
     builder = BUILDERS[name]
     accepted = [p for p in inspect.signature(builder.build).parameters
-                if p not in ("meta", "num_steps")]
+                if p not in ("meta", "num_steps", *safeguards.DEFAULTS)]
+    settings = {k: v for k, v in overrides.items() if k in safeguards.DEFAULTS}
+    overrides = {k: v for k, v in overrides.items() if k not in settings}
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
+        known = ["num_steps", *accepted, "safeguards", *safeguards.DEFAULTS]
         raise TypeError(f"{where}: {name} takes no keyword argument {unknown[0]!r}; "
-                        f"it accepts {['num_steps', *accepted]}")
+                        f"it accepts {known}")
+    if settings and not guarded:
+        raise ValueError(f"{where}: {sorted(settings)[0]} sets a safeguard, which "
+                         f"safeguards=False switches off")
+    safeguards.check_safeguards(where, **{**safeguards.DEFAULTS, **settings})
     if num_steps is not None:
         _check_num_steps(where, num_steps)
     horizon = builder.reads_horizon(meta)
@@ -151,7 +174,13 @@ def _build(where: str, meta: dict, metadata: dict, num_steps: Any, overrides: di
                          f"num_steps= (the number of updates it will make)")
     recorded = {k: v for k, v in dict(metadata.get("optimizer_kwargs", {})).items()
                 if k != "num_steps"}
-    return builder.build(meta, num_steps if horizon else None, **{**recorded, **overrides})
+    kwargs = {**recorded, **overrides}
+    if builder.builtin_safeguards:
+        off = {**safeguards.DEFAULTS, **safeguards.OFF}
+        return builder.build(meta, num_steps if horizon else None, **kwargs,
+                             **({**safeguards.DEFAULTS, **settings} if guarded else off))
+    rule = builder.build(meta, num_steps if horizon else None, **kwargs)
+    return safeguards.safeguarded(rule, **settings) if guarded else rule
 
 
 # --------------------------------------------------------------------------------------------

@@ -520,27 +520,22 @@ def eval_interval(steps: int, evals: int) -> int:
     return next(d for d in range(1, steps + 1) if steps % d == 0 and steps // d <= evals)
 
 
-def learned_factory(name: str, meta: dict, metadata: dict) -> Callable[[int], Any]:
+def learned_factory(name: str, meta: dict, metadata: dict, safeguards: bool = True
+                    ) -> Callable[[int], Any]:
     """``make(steps)`` for a learned optimizer from its meta-parameters and their metadata.
 
-    The keyword arguments recorded at meta-training (``metadata["optimizer_kwargs"]``) are
-    passed on; meta-parameters with fraction-of-training inputs are told ``num_steps = steps``
-    (the true horizon), the others get no horizon.
+    ``make(steps)`` is :func:`bilevel.lopt.build_optimizer` told ``num_steps = steps`` (the true
+    horizon; meta-parameters without fraction-of-training inputs ignore it), with the keyword
+    arguments recorded at meta-training (``metadata["optimizer_kwargs"]``) and, unless
+    ``safeguards=False``, the trust region and divergence guard of
+    :mod:`bilevel.lopt.safeguards`: what a user of the optimizer gets.
     """
-    from bilevel import lopt
-    from bilevel.lopt import optimizers
+    from bilevel.lopt import ecosystem
 
-    build = {**{f"{key}_lopt": learned.build
-                for key, learned in optimizers.LEARNED_OPTIMIZERS.items()},
-             "velo_lopt": lopt.velo_lopt}[name]
-    kwargs = {k: v for k, v in dict(metadata.get("optimizer_kwargs", {})).items()
-              if k != "num_steps"}
-    # velo_lopt always reads the horizon; the others when made with horizon features
-    horizon = name == "velo_lopt" or (
-        np.shape(meta["network"]["w0"])[0] == optimizers.NUM_INPUTS_WITH_HORIZON)
+    metadata = {**metadata, "optimizer": name}
 
     def make(steps: int):
-        return build(meta, num_steps=steps if horizon else None, **kwargs)
+        return ecosystem.build_optimizer(meta, metadata, num_steps=steps, safeguards=safeguards)
 
     make(1)  # fail now (a clear error) rather than after the baselines' runs
     return make
@@ -557,6 +552,7 @@ def _load_learned(args: argparse.Namespace, names: Sequence[str]) -> dict[str, C
     """``{name: make(steps)}``; raises ValueError with a message for the user."""
     from bilevel import lopt
 
+    safeguards = getattr(args, "safeguards", True)
     given = dict(args.meta_params or {})
     if "" in given:
         if len(names) != 1:
@@ -569,13 +565,13 @@ def _load_learned(args: argparse.Namespace, names: Sequence[str]) -> dict[str, C
     makers = {}
     for name in names:
         if name in given:
-            makers[name] = learned_from_file(name, given[name])
+            makers[name] = learned_from_file(name, given[name], safeguards)
         else:
-            makers[name] = learned_factory(name, *lopt.pretrained(name))
+            makers[name] = learned_factory(name, *lopt.pretrained(name), safeguards)
     return makers
 
 
-def learned_from_file(name: str, path: Path) -> Callable[[int], Any]:
+def learned_from_file(name: str, path: Path, safeguards: bool = True) -> Callable[[int], Any]:
     """:func:`learned_factory` of the meta-parameters in ``path``, after checking that one
     update of the optimizer they make traces.
 
@@ -596,7 +592,7 @@ def learned_from_file(name: str, path: Path) -> Callable[[int], Any]:
         raise ValueError(f"--meta-params: {path} is not a meta-parameter file ({_META_FILE}); "
                          f"it holds no meta-parameters")
     try:
-        make = learned_factory(name, meta, metadata)
+        make = learned_factory(name, meta, metadata, safeguards)
         _trace_one_update(make(2))
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
         reason = f"missing {error}" if isinstance(error, KeyError) else str(error)

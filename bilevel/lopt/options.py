@@ -232,6 +232,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "the one learned optimizer selected, or "
                              "mlp_lopt=PATH,star_lopt=PATH (default: the shipped sets, "
                              "lopt.pretrained)")
+    parser.add_argument("--no-safeguards", dest="safeguards", action="store_false",
+                        help="run the learned optimizers' step rules exactly as meta-trained, "
+                             "without the trust region and divergence guard "
+                             "(lopt.pretrained_optimizer(..., safeguards=False))")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps per run (default: each task's horizon)")
     parser.add_argument("--seeds", type=positive_int, default=3,
