@@ -4,14 +4,16 @@ one (issue 17: no NaN, no loss above 1.5x its initial value)?
 Every named task of ``lopt.TASKS`` whose data is on this machine is trained for its own horizon
 ``T`` by each shipped learned optimizer told ``num_steps = f·T`` for f in ``--factors``
 (0.25, 1, 4), over a few seeds. ``mlp_lopt`` reads no horizon, so its one run per seed stands
-for every f. ``velo_lopt`` runs twice: with VeLO's step rule (``before``: scale = RMS(θ), no
-trust region, no guard; ``min_scale=0, max_relative_step=max_regress=inf``) and with the
-safeguarded one (``after``: the defaults of :func:`bilevel.lopt.velo_lopt`). A run *diverges*
-when any of its losses (the
+for every f. Each optimizer runs twice, as ``lopt.pretrained_optimizer`` makes it: with the
+step rule as meta-trained (``before``: ``safeguards=False``; for ``velo_lopt`` VeLO's rule,
+scale = RMS(θ), no trust region, no guard) and with the safeguards of
+:mod:`bilevel.lopt.safeguards` (``after``: the defaults; built into ``velo_lopt``, wrapped
+around ``mlp_lopt`` and ``star_lopt``). A run *diverges* when any of its losses (the
 minibatch loss at every step, the full-training-set loss at ``--evals`` points) is not finite,
-or when a full-training-set loss exceeds 1.5x the initial one. Besides the named tasks,
-``mlp_digits_bias_free`` (``mlp_digits`` without its bias vectors) is run, the network on which
-VeLO's rule was known to diverge.
+or when a full-training-set loss exceeds 1.5x the initial one. Where neither rule diverged,
+the final full-training-set loss after over before is tabulated (what the safeguards cost).
+Besides the named tasks, ``mlp_digits_bias_free`` (``mlp_digits`` without its bias vectors) is
+run, the network on which VeLO's rule was known to diverge.
 
 STAR (``--parts star``): on four tasks of its meta-training family, STAR runs 10x its
 meta-training horizon ``H`` (told ``H``, so ``told_factor`` = 0.1 and its fraction-of-training
@@ -46,16 +48,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel import lopt
-from bilevel.lopt import evaluate, velo
+from bilevel.lopt import evaluate, safeguards
 
 OUT = Path(__file__).resolve().parent / "results" / "lopt"
 FACTORS = (0.25, 1.0, 4.0)
 DIVERGENCE = 1.5  # a run diverges when its full-training-set loss exceeds this x the initial
-#: ``(optimizer, rule) -> keyword arguments`` (velo_lopt's step rule before / after issue 17).
-RULES = {("mlp_lopt", "unchanged"): {}, ("star_lopt", "unchanged"): {},
-         ("velo_lopt", "before"): {"min_scale": 0.0, "max_relative_step": math.inf,
-                                   "max_regress": math.inf},
-         ("velo_lopt", "after"): {}}
+#: ``(optimizer, rule) -> keyword arguments of lopt.pretrained_optimizer``: the step rule as
+#: meta-trained (``before``; VeLO's for velo_lopt) and with the safeguards (``after``).
+RULES = {(name, rule): ({"safeguards": False} if rule == "before" else {})
+         for name in ("mlp_lopt", "star_lopt", "velo_lopt") for rule in ("before", "after")}
 STAR_TASKS = ("mlp_digits", "logistic_digits", "quadratic", "mlp_mnist5k")
 STAR_FACTOR = 10  # STAR runs this many times its meta-training horizon
 COLUMNS = ("task", "held_out", "steps", "optimizer", "rule", "told_factor", "seeds", "nan_runs",
@@ -78,15 +79,12 @@ def bias_free(task):
 
 
 def _builder(name: str, kwargs: dict):
-    """``build(told)`` for a shipped optimizer and whether it reads the horizon."""
-    meta, metadata = lopt.pretrained(name)
-    make = {"mlp_lopt": lopt.mlp_lopt, "star_lopt": lopt.star_lopt,
-            "velo_lopt": lopt.velo_lopt}[name]
-    extra = {k: v for k, v in dict(metadata.get("optimizer_kwargs", {})).items()
-             if k != "num_steps"}
+    """``build(told)`` for a shipped optimizer (``lopt.pretrained_optimizer``, what a user
+    gets) and whether it reads the horizon."""
+    _, metadata = lopt.pretrained(name)
     horizon = name == "velo_lopt" or bool(metadata.get("horizon_features"))
-    return (lambda told: make(meta, num_steps=told if horizon else None, **extra, **kwargs)), \
-        horizon
+    return (lambda told: lopt.pretrained_optimizer(name, num_steps=told if horizon else None,
+                                                   **kwargs)), horizon
 
 
 def run_factors(task, build, steps: int, told: np.ndarray, keys: jax.Array, every: int
@@ -197,6 +195,35 @@ def star_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def cost_table(rows: list[dict], factors) -> list[str]:
+    """Mean final loss ``after / before`` per task and optimizer, over the told factors at which
+    no run of either rule diverged, and their geometric mean over those tasks."""
+    lines = ["## Final loss with the safeguards over without", "",
+             "Mean final full-training-set loss, `after` / `before`, per told factor where no "
+             "run of either rule diverged (a dash: one did; mlp_lopt reads no horizon, so its "
+             "three cells are one pair of runs); `geo. mean` over the cells shown.",
+             "", "| task | optimizer | " + " | ".join(f"f = {f:g}" for f in factors) + " |",
+             "|---|---|" + "---:|" * len(factors)]
+    logs: dict[str, list[float]] = {}
+    found = {(r["task"], r["optimizer"]) for r in rows if r["rule"] == "after"}
+    for task, name in sorted(found):
+        cells = []
+        for f in factors:
+            pair = {r["rule"]: r for r in rows if r["task"] == task and r["optimizer"] == name
+                    and r["told_factor"] == f and r["rule"] in ("before", "after")}
+            if len(pair) < 2 or any(r["diverged_runs"] for r in pair.values()):
+                cells.append("–")
+                continue
+            ratio = pair["after"]["mean_final_loss"] / pair["before"]["mean_final_loss"]
+            logs.setdefault(name, []).append(math.log(ratio))
+            cells.append(f"{ratio:.3f}")
+        lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+    for name, values in sorted(logs.items()):
+        lines.append(f"| geo. mean | {name} | {math.exp(np.mean(values)):.3f} over "
+                     f"{len(values)} cells |" + " |" * (len(factors) - 1))
+    return lines + [""]
+
+
 def _fmt(x) -> str:
     if isinstance(x, float):
         return "inf" if math.isinf(x) else f"{x:.4g}"
@@ -238,13 +265,19 @@ def write(rows: list[dict], out: Path, args, done: int, total: int, wall: float)
         f"told num_steps = f·T, {args.seeds} seeds. A run diverges when a loss is not finite or "
         f"the full-training-set loss (at {args.evals} points and at the start) exceeds "
         f"{DIVERGENCE}x its initial value. mlp_lopt reads no horizon: one run per seed, "
-        f"repeated under every f. velo_lopt `before` = VeLO's step rule (scale RMS(θ), no trust "
-        f"region, no guard: `min_scale=0, max_relative_step=max_regress=inf`); `after` = the "
-        f"defaults (min_scale={velo.MIN_SCALE:g}, max_relative_step={velo.MAX_RELATIVE_STEP:g}, "
-        f"max_regress={velo.MAX_REGRESS:g}, guard_rate={velo.GUARD_RATE:g}). "
-        f"mlp_digits_bias_free is mlp_digits without its biases.", "",
+        f"repeated under every f. `before` = the step rule as meta-trained "
+        f"(`lopt.pretrained_optimizer(..., safeguards=False)`; for velo_lopt VeLO's: scale "
+        f"RMS(θ), no trust region, no guard); `after` = `lopt.pretrained_optimizer`'s default, "
+        f"the safeguards of `bilevel.lopt.safeguards` (min_scale={safeguards.MIN_SCALE:g}, "
+        f"max_relative_step={safeguards.MAX_RELATIVE_STEP:g}, "
+        f"max_regress={safeguards.MAX_REGRESS:g}, guard_rate={safeguards.GUARD_RATE:g}; "
+        f"progress floor {safeguards.PROGRESS_FLOOR:g}·ℓ₀, regrowth "
+        f"{safeguards.REGROW_RATIO:g}·guard_rate a step), built into velo_lopt and wrapped "
+        f"around mlp_lopt and star_lopt. mlp_digits_bias_free is mlp_digits without its "
+        f"biases." + (f" {args.note}" if getattr(args, "note", None) else ""), "",
         "## Diverged runs (of all runs), over the tasks", "", *totals(rows, args.factors), "",
-        *star_table(rows), "## Per task", "", "| " + " | ".join(COLUMNS) + " |",
+        *cost_table(rows, args.factors), *star_table(rows), "## Per task", "",
+        "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     lines += ["", "## Machine", "", f"- CPU: {_common.cpu_model()}",
@@ -253,7 +286,7 @@ def write(rows: list[dict], out: Path, args, done: int, total: int, wall: float)
               "- library at commit: " + (
                   f"{commit[0]}{' (with local changes)' if commit[1] else ''}" if commit
                   else "unknown"),
-              f"- wall time: {wall / 60:.1f} min" + (" (parts run side by side, the longest)"
+              f"- wall time: {wall / 60:.1f} min" + (" (combined from parts run apart: the longest)"
                                                      if args.combine else ""),
               f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"]
     (out / "stability.md").write_text("\n".join(lines) + "\n")
@@ -281,6 +314,9 @@ def main(argv=None) -> int:
                         help="with --combine: how many tasks the study has (default: those found)")
     parser.add_argument("--wall-minutes", type=float, default=0.0,
                         help="with --combine: the wall time to report")
+    parser.add_argument("--note", default=None,
+                        help="a sentence added to the description (e.g. where combined rows "
+                             "come from)")
     args = parser.parse_args(argv)
     if args.combine:
         rows = [_parse(r) for path in args.combine for r in csv.DictReader(open(path))]
