@@ -60,3 +60,27 @@ def assert_bit_identical(a, b):
 
 def norm_metric(params, hparams):
     return {"param_norm": float(jnp.linalg.norm(params))}
+
+
+# --------------------------------------------------------------------------------------------
+# semisup: the small split and configuration its tests share (one compile per method).
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    """A class-mismatch split of digits: 2 labelled and 2 validation images per ID class, 30
+    unlabelled images plus as many OOD."""
+    import semisup
+    from bilevel import datasets
+
+    return semisup.make_split(datasets.load("digits"), labelled_per_class=2,
+                              validation_per_class=2, num_unlabelled=30, ood_ratio=1.0, seed=0)
+
+
+def tiny_ssl_config(method, **kw):
+    """The configuration `bilevel ssl train` builds from test_semisup's TRAIN, so that the semisup
+    tests share their jits: 4 steps, an MLP, a meta-step every 2 steps."""
+    from semisup import fixmatch
+
+    return fixmatch.Config(method=method, steps=4, batch_size=4, mu=2, widths=(), hidden=64,
+                           flip=False, meta_every=2, maxiter=3, ema=0.99, meta_lr=3e-3, **kw)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_ssl_config
 from jax.flatten_util import ravel_pytree
 
 import bilevel
@@ -342,18 +343,7 @@ def test_split_far_ood_and_errors():
 # Training: every method runs; resuming from a checkpoint changes nothing.
 
 
-@pytest.fixture(scope="module")
-def digits_split():
-    data = datasets.load("digits")
-    return semisup.make_split(data, labelled_per_class=2, validation_per_class=2,
-                              num_unlabelled=30, ood_ratio=1.0, seed=0)
-
-
-def _tiny(method, **kw):
-    # The configuration `bilevel ssl train` builds from TRAIN below, so jits are shared.
-    return fixmatch.Config(method=method, steps=4, batch_size=4, mu=2, widths=(), hidden=64,
-                           flip=False, meta_every=2, maxiter=3, ema=0.99, meta_lr=3e-3,
-                           **kw)
+_tiny = tiny_ssl_config  # digits_split, the split these runs use, is conftest's fixture
 
 
 # Compile-bound: confnet, l2rw and iomatch (the one with heads of its own) exercise every code

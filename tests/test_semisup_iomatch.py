@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_ssl_config
 
-import semisup
-from bilevel import datasets
 from semisup import batch as batch_module
 from semisup import fixmatch, models, strategies
 
@@ -45,25 +44,15 @@ def test_open_set_targets_are_a_distribution_with_the_outlier_mass_last():
     np.testing.assert_array_equal(target[:, 3], outlier)
 
 
-@pytest.fixture(scope="module")
-def split():
-    data = datasets.load("digits")
-    return semisup.make_split(data, labelled_per_class=2, validation_per_class=2,
-                              num_unlabelled=30, ood_ratio=1.0, seed=0)
+_tiny = tiny_ssl_config
 
 
-def _tiny(method, **kw):
-    # test_semisup's configuration, so that the jits are shared within a worker.
-    return fixmatch.Config(method=method, steps=4, batch_size=4, mu=2, widths=(), hidden=64,
-                           flip=False, meta_every=2, maxiter=3, ema=0.99, meta_lr=3e-3, **kw)
-
-
-def test_iomatch_loss_is_its_three_terms(split):
+def test_iomatch_loss_is_its_three_terms(digits_split):
     config = _tiny("iomatch", threshold=0.2, weight_norm="none")
     weighting = config.weighting
-    state = fixmatch.init(config, jax.random.key(0), split)
+    state = fixmatch.init(config, jax.random.key(0), digits_split)
     assert set(state.params) == {"body", "head", "aux"}
-    data = jax.tree_util.tree_map(jnp.asarray, split)
+    data = jax.tree_util.tree_map(jnp.asarray, digits_split)
     b = batch_module.draw(config, state.params, jax.random.key(4), data)
     scores = weighting.scores(config, state, data, b)
     weights = weighting.weights(scores, b.mask)
@@ -99,10 +88,10 @@ def test_iomatch_loss_is_its_three_terms(split):
                                          + open_loss, rel=1e-5)
 
 
-def test_iomatch_trains_its_heads_and_reports_inlier_scores(split):
+def test_iomatch_trains_its_heads_and_reports_inlier_scores(digits_split):
     config = _tiny("iomatch", threshold=0.2, weight_norm="none")
-    state = fixmatch.init(config, jax.random.key(0), split)
-    new, losses = fixmatch.run_periods(config, state, split, config.periods)
+    state = fixmatch.init(config, jax.random.key(0), digits_split)
+    new, losses = fixmatch.run_periods(config, state, digits_split, config.periods)
     assert np.all(np.isfinite(losses))
     moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b),
                                    state.params["aux"], new.params["aux"])
@@ -114,19 +103,21 @@ def test_iomatch_trains_its_heads_and_reports_inlier_scores(split):
     assert set(np.unique(weights)) <= set(range(int(seen.max()) + 1))  # a filter: 0 or 1 each
 
 
-def test_confnet_before_meta_start_is_fixmatch(split):
+def test_confnet_before_meta_start_is_fixmatch(digits_split):
     fm = _tiny("fixmatch", threshold=0.2)
     late = _tiny("confnet", threshold=0.2, meta_start=fm.steps + 1)
     key = jax.random.key(0)
-    fm_state, _ = fixmatch.run_periods(fm, fixmatch.init(fm, key, split), split, fm.periods)
-    start = fixmatch.init(late, key, split)
-    state, _ = fixmatch.run_periods(late, start, split, late.periods)
+    fm_state, _ = fixmatch.run_periods(fm, fixmatch.init(fm, key, digits_split), digits_split,
+                                       fm.periods)
+    start = fixmatch.init(late, key, digits_split)
+    state, _ = fixmatch.run_periods(late, start, digits_split, late.periods)
     assert int(state.meta_steps) == 0 and int(state.hvp_count) == 0
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.conf_params, start.conf_params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.params, fm_state.params)
     # meta_start=3 with meta_every=2: the meta-step after step 2 is skipped, the one after 4 runs.
     mid = _tiny("confnet", threshold=0.2, meta_start=3)
-    state, _ = fixmatch.run_periods(mid, fixmatch.init(mid, key, split), split, mid.periods)
+    state, _ = fixmatch.run_periods(mid, fixmatch.init(mid, key, digits_split), digits_split,
+                                    mid.periods)
     assert int(state.meta_steps) == 1
 
 
