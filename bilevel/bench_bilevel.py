@@ -102,6 +102,7 @@ class MethodSpec(NamedTuple):
 #: Every method of the comparison: ours by their names, the benchmark's as ``benchopt-<name>``.
 METHODS = {
     "soba": MethodSpec("ours", "SOBA"), "saba": MethodSpec("ours", "SABA"),
+    "saba-sample": MethodSpec("ours", "SABA"),
     "masoba": MethodSpec("ours", "SOBA"), "stocbio": MethodSpec("ours", "StocBiO"),
     "amigo": MethodSpec("ours", "AmIGO"), "f2sa": MethodSpec("ours", "F2SA"),
     "implicit-cg": MethodSpec("ours", "SABA"),

@@ -313,8 +313,9 @@ def our_method(name: str, params: dict) -> OurRun:
     if name == "masoba":  # not in the benchmark: SOBA's settings, averaging 0.5
         return OurRun(stochastic.MASOBA(inner_step_size=rho, averaging=0.5, step_decay=0.5,
                                         **batch), optax.sgd(_decaying(rho / ratio, 0.5)), chunk, 0)
-    if name == "saba":
-        return OurRun(stochastic.SABA(inner_step_size=rho, memory="batch", **batch),
+    if name in ("saba", "saba-sample"):  # saba: a memory row per batch, as the benchmark's
+        memory = "batch" if name == "saba" else "sample"
+        return OurRun(stochastic.SABA(inner_step_size=rho, memory=memory, **batch),
                       optax.sgd(rho / ratio), chunk, 0)
     if name == "stocbio":
         return OurRun(stochastic.StocBiO(inner_steps=steps, inner_step_size=rho,

@@ -170,7 +170,7 @@ def test_datacleaning_losses_are_the_weighted_cross_entropy():
 PARAMS = {"step_size": 0.2, "outer_ratio": 1.0, "batch_size": 8, "eval_freq": 32}
 
 
-@pytest.mark.parametrize("name", ["saba", "implicit-cg"])
+@pytest.mark.parametrize("name", ["saba", "saba-sample", "implicit-cg"])
 def test_our_methods_reach_the_optimum_of_a_tiny_quadratic(name):
     problem = _tiny_quadratic()
     points = engine.run_ours(problem, name, PARAMS, seed=1, budget=1.5)
