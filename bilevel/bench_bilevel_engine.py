@@ -582,7 +582,8 @@ def run_study(config: StudyConfig, out: Path, on_run: Callable[[str], None] | No
             else:
                 points = run_theirs(problem, bench, spec.solver, params, seed, config.budget)
             record = {"problem": config.problem, "method": name, "side": spec.side,
-                      "seed": seed, "budget": config.budget, "params": params,
+                      "seed": seed, "budget": config.budget,
+                      "load_average": round(os.getloadavg()[0], 2), "params": params,
                       "params_source": source, "points": points}
             with path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -705,8 +706,8 @@ def markdown_table(rows: list[dict], summary: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
-def markdown(config: StudyConfig, problem: Problem, rows: list[dict], summary: dict,
-             info: dict) -> str:
+def markdown(config: StudyConfig, problem: Problem, runs: list[dict], rows: list[dict],
+             summary: dict, info: dict) -> str:
     metric = problem.metric
     lines = [f"# {config.problem}: our stochastic bilevel methods against benchmark_bilevel",
              "", f"{config.seeds} seeds, {config.budget:g} s of wall clock per run (scoring and "
@@ -716,8 +717,20 @@ def markdown(config: StudyConfig, problem: Problem, rows: list[dict], summary: d
              f"{summary['target_method']}. Steps and seconds to a target are medians over the "
              f"seeds (not reached: half or more of the seeds never reached it).", "",
              markdown_table(rows, summary, metric), "",
-             "Problem: " + json.dumps(problem.info), "", "Machine: " + json.dumps(info), ""]
+             "Problem: " + json.dumps(problem.info), "", "Machine: " + json.dumps(info),
+             "", _loads(runs), ""]
     return "\n".join(lines)
+
+
+def _loads(runs: list[dict]) -> str:
+    """The 1-minute load average each method's runs ended at (runs of one table may come from
+    different sessions: the study resumes), or that it was not recorded."""
+    parts = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        loads = [r["load_average"] for r in runs if r["method"] == method and "load_average" in r]
+        parts.append(f"{method} {min(loads):g}–{max(loads):g}" if loads else
+                     f"{method} not recorded")
+    return "Load average (1 min) at the end of each method's runs: " + "; ".join(parts) + "."
 
 
 def write_outputs(config: StudyConfig, out: Path, runs: list[dict], problem: Problem,
@@ -725,7 +738,7 @@ def write_outputs(config: StudyConfig, out: Path, runs: list[dict], problem: Pro
     out = Path(out)
     stem = f"{config.problem}{'_smoke' if config.smoke else ''}"
     rows, summary = summarize(runs, problem.metric)
-    text = markdown(config, problem, rows, summary, info)
+    text = markdown(config, problem, runs, rows, summary, info)
     settings = {r["method"]: (r["params"], r["params_source"]) for r in runs}
     text += "\n".join(["", "Settings per method:", ""] + [
         f"- {m}: {json.dumps(p)} ({s})" for m, (p, s) in settings.items()]) + "\n"

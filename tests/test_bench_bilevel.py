@@ -180,6 +180,13 @@ def test_our_methods_reach_the_optimum_of_a_tiny_quadratic(name):
     assert points[-1][2] < 1e-8, points[-1]
 
 
+def test_the_table_says_the_load_each_methods_runs_ended_at():
+    runs = [{"method": "soba", "load_average": 7.5}, {"method": "soba", "load_average": 1.25},
+            {"method": "benchopt-soba"}]
+    assert engine._loads(runs) == ("Load average (1 min) at the end of each method's runs: "
+                                   "soba 1.25–7.5; benchopt-soba not recorded.")
+
+
 def test_summary_targets_and_pairs():
     def run(method, seed, finals):
         return {"method": method, "seed": seed, "points": [[0, 0.0, 1.0], *finals]}
