@@ -639,8 +639,9 @@ class SABA(_StochasticMethod):
         minibatch of a partition of each side's samples into ``n // batch`` batches, fixed for
         the run (keyed by the run's order seed) and visited once an epoch in a reshuffled order:
         SAGA on the batches as the summands, as the benchmark's SABA runs. A step then costs one
-        minibatch pass, as SOBA's, instead of per-sample derivatives (``vmap``, 4x slower on the
-        benchmark's quadratics), and the memories are ``batch`` times smaller. The ``n mod
+        minibatch pass, as SOBA's, instead of per-sample derivatives (a ``vmap``; on the
+        benchmark's quadratics 1484 steps/s against 678, ``bilevel bench-bilevel``'s ``saba``
+        and ``saba-sample``), and the memories are ``batch`` times smaller. The ``n mod
         batch`` samples the partition puts last are never drawn: use batch sizes that divide n.
     """
 
