@@ -45,7 +45,6 @@ def _args(argv=None):
     parser.add_argument("--n-train", type=int, default=60000)
     parser.add_argument("--corruption", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--x64", action="store_true", help="float64 throughout")
     parser.add_argument("--skip-single", action="store_true",
                         help="do not repeat the run on one device")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
@@ -65,10 +64,6 @@ if ARGS is not None and ARGS.devices > 1:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-
-if ARGS is not None and ARGS.x64:
-    jax.config.update("jax_enable_x64", True)
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -94,11 +89,10 @@ def load(n_train: int, corruption: float, seed: int):
     x_test = (data.x_test.reshape(len(data.x_test), -1) - mean) / std
     half = len(x_test) // 2
     eye = np.eye(10, dtype=np.float32)
-    dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
-    eye = eye.astype(dtype)
-    train = (((x - mean) / std).astype(dtype), eye[noisy], np.arange(n_train, dtype=np.int32))
-    val = (x_test[:half].astype(dtype), eye[np.asarray(data.y_test[:half])])
-    test = (x_test[half:].astype(dtype), np.asarray(data.y_test[half:]))
+    train = (((x - mean) / std).astype(np.float32), eye[noisy],
+             np.arange(n_train, dtype=np.int32))
+    val = (x_test[:half].astype(np.float32), eye[np.asarray(data.y_test[:half])])
+    test = (x_test[half:].astype(np.float32), np.asarray(data.y_test[half:]))
     return train, val, test, noisy != clean
 
 
@@ -267,8 +261,7 @@ def write_markdown(path: Path, record: dict) -> None:
              f"example; `bilevel.train` with `ImplicitMethod(CG({args['cg_iters']}), "
              f"warm_start=True)`, {args['outer_steps']} outer Adam({args['outer_lr']}) steps of "
              f"{args['inner_steps']} inner Adam({args['inner_lr']}) steps; the training set "
-             f"sharded over a `bilevel.distributed.data_mesh`; "
-             f"{'float64' if args.get('x64') else 'float32'}. Produced by "
+             f"sharded over a `bilevel.distributed.data_mesh`; float32. Produced by "
              f"`experiments/datacleaning_scale.py`.", "",
              "| devices | test accuracy | corrupted-label AUROC (−λ) | final val. loss | wall "
              "time (s) | per-device memory: arguments / temporaries |",
