@@ -288,7 +288,8 @@ class OurRun(NamedTuple):
     method: Any  # a bilevel.AbstractMethod
     outer_optimizer: Any
     chunk: int  # outer steps between clock reads (the benchmark's eval_freq)
-    inner_steps: int  # full-batch GD steps before the method (implicit-cg)
+    inner_steps: int  # full-batch steps of inner_optimizer before the method (implicit-cg)
+    inner_optimizer: Any = None  # an optax transformation, its state carried (implicit-cg)
 
 
 def _decaying(scale: float, exponent: float):
@@ -299,12 +300,14 @@ def our_method(name: str, params: dict) -> OurRun:
     """Our method configured like the benchmark's solver of the same algorithm: the same step
     ``ρ = step_size``, outer step ``ρ / outer_ratio``, batch size, inner and Neumann step counts,
     and schedules (SOBA: both steps ``/ √(k+1)``, as the benchmark's SOBA; SABA, StocBiO,
-    AmIGO: constant); SABA keeps a memory per batch of a fixed partition, as the benchmark's."""
+    AmIGO: constant), and its sampling: minibatches are blocks of consecutive rows of the
+    (shuffled) data, ``sampling="blocks"``, and SABA keeps a memory per block. ``saba-sample``
+    is SABA with the library's defaults instead: random rows, a memory per sample."""
     from bilevel import stochastic
 
     rho, ratio = float(params["step_size"]), float(params["outer_ratio"])
     batch = {"inner_batch_size": int(params.get("batch_size", 64)),
-             "outer_batch_size": int(params.get("batch_size", 64))}
+             "outer_batch_size": int(params.get("batch_size", 64)), "sampling": "blocks"}
     steps = int(params.get("n_inner_steps", 10))
     chunk = int(params.get("eval_freq", 16))
     if name == "soba":
@@ -313,7 +316,9 @@ def our_method(name: str, params: dict) -> OurRun:
     if name == "masoba":  # not in the benchmark: SOBA's settings, averaging 0.5
         return OurRun(stochastic.MASOBA(inner_step_size=rho, averaging=0.5, step_decay=0.5,
                                         **batch), optax.sgd(_decaying(rho / ratio, 0.5)), chunk, 0)
-    if name in ("saba", "saba-sample"):  # saba: a memory row per batch, as the benchmark's
+    if name in ("saba", "saba-sample"):  # saba: a memory row per block, as the benchmark's
+        if name == "saba-sample":
+            batch = {**batch, "sampling": "rows"}
         memory = "batch" if name == "saba" else "sample"
         return OurRun(stochastic.SABA(inner_step_size=rho, memory=memory, **batch),
                       optax.sgd(rho / ratio), chunk, 0)
@@ -332,54 +337,45 @@ def our_method(name: str, params: dict) -> OurRun:
                                       penalty_increment=float(params.get("delta_lmbda", 0.1)),
                                       step_decay=4 / 7, **batch),
                       optax.sgd(_decaying(rho / ratio, 4 / 7)), chunk, 0)
-    if name == "implicit-cg":  # full batch: 10 GD steps on θ, warm-started CG(10) for v
+    if name == "implicit-cg":  # full batch, the settings of experiments/datacleaning_scale.py:
+        # 10 Adam(1e-2) steps on θ (its state carried), warm-started CG(10) for v, Adam(0.3) on
+        # λ. Adam, not SGD at the benchmark's step sizes: SGD(ρ / outer_ratio) = SGD(100) on
+        # data cleaning's weights, and GD on θ at 1/L(λ₀) once L grows with λ, both diverged.
         import hvp
         from bilevel.trainer import ImplicitMethod
 
         return OurRun(ImplicitMethod(solver=hvp.CG(maxiter=10), warm_start=True),
-                      optax.sgd(rho / ratio), 1, 10)
+                      optax.adam(0.3), 1, 10, optax.adam(1e-2))
     raise ValueError(f"not one of our methods: {name!r}")
-
-
-def _lipschitz(problem: Problem, iterations: int = 10) -> float:
-    """The largest eigenvalue of the full-batch inner Hessian at (θ₀, λ₀), by power iteration."""
-    def hvp(v):
-        return jax.jvp(lambda p: jax.grad(problem.inner_loss)(p, problem.hparams0,
-                                                              *problem.inner_args),
-                       (problem.params0,), (v,))[1]
-
-    v = jnp.ones_like(problem.params0) / math.sqrt(problem.params0.size)
-    hvp = jax.jit(hvp)
-    for _ in range(iterations):
-        w = hvp(v)
-        v = w / jnp.linalg.norm(w)
-    return float(v @ hvp(v))
 
 
 _CHUNKS: dict = {}
 
 
-def _our_chunk(problem: Problem, name: str, params: dict, run: OurRun, inner_step: float):
+def _our_chunk(problem: Problem, name: str, params: dict, run: OurRun):
     """One compiled chunk per (losses, method, settings): seeds after the first reuse it."""
-    key = (problem.inner_loss, problem.outer_loss, name, json.dumps(params, sort_keys=True),
-           inner_step)
+    key = (problem.inner_loss, problem.outer_loss, name, json.dumps(params, sort_keys=True))
     if key not in _CHUNKS:
-        _CHUNKS[key] = _make_chunk(problem, run, inner_step)
+        _CHUNKS[key] = _make_chunk(problem, run)
     return _CHUNKS[key]
 
 
-def _make_chunk(problem: Problem, run: OurRun, inner_step: float):
+def _make_chunk(problem: Problem, run: OurRun):
     """The jitted ``run.chunk`` outer steps ``(carry, inner_args, outer_args) -> carry``; data
     go in as arguments (not closed-over constants)."""
     from bilevel.trainer import InnerProblem
 
     def step(carry, inner_args, outer_args):
-        params, hparams, state, opt_state, key = carry
+        params, hparams, state, opt_state, inner_state, key = carry
         key, method_key = jax.random.split(key)
         if run.inner_steps:
-            def gd(p, _):
-                return p - inner_step * jax.grad(problem.inner_loss)(p, hparams, *inner_args), None
-            params, _ = jax.lax.scan(gd, params, None, length=run.inner_steps)
+            def inner_step(c, _):
+                p, s = c
+                updates, s = run.inner_optimizer.update(
+                    jax.grad(problem.inner_loss)(p, hparams, *inner_args), s, p)
+                return (optax.apply_updates(p, updates), s), None
+            (params, inner_state), _ = jax.lax.scan(inner_step, (params, inner_state), None,
+                                                    length=run.inner_steps)
         inner = InnerProblem(problem.inner_loss, problem.outer_loss, optax.identity(),
                              inner_args, outer_args)
         direction, params, state, stats = run.method.hypergrad(inner, params, hparams, state,
@@ -390,7 +386,7 @@ def _make_chunk(problem: Problem, run: OurRun, inner_step: float):
         hparams = jnp.where(ok, new_hparams, hparams)
         opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_opt_state,
                                            opt_state)
-        return params, hparams, state, opt_state, key
+        return params, hparams, state, opt_state, inner_state, key
 
     def chunk(carry, inner_args, outer_args):
         return jax.lax.fori_loop(0, run.chunk,
@@ -437,8 +433,7 @@ def _record(points: list, clock: Clock, problem: Problem, step: int, params, hpa
 
 def run_ours(problem: Problem, name: str, params: dict, seed: int, budget: float) -> list:
     run = our_method(name, params)
-    inner_step = 1.0 / _lipschitz(problem) if run.inner_steps else 0.0
-    chunk = _our_chunk(problem, name, params, run, inner_step)
+    chunk = _our_chunk(problem, name, params, run)
     from bilevel.trainer import InnerProblem
 
     inner = InnerProblem(problem.inner_loss, problem.outer_loss, optax.identity(),
@@ -447,7 +442,8 @@ def run_ours(problem: Problem, name: str, params: dict, seed: int, budget: float
     def initial():
         params0, hparams0 = jnp.copy(problem.params0), jnp.copy(problem.hparams0)
         state = run.method.init_state(inner, params0, hparams0)
-        carry = (params0, hparams0, state, run.outer_optimizer.init(hparams0))
+        inner_state = run.inner_optimizer.init(params0) if run.inner_optimizer else ()
+        carry = (params0, hparams0, state, run.outer_optimizer.init(hparams0), inner_state)
         # one buffer per leaf (a state may hold one zeros array twice): the chunk donates them
         return (*jax.tree_util.tree_map(jnp.copy, carry), jax.random.key(seed))
 

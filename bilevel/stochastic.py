@@ -28,7 +28,11 @@ Conventions (one for all six):
   estimate of the loss on all of them; a loss on one row is that sample's loss (SABA). Minibatch
   indices are drawn on device, without replacement within a batch, from the ``key`` the trainer
   passes (``jax.random``; the same key gives the same batches), independently at every step,
-  except SABA's, which come in epochs (every sample once an epoch; see :class:`SABA`).
+  except SABA's, which come in epochs (every sample once an epoch; see :class:`SABA`). With
+  ``sampling="blocks"`` a minibatch is instead one of the ``n // B`` blocks of consecutive rows
+  (SABA: every block once an epoch), sliced out of the arrays rather than gathered, which is
+  how benchopt's bilevel benchmark samples and what makes a step memory-bound rather than
+  gather-bound; the rows must then be in random order already (shuffle them once).
   ``inner_batch_size`` / ``outer_batch_size`` ``None`` means the full batch.
   :func:`bilevel.train` also takes the data as ``bilevel.Minibatches(arrays, batch_size)``: it
   passes the method the arrays and sets its batch size from the stream (the method keeps
@@ -160,20 +164,36 @@ def _checked_size(where: str, side: str, batch_size: int | None, args: tuple) ->
 
 
 class _Sampler(NamedTuple):
-    """Draws minibatches of one side's data: ``batch`` rows without replacement, or all of it."""
+    """Draws minibatches of one side's data: ``batch`` rows without replacement (``blocks``:
+    one of the ``size // batch`` blocks of consecutive rows), or all of it."""
 
     args: tuple
     size: int | None
     batch: int | None
+    blocks: bool = False
 
     def indices(self, key: jax.Array) -> jax.Array:
         if self.batch is None:
             return jnp.arange(self.size)
+        if self.blocks:
+            return self.block_rows(jax.random.randint(key, (), 0, self.size // self.batch))
         return streams.distinct_indices(key, self.size, self.batch)
+
+    def block_rows(self, block: jax.Array) -> jax.Array:
+        """The rows of block ``block``: ``[block·batch, (block+1)·batch)``."""
+        return block * self.batch + jnp.arange(self.batch, dtype=jnp.int32)
+
+    def block(self, block: jax.Array) -> tuple:
+        """Block ``block`` of the data, as slices (no gather)."""
+        start = block * self.batch
+        return jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_slice_in_dim(a, start, self.batch, axis=0), self.args)
 
     def draw(self, key: jax.Array) -> tuple:
         if self.batch is None:
             return self.args
+        if self.blocks:
+            return self.block(jax.random.randint(key, (), 0, self.size // self.batch))
         return _take(self.args, self.indices(key))
 
 
@@ -185,8 +205,9 @@ def _samplers(where: str, method: Any, problem: InnerProblem) -> tuple[_Sampler,
     inner_args, outer_args = tuple(problem.inner_args), tuple(problem.outer_args)
     inner_size = _checked_size(where, "inner", method.inner_batch_size, inner_args)
     outer_size = _checked_size(where, "outer", method.outer_batch_size, outer_args)
-    return (_Sampler(inner_args, inner_size, method.inner_batch_size),
-            _Sampler(outer_args, outer_size, method.outer_batch_size))
+    blocks = method.sampling == "blocks"
+    return (_Sampler(inner_args, inner_size, method.inner_batch_size, blocks),
+            _Sampler(outer_args, outer_size, method.outer_batch_size, blocks))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,18 +284,29 @@ class _Bound(NamedTuple):
     outer_size: int | None
 
 
+#: The ways a method draws its minibatches (the ``sampling`` field).
+SAMPLINGS = ("rows", "blocks")
+
 #: The fields every method ends with, after its own (so that the field order, which checkpoints
 #: record, stays that of the methods' own declarations); checked by ``_check_common_fields``.
 _COMMON_FIELDS = {"inner_batch_size": ("int | None", None),
                   "outer_batch_size": ("int | None", None),
-                  "step_decay": ("float", 0.0)}
+                  "step_decay": ("float", 0.0),
+                  "sampling": ("str", "rows")}
 
 
 #: Their lines of the methods' ``Attributes:`` (the batch sizes' unless the method has its own).
 _COMMON_DOC = {"inner_batch_size, outer_batch_size:": " minibatch rows; ``None``: all.\n",
                "step_decay:": " a >= 0; every SGD step size s becomes ``s / (k+1)^a`` at the "
                               "method's k-th\n        outer step (see the module docstring); 0: "
-                              "constant.\n"}
+                              "constant.\n",
+               "sampling:": (" how a minibatch of B rows is drawn from n. ``\"rows\"`` "
+                             "(default): B distinct\n        rows at random (a gather). "
+                             "``\"blocks\"``: one of the n // B blocks of consecutive\n        "
+                             "rows ``[bB, (b+1)B)`` of the data as given (slices, no gather; "
+                             "shuffle the rows\n        once beforehand, as the benchmark's "
+                             "samplers assume). The last n mod B rows are\n        never drawn. "
+                             "See the module docstring.\n")}
 
 
 def _method(cls: type) -> type:
@@ -301,6 +333,7 @@ class _StochasticMethod(AbstractMethod):
         inner_batch_size: int | None
         outer_batch_size: int | None
         step_decay: float
+        sampling: str
 
     #: Whether the state needs λ's shapes or the sample counts (``init(params)`` needs ``bind``).
     _needs_problem = False
@@ -378,6 +411,9 @@ class _StochasticMethod(AbstractMethod):
             raise _fail(self._name, "step_decay", "a finite number >= 0", decay)
         _check_count(self._name, "inner_batch_size", self.inner_batch_size, allow_none=True)
         _check_count(self._name, "outer_batch_size", self.outer_batch_size, allow_none=True)
+        if self.sampling not in SAMPLINGS:
+            raise _fail(self._name, "sampling", f"one of {', '.join(map(repr, SAMPLINGS))}",
+                        self.sampling)
         if self.bound is not None and not isinstance(self.bound, _Bound):
             raise _fail(self._name, "bound", "None (it is set by bind())", self.bound)
 
@@ -574,6 +610,10 @@ def _epoch_rows(sampler: _Sampler, order: jax.Array, side: int, draw: jax.Array)
     if sampler.batch is None:
         return jnp.arange(sampler.size)
     key = jax.random.fold_in(jax.random.key(order), side)
+    if sampler.blocks:  # every block once an epoch, in memory="batch"'s order of blocks
+        order_key = jax.random.split(key)[1]
+        return sampler.block_rows(
+            streams.epoch_indices(order_key, sampler.size // sampler.batch, 1, draw)[0])
     return streams.epoch_indices(key, sampler.size, sampler.batch, draw)
 
 
@@ -587,6 +627,8 @@ def _partition_batch(sampler: _Sampler, order: jax.Array, side: int, draw: jax.A
     slots = sampler.size // sampler.batch
     partition_key, order_key = jax.random.split(jax.random.fold_in(jax.random.key(order), side))
     slot = streams.epoch_indices(order_key, slots, 1, draw)  # shape (1,)
+    if sampler.blocks:  # the partition: the blocks of consecutive rows
+        return slot, sampler.block(slot[0])
     rows = streams._permute(partition_key, slot[0] * sampler.batch
                             + jnp.arange(sampler.batch, dtype=jnp.int32), sampler.size)
     return slot, _take(sampler.args, rows)
